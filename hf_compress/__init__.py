@@ -1,0 +1,64 @@
+"""hf_compress: compress pretrained transformers models while they stay ordinary Hugging Face models.
+
+Importing the package registers the compressed config/model classes with transformers' Auto classes.
+Method configs and layers are imported lazily (``hf_compress.TTEmbeddingConfig`` etc.).
+"""
+
+from importlib import import_module
+from typing import Any
+
+from .compress import compress
+from .config import CompressionConfig, MethodConfig
+from .layers import LowRankLinear
+from .methods import LowRankConfig
+from .modeling import (
+    SUPPORTED_MODEL_TYPES,
+    AutoCompressedModel,
+    AutoCompressedModelForCausalLM,
+    AutoCompressedModelForMaskedLM,
+    AutoCompressedModelForSequenceClassification,
+    AutoCompressedModelForSpeechSeq2Seq,
+)
+from .registry import available_methods, register_layer, register_method
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "TTEmbeddingConfig": ".methods.tt_embedding",
+    "TTEmbedding": ".layers.tt_embedding",
+    "SubspaceEmbeddingConfig": ".methods.subspace",
+    "SubspaceEmbedding": ".layers.subspace",
+    "CodebookConfig": ".methods.jlcm",
+    "CodebookLinear": ".layers.codebook",
+    "ProductTwinConfig": ".methods.adaptwin",
+    "sweep": ".sweep",
+    "plan": ".planning",
+    "adapters": ".adapters",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = import_module(_LAZY[name], __name__)
+        return module if name == module.__name__.rsplit(".", 1)[-1] else getattr(module, name)
+    raise AttributeError(f"module 'hf_compress' has no attribute {name!r}")
+
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "AutoCompressedModel",
+    "AutoCompressedModelForCausalLM",
+    "AutoCompressedModelForMaskedLM",
+    "AutoCompressedModelForSequenceClassification",
+    "AutoCompressedModelForSpeechSeq2Seq",
+    "CompressionConfig",
+    "LowRankConfig",
+    "LowRankLinear",
+    "MethodConfig",
+    "available_methods",
+    "compress",
+    "register_layer",
+    "register_method",
+    *_LAZY,
+]

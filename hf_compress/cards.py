@@ -1,0 +1,95 @@
+"""Model cards for compressed checkpoints, built with ``huggingface_hub.ModelCard``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+_PIPELINE = {"causal-lm": "text-generation", "speech-seq2seq": "automatic-speech-recognition",
+             "masked-lm": "fill-mask", "sequence-classification": "text-classification", "base": "feature-extraction"}
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+A compressed version of {{ base_model_link }} made with [hf_compress](https://pypi.org/project/hf-compress/).
+It is an ordinary 🤗 transformers checkpoint (safetensors): the compressed layers are rebuilt from
+`compression_config` in `config.json`.
+
+## Compression
+
+| pattern | method | settings |
+|---|---|---|
+{{ plan_rows }}
+
+Compressed layers: {{ layer_summary }}.
+Parameters: {{ n_params }}.
+{{ figures }}
+
+## How to load
+
+With the plugin installed and imported:
+
+```python
+import hf_compress  # registers the compressed classes
+from transformers import {{ auto_class }}
+model = {{ auto_class }}.from_pretrained("{{ repo_id }}")
+```
+
+Without importing it (it must still be installed: `pip install hf_compress`):
+
+```python
+from transformers import {{ auto_class }}
+model = {{ auto_class }}.from_pretrained("{{ repo_id }}", trust_remote_code=True)
+```
+"""
+
+
+def _task_of(model: Any) -> tuple[str, str]:
+    from .modeling import TASKS
+
+    name = type(model).__mro__[2].__name__ if len(type(model).__mro__) > 2 else type(model).__name__
+    for task, (auto_name, mapping) in TASKS.items():
+        if name in mapping.values() and task != "base":
+            return task, auto_name
+    return "base", "AutoModel"
+
+
+def model_card(model: Any, repo_id: str | None = None, figures: dict[str, Any] | None = None) -> ModelCard:
+    """A card for a compressed model: metadata (library, base model, relation, tags, pipeline), the plan,
+    optional benchmark ``figures`` (name -> value) and load instructions."""
+    cc = getattr(model.config, "compression_config", None) or {}
+    layers = cc.get("layers") or {}
+    task, auto_class = _task_of(model)
+    methods = sorted({m.get("type", "?") for m in (cc.get("modules") or {}).values()})
+    base_model = cc.get("base_model")
+    base_is_hub = isinstance(base_model, str) and base_model.count("/") == 1 and not base_model.startswith((".", "/"))
+    data = ModelCardData(
+        library_name="transformers",
+        base_model=base_model if base_is_hub else None,
+        base_model_relation="quantized" if base_is_hub else None,
+        tags=["hf_compress", "compressed", *methods],
+        pipeline_tag=_PIPELINE.get(task),
+    )
+    rows = "\n".join(
+        f"| `{p}` | {m.get('type')} | {', '.join(f'{k}={v}' for k, v in m.items() if k != 'type' and v is not None)} |"
+        for p, m in (cc.get("modules") or {}).items()
+    ) or "| — | — | — |"
+    counts = Counter(spec.get("type") for spec in layers.values())
+    fig_text = "".join(f"\n- {k}: {v}" for k, v in (figures or {}).items())
+    return ModelCard.from_template(
+        data,
+        template_str=TEMPLATE,
+        title=f"{repo_id or base_model or type(model).__name__} (compressed with hf_compress)",
+        base_model_link=f"[{base_model}](https://huggingface.co/{base_model})" if base_is_hub else f"`{base_model}`",
+        plan_rows=rows,
+        layer_summary=", ".join(f"{n} × {t}" for t, n in counts.items()) or "none",
+        n_params=f"{sum(p.numel() for p in model.parameters()):,}",
+        figures=("\n## Measured" + fig_text) if fig_text else "",
+        auto_class=auto_class,
+        repo_id=repo_id or "path/to/this/model",
+    )

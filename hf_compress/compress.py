@@ -1,0 +1,131 @@
+"""``compress(model, config)``: walk a model's modules and swap matched ones for compressed layers, in place."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import CompressionConfig, MethodConfig
+from .registry import _LAYERS, get_method
+
+
+@dataclass
+class CompressionContext:
+    """What a method's compress function may read besides the module itself.
+
+    ``calibration`` is a sequence of model input batches (``LongTensor [batch, seq]`` of token ids or dicts of
+    model inputs); ``state`` is what the method's ``prepare`` returned for this module.
+    """
+
+    model: nn.Module
+    name: str
+    calibration: Sequence[Any] | None = None
+    state: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def find_targets(model: nn.Module, config: CompressionConfig) -> dict[str, tuple[str, MethodConfig]]:
+    """Module name -> (pattern, method config) for every module the plan compresses (outermost match wins)."""
+    targets: dict[str, tuple[str, MethodConfig]] = {}
+    done = list(compressed_layer_specs(model))
+    for name, _ in model.named_modules():
+        if not name or any(name == d or name.startswith(d + ".") for d in done):
+            continue
+        if any(name.startswith(t + ".") for t in targets):
+            continue
+        hit = config.method_for(name)
+        if hit is not None:
+            targets[name] = hit
+    return targets
+
+
+def compressed_layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Module name -> JSON spec of every outermost compressed layer in ``model``."""
+    specs: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        if name and isinstance(module, tuple(_LAYERS.values())) and not any(name.startswith(s + ".") for s in specs):
+            specs[name] = module.spec()
+    return specs
+
+
+def compress(
+    model: nn.Module,
+    config: CompressionConfig | dict[str, Any],
+    calibration: Iterable[Any] | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Compress ``model`` in place following ``config`` and return it.
+
+    A Hugging Face model of a supported architecture becomes its registered compressed class (e.g.
+    ``CompressedLlamaForCausalLM``), so ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` round-trip.
+    Each dense module is freed as soon as its replacement is built, so at most one extra layer is alive.
+
+    Args:
+        model: the model to compress (any ``nn.Module``; HF models also get their config updated).
+        config: the plan, or its ``to_dict()`` form.
+        calibration: model input batches for methods that need activations (see each method's docs).
+        progress: show a tqdm bar over the modules.
+    """
+    if isinstance(config, dict):
+        config = CompressionConfig.from_dict(config)
+    if not isinstance(config, CompressionConfig):
+        raise TypeError(f"hf_compress.compress: config must be a CompressionConfig, got {type(config).__name__}.")
+    calibration = list(calibration) if calibration is not None else None
+
+    from .modeling import adopt_compressed_class
+
+    adopt_compressed_class(model)  # fails early, with the supported list, on unsupported HF architectures
+    targets = find_targets(model, config)
+    for pattern in config.modules:
+        if not any(p == pattern for p, _ in targets.values()):
+            warnings.warn(
+                f"hf_compress: pattern {pattern!r} matched no module of {type(model).__name__}; "
+                "check the module names with `[n for n, _ in model.named_modules()]`.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    states: dict[str, Any] = {}
+    by_method: dict[str, list[str]] = {}
+    for name, (_, cfg) in targets.items():
+        by_method.setdefault(cfg.registry_name, []).append(name)
+    for method_name, names in by_method.items():
+        method = get_method(method_name)
+        if method.prepare is not None:
+            states.update(method.prepare(model, {n: targets[n][1] for n in names}, calibration))
+
+    with torch.no_grad():
+        for name, (_, cfg) in tqdm(targets.items(), desc="hf_compress", disable=not progress or not targets):
+            method = get_method(cfg.registry_name)
+            module = model.get_submodule(name)
+            ctx = CompressionContext(model=model, name=name, calibration=calibration, state=states.pop(name, None))
+            new = method.compress(module, cfg, ctx)
+            if new is not None and new is not module:
+                model.set_submodule(name, new)
+            del module, new
+
+    _record(model, config)
+    return model
+
+
+def _record(model: nn.Module, config: CompressionConfig) -> None:
+    """Write the plan and the resolved per-layer specs into ``model.config.compression_config``."""
+    hf_config = getattr(model, "config", None)
+    if hf_config is None:
+        return
+    previous = dict(getattr(hf_config, "compression_config", None) or {})
+    plan = config.to_dict()
+    merged_modules = {**previous.get("modules", {}), **plan["modules"]}
+    skips = list(dict.fromkeys([*previous.get("skip_modules", []), *plan["skip_modules"]]))
+    hf_config.compression_config = {
+        **previous,
+        "version": plan["version"],
+        "modules": merged_modules,
+        "skip_modules": skips,
+        "layers": compressed_layer_specs(model),
+    }

@@ -1,0 +1,258 @@
+"""Registered Hugging Face classes for compressed models, and compress-on-load.
+
+For each supported architecture a small factory makes a config subclass (``model_type`` prefixed with
+``hf_compress_``, one extra field ``compression_config``) and model subclasses of the family's own classes
+(``CompressedLlamaForCausalLM(LlamaForCausalLM)``…). State-dict names, tied weights, caches, ``generate``,
+``device_map`` and PEFT defaults are therefore inherited; the subclass only rebuilds the compressed layers
+recorded in ``config.compression_config["layers"]`` so checkpoints of factors load directly.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import transformers
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.models.auto import modeling_auto
+
+from .registry import layer_from_spec
+from .saving import CompressedSaveMixin
+
+PREFIX = "hf_compress_"
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "bert", "whisper",
+)
+# task -> (transformers Auto class name, mapping of model_type -> class name)
+TASKS: dict[str, tuple[str, dict[str, str]]] = {
+    "base": ("AutoModel", modeling_auto.MODEL_MAPPING_NAMES),
+    "causal-lm": ("AutoModelForCausalLM", modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    "masked-lm": ("AutoModelForMaskedLM", modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+    "sequence-classification": (
+        "AutoModelForSequenceClassification", modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    ),
+    "speech-seq2seq": ("AutoModelForSpeechSeq2Seq", modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES),
+}
+_CONFIGS: dict[str, type[PretrainedConfig]] = {}  # base model_type -> compressed config class
+_MODELS: dict[type, type[PreTrainedModel]] = {}  # base model class -> compressed model class
+
+
+def build_compressed_structure(model: nn.Module, compression_config: dict[str, Any] | None) -> None:
+    """Replace the modules named in ``compression_config["layers"]`` by empty compressed layers (shapes only)."""
+    for name, spec in ((compression_config or {}).get("layers") or {}).items():
+        try:
+            model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(
+                f"hf_compress: the checkpoint's compression_config names module {name!r}, which "
+                f"{type(model).__name__} does not have; the config does not belong to this architecture."
+            ) from err
+        model.set_submodule(name, layer_from_spec(spec))
+
+
+class CompressedModelMixin(CompressedSaveMixin):
+    """Mixed into each family's model classes: rebuild compressed layers, check loads, save atomically."""
+
+    def __init__(self, config: PretrainedConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        build_compressed_structure(self, getattr(config, "compression_config", None))
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        layers = (getattr(model.config, "compression_config", None) or {}).get("layers") or {}
+        missing = [k for k in info.get("missing_keys", []) if any(k.startswith(n + ".") for n in _prefixed(model, layers))]
+        if missing:
+            raise ValueError(
+                f"hf_compress: the checkpoint lacks factor tensor(s) {sorted(missing)[:8]} of compressed layers "
+                f"({len(missing)} missing). The weights file is incomplete or does not match config.json's "
+                "compression_config; re-save the compressed model."
+            )
+        return (model, info) if want_info else model
+
+
+def _prefixed(model: nn.Module, layers: dict[str, Any]) -> list[str]:
+    """Layer names as they appear in loading-info keys (with and without the base-model prefix)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    out = list(layers)
+    out += [n[len(prefix) + 1:] for n in layers if prefix and n.startswith(prefix + ".")]
+    return out
+
+
+def _make_config_class(base: type[PretrainedConfig]) -> type[PretrainedConfig]:
+    name = f"Compressed{base.__name__}"
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "__annotations__": {"compression_config": dict | None},
+        "compression_config": None,
+        "model_type": PREFIX + base.model_type,
+        "__doc__": f"{base.__name__} plus the hf_compress plan and per-layer specs (``compression_config``).",
+    }
+    return type(name, (base,), namespace)
+
+
+def _make_model_class(base: type[PreTrainedModel], config_class: type[PretrainedConfig]) -> type[PreTrainedModel]:
+    name = f"Compressed{base.__name__}"
+    namespace = {"__module__": __name__, "__qualname__": name, "config_class": config_class}
+    return type(name, (CompressedModelMixin, base), namespace)
+
+
+def _register_family(model_type: str) -> None:
+    base_config = transformers.CONFIG_MAPPING[model_type]
+    config_class = _make_config_class(base_config)
+    _CONFIGS[model_type] = config_class
+    setattr(sys.modules[__name__], config_class.__name__, config_class)
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    for auto_name, names in TASKS.values():
+        if model_type not in names:
+            continue
+        base_model = getattr(transformers, names[model_type])
+        model_class = _make_model_class(base_model, config_class)
+        _MODELS[base_model] = model_class
+        setattr(sys.modules[__name__], model_class.__name__, model_class)
+        getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
+
+
+def register_all() -> None:
+    """Make and register the compressed classes of every supported architecture (idempotent)."""
+    for model_type in SUPPORTED_MODEL_TYPES:
+        if model_type not in _CONFIGS:
+            _register_family(model_type)
+
+
+def base_model_type(config: PretrainedConfig) -> str:
+    model_type = config.model_type
+    return model_type[len(PREFIX):] if model_type.startswith(PREFIX) else model_type
+
+
+def compressed_config_class(config: PretrainedConfig) -> type[PretrainedConfig]:
+    """The compressed config class for a dense or compressed config; clear error if unsupported."""
+    model_type = base_model_type(config)
+    if model_type not in _CONFIGS:
+        raise ValueError(
+            f"hf_compress: architecture {model_type!r} is not supported; supported model types: "
+            f"{list(SUPPORTED_MODEL_TYPES)}. Open an issue with the model id to request it."
+        )
+    return _CONFIGS[model_type]
+
+
+def to_compressed_config(config: PretrainedConfig) -> PretrainedConfig:
+    """A compressed-class copy of a dense config (or the config itself if it already is one)."""
+    config_class = compressed_config_class(config)
+    if isinstance(config, config_class):
+        return config
+    data = config.to_dict()
+    data.pop("model_type", None)
+    return config_class.from_dict(data)
+
+
+def compressed_model_class(model_class: type) -> type[PreTrainedModel]:
+    """The registered compressed subclass of a transformers model class."""
+    for klass in model_class.__mro__:
+        if klass in _MODELS:
+            return _MODELS[klass]
+        if issubclass(klass, CompressedModelMixin) and klass in _MODELS.values():
+            return klass
+    raise ValueError(
+        f"hf_compress: {model_class.__name__} is not supported; supported model types: {list(SUPPORTED_MODEL_TYPES)} "
+        f"with heads {sorted(TASKS)}."
+    )
+
+
+def adopt_compressed_class(model: nn.Module) -> None:
+    """Turn a loaded dense HF model into its compressed subclass in place (no-op for other modules)."""
+    if not isinstance(model, PreTrainedModel) or isinstance(model, CompressedModelMixin):
+        return
+    target = compressed_model_class(type(model))
+    model.config = to_compressed_config(model.config)
+    model.config.compression_config = dict(model.config.compression_config or {})
+    model.config.compression_config.setdefault("base_model", model.config.name_or_path or None)
+    model.__class__ = target  # the subclass adds no instance state, so this is a plain re-typing
+
+
+class _AutoCompressed:
+    """``from_pretrained(dense_or_compressed, compression_config=...)``: load, then compress on load."""
+
+    task: str = "base"
+
+    def __init__(self) -> None:
+        raise EnvironmentError(f"{type(self).__name__} is a factory: use {type(self).__name__}.from_pretrained(...).")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str,
+        compression_config: Any = None,
+        calibration: Any = None,
+        **kwargs: Any,
+    ) -> PreTrainedModel:
+        """Load a dense or compressed checkpoint; if ``compression_config`` is given, compress it layer by layer.
+
+        Dense weights are loaded once into the compressed class (no second dense copy), then each matched
+        module is replaced and freed. Other kwargs go to ``PreTrainedModel.from_pretrained``.
+        """
+        from .compress import compress
+
+        config = kwargs.pop("config", None)
+        if config is None:
+            hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder",
+                                          "trust_remote_code") if k in kwargs}
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        config = to_compressed_config(config)
+        model_class = cls._model_class(config)
+        model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+        model.config.compression_config = dict(model.config.compression_config or {})
+        model.config.compression_config.setdefault("base_model", str(pretrained_model_name_or_path))
+        if compression_config is not None:
+            compress(model, compression_config, calibration=calibration)
+        return model
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, compression_config: Any = None, **kwargs: Any) -> PreTrainedModel:
+        """A randomly initialised model of ``config``'s architecture, compressed if a plan is given."""
+        from .compress import compress
+
+        config = to_compressed_config(config)
+        model = cls._model_class(config)._from_config(config, **kwargs)
+        if compression_config is not None:
+            compress(model, compression_config)
+        return model
+
+    @classmethod
+    def _model_class(cls, config: PretrainedConfig) -> type[PreTrainedModel]:
+        auto_name, names = TASKS[cls.task]
+        model_type = base_model_type(config)
+        if model_type not in names:
+            raise ValueError(
+                f"hf_compress: {model_type!r} has no {auto_name} head in transformers; use another "
+                f"AutoCompressed* class (tasks: {sorted(TASKS)})."
+            )
+        return _MODELS[getattr(transformers, names[model_type])]
+
+
+class AutoCompressedModel(_AutoCompressed):
+    """Base models and encoders (BERT/MiniLM, ``LlamaModel``, ``WhisperModel``…)."""
+
+    task = "base"
+
+
+class AutoCompressedModelForCausalLM(_AutoCompressed):
+    task = "causal-lm"
+
+
+class AutoCompressedModelForMaskedLM(_AutoCompressed):
+    task = "masked-lm"
+
+
+class AutoCompressedModelForSequenceClassification(_AutoCompressed):
+    task = "sequence-classification"
+
+
+class AutoCompressedModelForSpeechSeq2Seq(_AutoCompressed):
+    task = "speech-seq2seq"
+
+
+register_all()

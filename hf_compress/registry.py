@@ -1,0 +1,87 @@
+"""One registry for compression methods and compressed layer types.
+
+A *method* turns a dense module into a compressed one (algorithm side); a *layer type* rebuilds an
+empty compressed module from its JSON spec when a checkpoint is loaded (runtime side). Method modules
+register themselves on import, so a new method plugs in without touching the core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from .compress import CompressionContext
+    from .config import MethodConfig
+
+
+class CompressFn(Protocol):
+    def __call__(self, module: nn.Module, config: "MethodConfig", ctx: "CompressionContext") -> nn.Module | None:
+        """Return the compressed replacement for ``module`` (or ``None`` to leave it dense)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered compression method.
+
+    ``prepare`` (optional) runs once before any module is replaced, with every target module name, and
+    returns per-module state (e.g. calibration statistics) that ``compress`` reads from ``ctx.state``.
+    """
+
+    name: str
+    config_class: type
+    compress: CompressFn
+    prepare: Callable[..., dict[str, Any]] | None = None
+
+
+_METHODS: dict[str, Method] = {}
+_LAYERS: dict[str, type[nn.Module]] = {}
+
+
+def register_method(
+    name: str, config_class: type, compress: CompressFn, prepare: Callable[..., dict[str, Any]] | None = None
+) -> None:
+    """Register a compression method under ``name`` (the ``"method"`` key in JSON configs)."""
+    if name in _METHODS and _METHODS[name].config_class is not config_class:
+        raise ValueError(f"hf_compress: a different method is already registered as {name!r}.")
+    _METHODS[name] = Method(name, config_class, compress, prepare)
+
+
+def get_method(name: str) -> Method:
+    """Look up a method by name; raises a ``ValueError`` listing the known ones."""
+    _load_builtin_methods()
+    if name not in _METHODS:
+        raise ValueError(f"hf_compress: unknown compression method {name!r}; known methods: {sorted(_METHODS)}.")
+    return _METHODS[name]
+
+
+def available_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_METHODS)
+
+
+def register_layer(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: register a compressed layer type (needs ``layer_type``, ``spec()``, ``from_spec()``)."""
+    name = getattr(cls, "layer_type", None)
+    if not name or not hasattr(cls, "from_spec") or not hasattr(cls, "spec"):
+        raise TypeError(f"hf_compress: {cls.__name__} needs a `layer_type` name, `spec()` and `from_spec()`.")
+    _LAYERS[name] = cls
+    return cls
+
+
+def layer_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Build an empty compressed layer (shapes only) from its saved JSON spec."""
+    _load_builtin_methods()
+    kind = spec.get("type")
+    if kind not in _LAYERS:
+        raise ValueError(
+            f"hf_compress: checkpoint names compressed layer type {kind!r}, which this version does not know "
+            f"(known: {sorted(_LAYERS)}). Upgrade hf_compress."
+        )
+    return _LAYERS[kind].from_spec(spec)
+
+
+def _load_builtin_methods() -> None:
+    from . import methods  # noqa: F401  (registers the built-in methods on import)

@@ -1,0 +1,112 @@
+"""Atomic ``save_pretrained`` with remote code and a model card, and ``push_to_hub`` through the same path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+REMOTE_CODE_FILE = "modeling_hf_compress.py"
+# Files a fresh save_pretrained owns: never carried over from a previous checkpoint in the same folder.
+_OWNED_PREFIXES = ("model", "pytorch_model", "config.json", "generation_config.json", "README.md",
+                   REMOTE_CODE_FILE)
+
+
+def _remote_code(model: Any) -> tuple[str, dict[str, str]]:
+    """Source of the ``trust_remote_code`` shim for ``model``'s family, and the ``auto_map`` pointing into it."""
+    from .modeling import TASKS, _MODELS, base_model_type
+
+    import transformers
+
+    model_type = base_model_type(model.config)
+    config_name = type(model.config).__name__
+    auto_map = {"AutoConfig": f"{REMOTE_CODE_FILE[:-3]}.{config_name}"}
+    names = [config_name]
+    for auto_name, mapping in TASKS.values():
+        if model_type in mapping:
+            cls = _MODELS[getattr(transformers, mapping[model_type])]
+            auto_map[auto_name] = f"{REMOTE_CODE_FILE[:-3]}.{cls.__name__}"
+            names.append(cls.__name__)
+    source = (
+        '"""Loads this hf_compress checkpoint with `trust_remote_code=True` (needs `pip install hf_compress`).\n\n'
+        "Written by hf_compress.save_pretrained; the compressed layers are rebuilt from config.json's\n"
+        '`compression_config` and filled from the safetensors weights."""\n\n'
+        f"from hf_compress.modeling import (  # noqa: F401\n"
+        + "".join(f"    {n},\n" for n in names)
+        + ")\n"
+    )
+    return source, auto_map
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Move the finished folder ``new`` to ``target``; files of an old ``target`` that the save does not own
+    (tokenizer, trainer state, user files) are kept. The old folder is only deleted once ``new`` is in place."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if not target.is_dir():
+        raise NotADirectoryError(f"hf_compress: save path {target} exists and is not a directory.")
+    for entry in target.iterdir():
+        if not (new / entry.name).exists() and not entry.name.startswith(_OWNED_PREFIXES):
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, new / entry.name)
+    old = target.with_name(f".{target.name}.hf_compress-old-{uuid.uuid4().hex[:8]}")
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class CompressedSaveMixin:
+    """``save_pretrained`` writes to a temporary sibling folder and swaps it in only when complete."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Like ``PreTrainedModel.save_pretrained`` (safetensors only), plus ``auto_map``, the remote-code
+        shim and a model card; atomic: an interrupted save leaves any previous checkpoint intact."""
+        if kwargs.pop("push_to_hub", False):
+            repo_id = kwargs.pop("repo_id", None) or Path(save_directory).name
+            self.save_pretrained(save_directory, *args, **kwargs)
+            upload_folder(save_directory, repo_id, token=kwargs.get("token"))
+            return
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError("hf_compress: checkpoints are safetensors only; drop safe_serialization=False.")
+        if not kwargs.get("is_main_process", True):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        target = Path(save_directory).absolute()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.hf_compress-tmp-", dir=target.parent))
+        try:
+            source, auto_map = _remote_code(self)
+            self.config.auto_map = auto_map
+            super().save_pretrained(tmp, *args, **kwargs)
+            (tmp / REMOTE_CODE_FILE).write_text(source)
+            if not (tmp / "README.md").exists():
+                from .cards import model_card
+
+                model_card(self).save(tmp / "README.md")
+            replace_directory(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def push_to_hub(
+        self, repo_id: str, private: bool | None = None, token: str | None = None, commit_message: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Save through ``save_pretrained`` (weights, config with ``auto_map``, remote code, model card) into a
+        temporary folder and upload it to ``repo_id``."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, max_shard_size=kwargs.pop("max_shard_size", "5GB"))
+            return upload_folder(tmp, repo_id, private=private, token=token, commit_message=commit_message, **kwargs)
+
+
+def upload_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = None, token: str | None = None,
+                  commit_message: str | None = None, **kwargs: Any) -> Any:
+    """Create ``repo_id`` if needed and upload ``folder`` (a saved compressed model) to it."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message or "Upload hf_compress model", **kwargs
+    )
