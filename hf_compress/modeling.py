@@ -154,8 +154,6 @@ def compressed_model_class(model_class: type) -> type[PreTrainedModel]:
     for klass in model_class.__mro__:
         if klass in _MODELS:
             return _MODELS[klass]
-        if issubclass(klass, CompressedModelMixin) and klass in _MODELS.values():
-            return klass
     raise ValueError(
         f"hf_compress: {model_class.__name__} is not supported; supported model types: {list(SUPPORTED_MODEL_TYPES)} "
         f"with heads {sorted(TASKS)}."
@@ -166,6 +164,7 @@ def adopt_compressed_class(model: nn.Module) -> None:
     """Turn a loaded dense HF model into its compressed subclass in place (no-op for other modules)."""
     if not isinstance(model, PreTrainedModel) or isinstance(model, CompressedModelMixin):
         return
+    compressed_config_class(model.config)  # unsupported architecture: clear error with the supported list
     target = compressed_model_class(type(model))
     model.config = to_compressed_config(model.config)
     model.config.compression_config = dict(model.config.compression_config or {})

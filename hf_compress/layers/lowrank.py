@@ -56,10 +56,10 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_dense(cls, linear: nn.Module, rank: int) -> "LowRankLinear":
-        """Truncated SVD of an ``nn.Linear``/``Conv1D``: ``W = U S Vᵀ``, ``up = U_r √S_r``, ``down = √S_r V_rᵀ``."""
+        """Truncated SVD (in float64) of an ``nn.Linear``/``Conv1D``: ``W = U S Vᵀ``, ``up = U_r √S_r``, ``down = √S_r V_rᵀ``."""
         weight, bias = linear_weight_and_bias(linear, "LowRankLinear.from_dense")
         check_rank(rank, min(weight.shape), f"LowRankLinear.from_dense({weight.shape[1]}->{weight.shape[0]})")
-        u, s, vh = torch.linalg.svd(weight.detach().to(torch.float32), full_matrices=False)
+        u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
         root = s[:rank].sqrt()
         up = (u[:, :rank] * root).to(weight.dtype)
         down = (root[:, None] * vh[:rank]).to(weight.dtype)

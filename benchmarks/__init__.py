@@ -1,0 +1,1 @@
+"""Real-model benchmark suite for hf_compress: offline model zoo, data, metrics, runner and plots."""

@@ -1,0 +1,63 @@
+"""Benchmark CLI: ``python -m benchmarks run|plot|list``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXAMPLES = """examples:
+  python -m benchmarks run --model smollm2-135m                      # default plan, dense vs compressed
+  python -m benchmarks run --model whisper-tiny.en --preset lowrank-attn-0.5
+  python -m benchmarks run --model smollm2-135m --config plan.json --budget quick
+  python -m benchmarks plot                                          # PNGs for every results JSON
+  python -m benchmarks list                                          # models and presets
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="measure dense and compressed in the same run")
+    run.add_argument("--model", required=True, help="zoo name (see `list`)")
+    group = run.add_mutually_exclusive_group()
+    group.add_argument("--config", help="CompressionConfig JSON file")
+    group.add_argument("--preset", help="named plan (see `list`)")
+    run.add_argument("--budget", default="default", choices=["default", "quick"])
+    run.add_argument("--save-dir", help="where to save the compressed model (default: a temp dir)")
+    run.add_argument("--out", help="results JSON path (default: benchmarks/results/run-<model>-<plan>.json)")
+    run.add_argument("--no-memory", action="store_true", help="skip the compress-on-load memory probe")
+    sub.add_parser("plot", help="draw PNG trade-off plots for every results JSON")
+    sub.add_parser("list", help="list zoo models and presets")
+    args = parser.parse_args(argv)
+
+    if args.command == "plot":
+        from .plot import plot_all
+
+        for path in plot_all():
+            print(path)
+        return 0
+    from . import runner, zoo
+
+    if args.command == "list":
+        print("models:", ", ".join(zoo.ZOO))
+        print("presets:", ", ".join(runner.PRESETS), f"(default {runner.DEFAULT_PRESET})")
+        return 0
+    from hf_compress import CompressionConfig
+
+    if args.model not in zoo.ZOO:
+        parser.error(f"unknown model {args.model!r}; choose from {', '.join(zoo.ZOO)}")
+    if args.config:
+        plan, label = CompressionConfig.from_json(args.config), args.config.rsplit("/", 1)[-1].removesuffix(".json")
+    else:
+        label = args.preset or runner.DEFAULT_PRESET
+        if label not in runner.PRESETS:
+            parser.error(f"unknown preset {label!r}; choose from {', '.join(runner.PRESETS)}")
+        plan = runner.PRESETS[label](runner.kind_of(args.model))
+    runner.run(args.model, plan, label, budget=args.budget, save_dir=args.save_dir,
+               measure_memory=not args.no_memory, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The Hugging Face life cycle on every covered architecture, with truncated-SVD low-rank layers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ARCHS, Arch, tiny_model
+
+import hf_compress
+from hf_compress import CompressionConfig, LowRankConfig, LowRankLinear
+
+
+def _out(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def _plan(arch: Arch, ratio: float = 0.5) -> CompressionConfig:
+    return CompressionConfig(modules={arch.attn_pattern: LowRankConfig(rank_ratio=ratio)})
+
+
+def _generate(model: torch.nn.Module, arch: Arch, inputs: dict) -> torch.Tensor:
+    if arch.name == "whisper":
+        return model.generate(inputs["input_features"], max_new_tokens=3)
+    return model.generate(inputs["input_ids"], max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def test_compress_generate_save_reload_exact(arch: Arch, tmp_path: Path) -> None:
+    model = tiny_model(arch)
+    inputs = arch.inputs()
+    dense_params = sum(p.numel() for p in model.parameters())
+    hf_compress.compress(model, _plan(arch), progress=False)
+    assert type(model).__name__ == f"Compressed{arch.model_class.__name__}"
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert sum(p.numel() for p in model.parameters()) < dense_params
+    logits = _out(model, inputs)
+    if arch.generates:
+        assert _generate(model, arch, inputs).shape[0] == 2
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_hf_compress.py", "README.md"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == f"hf_compress_{arch.make_config().model_type}"
+    assert config["compression_config"]["layers"]
+    again = arch.auto_class.from_pretrained(tmp_path)
+    assert type(again) is type(model)
+    assert torch.equal(_out(again, inputs), logits)
+    if arch.generates:
+        assert torch.equal(_generate(again, arch, inputs), _generate(model, arch, inputs))
+
+
+def test_compress_on_load_matches_in_place(dense_dir: tuple[Arch, str]) -> None:
+    arch, path = dense_dir
+    loaded = arch.compressed_auto.from_pretrained(path, compression_config=_plan(arch))
+    in_place = hf_compress.compress(arch.auto_class.from_pretrained(path), _plan(arch), progress=False)
+    inputs = arch.inputs()
+    assert type(loaded) is type(in_place)
+    assert torch.equal(_out(loaded, inputs), _out(in_place, inputs))
+    assert loaded.config.compression_config["base_model"] == path
+
+
+def test_trust_remote_code_in_fresh_process(tmp_path: Path) -> None:
+    """Reload every architecture in a new interpreter that never imports hf_compress itself."""
+    expected = {}
+    for arch in ARCHS:
+        model = hf_compress.compress(tiny_model(arch), _plan(arch), progress=False)
+        model.save_pretrained(tmp_path / arch.name)
+        expected[arch.name] = _out(model, arch.inputs())
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in expected.items()}, tmp_path / "expected.safetensors")
+    script = textwrap.dedent(f"""
+        import sys, torch, transformers
+        from safetensors.torch import load_file
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        expected = load_file({str(tmp_path / 'expected.safetensors')!r})
+        import conftest  # the tiny configs (conftest imports hf_compress, so drop it again)
+        for mod in [m for m in sys.modules if m == "hf_compress" or m.startswith("hf_compress.")]:
+            del sys.modules[mod]
+        for arch in conftest.ARCHS:
+            model = arch.auto_class.from_pretrained({str(tmp_path)!r} + "/" + arch.name, trust_remote_code=True)
+            with torch.no_grad():
+                out = model(**arch.inputs())
+            out = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+            assert type(model).__module__.startswith("hf_compress"), type(model)
+            print(arch.name, torch.equal(out, expected[arch.name]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [x for a in ARCHS for x in (a.name, "True")]
+
+
+def test_trust_remote_code_without_plugin_import_in_clean_process(tmp_path: Path) -> None:
+    """A process that imports only transformers loads the checkpoint through auto_map."""
+    arch = ARCHS[0]
+    model = hf_compress.compress(tiny_model(arch), _plan(arch), progress=False)
+    model.save_pretrained(tmp_path)
+    script = (
+        "import sys, transformers\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)\n"
+        "print(type(m).__name__, sum(p.numel() for p in m.parameters()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, n = proc.stdout.split()
+    assert name == "CompressedLlamaForCausalLM" and int(n) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_full_rank_svd_is_exact(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n_in, n_out = (int(x) for x in torch.randint(1, 70, (2,), generator=g))
+    bias = bool(seed % 2)
+    dense = torch.nn.Linear(n_in, n_out, bias=bias)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(n_out, n_in, generator=g))
+        if bias:
+            dense.bias.copy_(torch.randn(n_out, generator=g))
+    low = LowRankLinear.from_dense(dense, rank=min(n_in, n_out))
+    x = torch.randn(5, n_in, generator=g)
+    torch.testing.assert_close(low(x), dense(x), atol=1e-5, rtol=1e-5)
+    assert (low.in_features, low.out_features) == (n_in, n_out)
+
+
+def test_full_rank_svd_of_gpt2_conv1d_is_exact() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(24, 16)  # nf=24 outputs, nx=16 inputs; weight [16, 24]
+    torch.nn.init.normal_(conv.weight)
+    low = LowRankLinear.from_dense(conv, rank=16)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(low(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_truncated_svd_is_optimal_rank_r() -> None:
+    """The rank-r error equals the tail singular values (Eckart–Young), so truncation is done right."""
+    dense = torch.nn.Linear(40, 30, bias=False)
+    low = LowRankLinear.from_dense(dense, rank=7)
+    s = torch.linalg.svdvals(dense.weight.detach())
+    err = torch.linalg.matrix_norm(low.weight - dense.weight.detach())
+    torch.testing.assert_close(err, s[7:].norm(), atol=1e-4, rtol=1e-4)
+
+
+def test_rank_ratio_controls_parameters() -> None:
+    cfg = LowRankConfig(rank_ratio=0.5)
+    rank = cfg.rank_for(64, 64)
+    assert rank == 16 and rank * 128 <= 0.5 * 64 * 64

@@ -1,0 +1,204 @@
+"""Training, PEFT, bad input, atomic saves, push_to_hub and the plan's JSON round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import transformers
+from conftest import ARCHS, tiny_model
+from safetensors.torch import load_file, save_file
+
+import hf_compress
+from hf_compress import CompressionConfig, LowRankConfig, LowRankLinear
+
+LLAMA = ARCHS[0]
+ATTN = LLAMA.attn_pattern
+
+
+def _compressed_llama() -> transformers.PreTrainedModel:
+    return hf_compress.compress(tiny_model(LLAMA), CompressionConfig(modules={ATTN: LowRankConfig(rank=8)}),
+                                progress=False)
+
+
+class _Repeat(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32, seq: int = 16) -> None:
+        g = torch.Generator().manual_seed(1)
+        base = torch.randint(0, 96, (4, seq), generator=g)
+        self.rows = base.repeat(n // 4, 1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+
+def _train(model: torch.nn.Module, out: Path, steps: int = 12, lr: float = 5e-3) -> list[float]:
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=lr, logging_steps=1,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Repeat())
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_trainer_reduces_loss_on_compressed_model(tmp_path: Path) -> None:
+    model = _compressed_llama().train()
+    losses = _train(model, tmp_path)
+    assert len(losses) == 12 and losses[-1] < 0.7 * losses[0]
+    model.save_pretrained(tmp_path / "trained")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "trained")
+    x = {"input_ids": torch.randint(0, 96, (1, 8))}
+    assert torch.equal(model.eval()(**x).logits, again(**x).logits)
+
+
+def test_peft_lora_on_factors_trains_saves_and_loads(tmp_path: Path) -> None:
+    import peft
+
+    model = _compressed_llama()
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)  # the compressed base; LoRA trains on top of it, frozen
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["down", "up"], lora_dropout=0.0)
+    pm = peft.get_peft_model(model, lora)
+    names = [n for n, _ in pm.named_parameters() if "lora_" in n]
+    assert names and all(".self_attn." in n for n in names)
+    losses = _train(pm, tmp_path, lr=1e-2)
+    assert losses[-1] < losses[0]
+    pm.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    x = {"input_ids": torch.randint(0, 96, (1, 8))}
+    expected = pm.eval()(**x).logits
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(loaded(**x).logits, expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"rank": 0}, "positive int"), ({"rank_ratio": 1.5}, r"in \(0, 1\]"), ({}, "exactly one"),
+     ({"rank": 2, "rank_ratio": 0.5}, "exactly one"), ({"rank": 4, "method": "magic"}, "method must be one of")],
+)
+def test_bad_low_rank_configs(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LowRankConfig(**kwargs)
+
+
+def test_rank_above_min_dim_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"rank 40 exceeds min\(in_features, out_features\) = 32"):
+        LowRankLinear.from_dense(torch.nn.Linear(64, 32), rank=40)
+    with pytest.raises(ValueError, match=r"self_attn.k_proj: rank 100 exceeds"):
+        hf_compress.compress(tiny_model(LLAMA), CompressionConfig(modules={"k_proj": LowRankConfig(rank=100)}),
+                             progress=False)
+
+
+def test_no_saving_rank_is_left_dense_with_warning() -> None:
+    model = tiny_model(LLAMA)
+    with pytest.warns(UserWarning, match=r"not smaller than the dense weight \(4096\); left dense"):
+        hf_compress.compress(model, CompressionConfig(modules={"q_proj": LowRankConfig(rank=32)}), progress=False)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+
+
+def test_pattern_matching_nothing_warns_with_its_name() -> None:
+    with pytest.warns(UserWarning, match=r"pattern 'no_such_proj' matched no module"):
+        hf_compress.compress(tiny_model(LLAMA), CompressionConfig(modules={"no_such_proj": LowRankConfig(rank=2)}),
+                             progress=False)
+
+
+def test_non_linear_target_is_a_clear_error() -> None:
+    with pytest.raises(TypeError, match="compresses nn.Linear or GPT-2 Conv1D layers only"):
+        hf_compress.compress(tiny_model(LLAMA), CompressionConfig(modules={"input_layernorm": LowRankConfig(rank=2)}),
+                             progress=False)
+
+
+def test_unknown_method_and_parameter_are_rejected() -> None:
+    with pytest.raises(ValueError, match=r"unknown compression method 'magic'; known methods: \[.*'low_rank'"):
+        CompressionConfig.from_dict({"modules": {"q_proj": {"type": "magic", "rank": 2}}})
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['rnak'\] for method 'low_rank'"):
+        CompressionConfig.from_dict({"modules": {"q_proj": {"type": "low_rank", "rnak": 2}}})
+    with pytest.raises(TypeError, match="must be a method config"):
+        CompressionConfig(modules={"q_proj": 3})
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        CompressionConfig(modules={"q_proj(": LowRankConfig(rank=2)})
+
+
+def test_unsupported_architecture_lists_supported_ones() -> None:
+    cfg = transformers.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                 num_attention_heads=2, word_embed_proj_dim=32)
+    model = transformers.OPTForCausalLM(cfg)
+    with pytest.raises(ValueError, match=r"architecture 'opt' is not supported; supported model types: \['llama'"):
+        hf_compress.compress(model, CompressionConfig(modules={"q_proj": LowRankConfig(rank=2)}), progress=False)
+
+
+def test_missing_factor_tensor_is_a_clear_error(tmp_path: Path) -> None:
+    _compressed_llama().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.self_attn.q_proj.up.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks factor tensor\(s\) \['model.layers.1.self_attn.q_proj.up.weight'\]"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path: Path) -> None:
+    model = _compressed_llama()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{}")  # a file the model save does not own
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.up.weight.add_(1.0)
+    with mock.patch("transformers.modeling_utils.safe_save_file", side_effect=OSError("disk full")):
+        with pytest.raises(OSError, match="disk full"):
+            model.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert not [p for p in tmp_path.parent.iterdir() if "hf_compress-tmp" in p.name]
+    model.save_pretrained(tmp_path)  # a completed save replaces the weights and keeps foreign files
+    assert (tmp_path / "tokenizer_config.json").read_text() == "{}"
+    assert (tmp_path / "model.safetensors").read_bytes() != before["model.safetensors"]
+
+
+def test_push_to_hub_uploads_the_save_path(tmp_path: Path) -> None:
+    model = _compressed_llama()
+    seen: dict[str, object] = {}
+
+    def fake_upload(self, repo_id: str, folder_path: str, **kwargs: object) -> str:
+        folder = Path(folder_path)
+        seen["files"] = sorted(p.name for p in folder.iterdir())
+        seen["config"] = json.loads((folder / "config.json").read_text())
+        seen["card"] = (folder / "README.md").read_text()
+        return f"https://hub/{repo_id}"
+
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")) as create, \
+            mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload):
+        url = model.push_to_hub("me/tiny")
+    create.assert_called_once()
+    assert url == "https://hub/me/tiny"
+    assert {"config.json", "model.safetensors", "modeling_hf_compress.py", "README.md"} <= set(seen["files"])
+    assert seen["config"]["auto_map"]["AutoModelForCausalLM"] == "modeling_hf_compress.CompressedLlamaForCausalLM"
+    assert "library_name: transformers" in seen["card"] and "hf_compress" in seen["card"]
+
+
+def test_compression_config_json_round_trip(tmp_path: Path) -> None:
+    cfg = CompressionConfig(modules={ATTN: LowRankConfig(rank_ratio=0.5), "mlp.down_proj": LowRankConfig(rank=4)},
+                            skip_modules=["layers.0."])
+    again = CompressionConfig.from_json(cfg.to_json())
+    assert again == cfg
+    cfg.to_json(tmp_path / "plan.json")
+    assert CompressionConfig.from_json(tmp_path / "plan.json") == cfg
+    assert json.loads(cfg.to_json())["version"] == 1
+    with pytest.raises(ValueError, match="newer than this hf_compress supports"):
+        CompressionConfig.from_dict({"version": 99, "modules": {}})
+
+
+def test_skip_modules_and_pattern_semantics() -> None:
+    model = tiny_model(LLAMA)
+    cfg = CompressionConfig(modules={r"self_attn\.q_proj$": LowRankConfig(rank=4)},
+                            skip_modules=[r"layers\.0\.self_attn\.q_proj"])
+    hf_compress.compress(model, cfg, progress=False)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert isinstance(model.model.layers[1].self_attn.q_proj, LowRankLinear)
+    assert hf_compress.config.matches("q_proj", "model.layers.0.self_attn.q_proj")
+    assert not hf_compress.config.matches("proj", "model.layers.0.self_attn.q_proj")
