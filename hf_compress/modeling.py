@@ -172,6 +172,29 @@ def adopt_compressed_class(model: nn.Module) -> None:
     model.__class__ = target  # the subclass adds no instance state, so this is a plain re-typing
 
 
+def default_task(config: PretrainedConfig) -> str:
+    """The head a checkpoint of ``config`` most likely has: its ``architectures`` entry, else the first task
+    (speech, causal LM, base) that transformers maps its model type to."""
+    model_type = base_model_type(config)
+    for arch in getattr(config, "architectures", None) or []:
+        arch = arch.removeprefix("Compressed")
+        for task, (_, mapping) in TASKS.items():
+            if mapping.get(model_type) == arch:
+                return task
+    for task in ("speech-seq2seq", "causal-lm", "base"):
+        if model_type in TASKS[task][1]:
+            return task
+    return "base"
+
+
+def auto_compressed_class(task: str) -> type["_AutoCompressed"]:
+    """The ``AutoCompressed*`` factory for a task name (see ``TASKS``)."""
+    for klass in _AutoCompressed.__subclasses__():
+        if klass.task == task:
+            return klass
+    raise ValueError(f"hf_compress: unknown task {task!r}; choose from {sorted(TASKS)}.")
+
+
 class _AutoCompressed:
     """``from_pretrained(dense_or_compressed, compression_config=...)``: load, then compress on load."""
 

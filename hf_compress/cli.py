@@ -1,0 +1,208 @@
+"""``hf-compress``: compress, evaluate, sweep, write model cards and push compressed models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = """examples:
+  hf-compress compress HuggingFaceTB/SmolLM2-135M --config plan.json --out smollm2-compressed
+  hf-compress compress ./dense-model --method low_rank --rank-ratio 0.5 --pattern 'self_attn\\.(q|k|v|o)_proj$' --out out
+  hf-compress eval out --metric ppl --text my_eval.txt
+  hf-compress card out
+  hf-compress push out me/smollm2-compressed
+"""
+
+
+class CLIError(Exception):
+    """A user error: printed as ``hf-compress: error: ...`` with exit status 2."""
+
+
+def _load_plan(args: argparse.Namespace) -> Any:
+    from .config import CompressionConfig, MethodConfig
+
+    if args.config:
+        return CompressionConfig.from_json(args.config)
+    if args.method:
+        params: dict[str, Any] = {"type": args.method}
+        if args.rank is not None:
+            params["rank"] = args.rank
+        if args.rank_ratio is not None:
+            params["rank_ratio"] = args.rank_ratio
+        for item in args.param or []:
+            key, _, value = item.partition("=")
+            params[key] = _parse_value(value)
+        return CompressionConfig(modules={args.pattern: MethodConfig.from_dict(params)})
+    if getattr(args, "budget", None) is not None:
+        return None  # planned after loading
+    raise CLIError("give a plan: --config plan.json, --method NAME [...], or --budget FRACTION")
+
+
+def _parse_value(value: str) -> Any:
+    import json
+
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _save_preprocessor(source: str, out: Path) -> None:
+    """Copy the tokenizer / processor of ``source`` next to the compressed weights, if it has one."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    for loader in (AutoProcessor, AutoTokenizer):
+        try:
+            loader.from_pretrained(source).save_pretrained(out)
+            return
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import transformers
+
+    from .compress import compress
+    from .modeling import auto_compressed_class, default_task
+
+    plan = _load_plan(args)
+    config = transformers.AutoConfig.from_pretrained(args.model)
+    task = args.task or default_task(config)
+    model = auto_compressed_class(task).from_pretrained(args.model, dtype=_dtype(args.dtype))
+    if plan is None:
+        from .planning import plan as make_plan
+
+        result = make_plan(model, budget=args.budget)
+        print(result.table())
+        plan = result.config
+    compress(model, plan)
+    out = Path(args.out)
+    model.save_pretrained(out)
+    _save_preprocessor(args.model, out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"saved {type(model).__name__} ({n:,} parameters) to {out}")
+    return 0
+
+
+def _dtype(name: str | None) -> Any:
+    import torch
+
+    return None if name in (None, "auto") else getattr(torch, name)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import transformers
+
+    from .modeling import auto_compressed_class, default_task
+
+    config = transformers.AutoConfig.from_pretrained(args.model)
+    model = auto_compressed_class(default_task(config)).from_pretrained(args.model)
+    try:
+        from benchmarks import harness
+    except ImportError as err:
+        raise CLIError("`eval` needs the repository's `benchmarks` package (run from the hf_compress repo)") from err
+    kind = {"ppl": "causal-lm", "wer": "speech-seq2seq", "encoder": "encoder"}[args.metric]
+    if args.metric == "ppl" and args.text:
+        from benchmarks import metrics
+
+        tok = transformers.AutoTokenizer.from_pretrained(args.model)
+        result = metrics.perplexity(model, tok, Path(args.text).read_text())
+    else:
+        tok = (transformers.AutoProcessor if kind == "speech-seq2seq" else transformers.AutoTokenizer).from_pretrained(
+            args.model)
+        result = harness.quality(model, tok, kind, budget=args.budget)
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    import transformers
+
+    from .cards import model_card
+    from .modeling import auto_compressed_class, default_task
+
+    config = transformers.AutoConfig.from_pretrained(args.model)
+    if not getattr(config, "compression_config", None):
+        raise CLIError(f"{args.model} is not an hf_compress checkpoint (config.json has no compression_config)")
+    model = auto_compressed_class(default_task(config)).from_pretrained(args.model)
+    card = model_card(model, repo_id=args.repo_id)
+    out = Path(args.out) if args.out else Path(args.model) / "README.md"
+    card.save(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .saving import upload_folder
+
+    folder = Path(args.model)
+    if not (folder / "config.json").is_file():
+        raise CLIError(f"{folder} is not a saved model folder (no config.json); run `hf-compress compress` first")
+    result = upload_folder(folder, args.repo_id, private=args.private, token=args.token)
+    print(f"pushed {folder} to {args.repo_id}: {result}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-compress", description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="compress a model (Hub id or folder) and save it")
+    p.add_argument("model", help="Hub id or local folder of a dense (or compressed) model")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--config", help="CompressionConfig JSON file")
+    p.add_argument("--method", help="single-method plan: method name, e.g. low_rank")
+    p.add_argument("--pattern", default=r"self_attn\.(q|k|v|o)_proj$", help="module pattern for --method")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--rank-ratio", type=float)
+    p.add_argument("--param", action="append", help="extra method parameter KEY=VALUE (JSON value)")
+    p.add_argument("--budget", type=float, help="target fraction of the model's bytes to keep (auto plan)")
+    p.add_argument("--task", help="head: causal-lm, speech-seq2seq, base, masked-lm, sequence-classification")
+    p.add_argument("--dtype", default="float32", help="load dtype (float32, bfloat16, float16, auto)")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", help="measure quality of a saved model")
+    p.add_argument("model")
+    p.add_argument("--metric", choices=["ppl", "wer", "encoder"], required=True)
+    p.add_argument("--text", help="plain-text file for perplexity (default: the benchmark eval text)")
+    p.add_argument("--budget", choices=["default", "quick"], default="default")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("card", help="(re)write the model card README.md of a saved compressed model")
+    p.add_argument("model")
+    p.add_argument("--repo-id", help="Hub repo id to show in the load instructions")
+    p.add_argument("--out", help="card path (default: MODEL/README.md)")
+    p.set_defaults(func=cmd_card)
+
+    p = sub.add_parser("push", help="upload a saved compressed model folder to the Hub")
+    p.add_argument("model")
+    p.add_argument("repo_id")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token")
+    p.set_defaults(func=cmd_push)
+
+    try:
+        from .sweep import add_sweep_parser
+    except ImportError:
+        add_sweep_parser = None
+    if add_sweep_parser is not None:
+        add_sweep_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, ValueError, TypeError, FileNotFoundError, OSError) as err:
+        print(f"hf-compress: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The ``hf-compress`` command line, run as a user would (subprocess), failures included."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import transformers
+from conftest import ARCHS, tiny_model
+
+from hf_compress import cli
+
+LLAMA = ARCHS[0]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hf_compress.cli", *args], capture_output=True, text=True,
+                          check=False)
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("dense")
+    tiny_model(LLAMA).save_pretrained(path)
+    return path
+
+
+def test_help_lists_commands_and_examples() -> None:
+    proc = _run("--help")
+    assert proc.returncode == 0
+    for word in ("compress", "eval", "card", "push", "examples:"):
+        assert word in proc.stdout
+
+
+def test_compress_with_method_flags_then_card(dense: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = _run("compress", str(dense), "--method", "low_rank", "--rank-ratio", "0.5", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "saved CompressedLlamaForCausalLM" in proc.stdout
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert len(model.config.compression_config["layers"]) == 8
+    (out / "README.md").unlink()
+    proc = _run("card", str(out), "--repo-id", "me/tiny")
+    assert proc.returncode == 0, proc.stderr
+    card = (out / "README.md").read_text()
+    assert "me/tiny" in card and "low_rank" in card and "trust_remote_code=True" in card
+
+
+def test_compress_with_config_file(dense: Path, tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "modules": {"mlp.down_proj": {"type": "low_rank", "rank": 4}}}))
+    proc = _run("compress", str(dense), "--config", str(plan), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert set(model.config.compression_config["layers"]) == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "low_rank", "--rank", "0"], "LowRankConfig.rank must be a positive int"),
+        (["--method", "nope", "--rank", "2"], "unknown compression method 'nope'"),
+        (["--config", "/does/not/exist.json"], "does not exist"),
+        ([], "give a plan"),
+    ],
+)
+def test_compress_failures_exit_nonzero_with_message(dense: Path, tmp_path: Path, args: list[str],
+                                                     message: str) -> None:
+    proc = _run("compress", str(dense), "--out", str(tmp_path / "x"), *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "hf-compress: error:" in proc.stderr
+
+
+def test_card_and_push_reject_non_compressed_folders(dense: Path, tmp_path: Path) -> None:
+    proc = _run("card", str(dense))
+    assert proc.returncode == 2 and "not an hf_compress checkpoint" in proc.stderr
+    proc = _run("push", str(tmp_path), "me/x")
+    assert proc.returncode == 2 and "no config.json" in proc.stderr
+
+
+def test_push_uploads_folder(dense: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert cli.main(["compress", str(dense), "--method", "low_rank", "--rank", "4", "--out", str(out)]) == 0
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", return_value="url") as upload:
+        assert cli.main(["push", str(out), "me/tiny"]) == 0
+    assert upload.call_args.kwargs["folder_path"] == str(out)
+    assert upload.call_args.kwargs["repo_id"] == "me/tiny"
+
+
+def test_eval_perplexity_on_a_text_file(dense: Path, tmp_path: Path) -> None:
+    pytest.importorskip("benchmarks.metrics")
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 50)
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)} | {"hello": 5, "world": 6}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(dense)
+    proc = _run("eval", str(dense), "--metric", "ppl", "--text", str(text))
+    assert proc.returncode == 0, proc.stderr
+    ppl = float(next(line for line in proc.stdout.splitlines() if line.startswith("ppl:")).split()[1])
+    assert 1.0 < ppl < 1000 and torch.isfinite(torch.tensor(ppl))
