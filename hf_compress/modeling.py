@@ -49,6 +49,9 @@ def build_compressed_structure(model: nn.Module, compression_config: dict[str, A
                 f"{type(model).__name__} does not have; the config does not belong to this architecture."
             ) from err
         model.set_submodule(name, layer_from_spec(spec))
+    for module in model.modules():  # layers that read another module (e.g. a head tied to a compressed table)
+        if callable(getattr(module, "bind_model", None)):
+            module.bind_model(model)
 
 
 class CompressedModelMixin(CompressedSaveMixin):

@@ -1,0 +1,203 @@
+"""Codebook linear layer: weights stored as bit-packed indices into small fp16 codebooks.
+
+Layout (``G`` row groups, ``K`` codewords of ``d`` weights each, ``b`` index bits):
+
+* rows (output neurons) are reordered so each group is contiguous: sorted row ``r`` is original row ``perm[r]``;
+  group sizes are balanced (``out // G`` rows, the first ``out % G`` groups one more), so they need no storage;
+* ``W_sorted[r, j·d:(j+1)·d] = scales[g(r)] · codebooks[book(r), codes[r, j]]`` with ``book(r) = g(r)`` (one
+  codebook per group) or ``0`` (one shared codebook, a scale per group);
+* ``codes [out, in/d]`` are packed into ``ceil(out·in/d·b / 8)`` bytes (``indices``, uint8), ``perm`` into
+  ``ceil(out·ceil(log2 out) / 8)`` bytes; both are persistent buffers, so safetensors stores them as is.
+
+Forward modes (``layer.mode``): ``"cached"`` (default) dequantizes once and keeps the dense weight until the
+codebooks, scales or indices change (tracked by tensor version counters); ``"lookup"`` keeps only the unpacked
+codes and gathers from the codebook at every call (less memory, slower; see the JLCM benchmark). While training
+with trainable codebooks/scales the weight is rebuilt differentiably every call, never cached.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..packing import pack_bits, packed_nbytes, unpack_bits
+from ..registry import register_layer
+
+MODES = ("cached", "lookup")
+
+
+def perm_bits(out_features: int) -> int:
+    """Bits per stored row index: ``max(1, ceil(log2(out_features)))``."""
+    return max(1, math.ceil(math.log2(max(out_features, 2))))
+
+
+def group_sizes(out_features: int, n_groups: int) -> torch.Tensor:
+    """Balanced group sizes ``[n_groups]`` (the first ``out % n_groups`` groups get one extra row)."""
+    base, extra = divmod(out_features, n_groups)
+    return torch.tensor([base + (g < extra) for g in range(n_groups)], dtype=torch.long)
+
+
+def _check_layout(in_features: int, out_features: int, bits: int, vector_dim: int, codebook_size: int,
+                  n_groups: int) -> None:
+    who = f"CodebookLinear({in_features}->{out_features})"
+    if not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(f"hf_compress: {who}: bits must be an int in 1..16, got {bits!r}.")
+    if vector_dim < 1 or in_features % vector_dim:
+        raise ValueError(
+            f"hf_compress: {who}: vector_dim {vector_dim} must be >= 1 and divide in_features {in_features}."
+        )
+    if not 2 <= codebook_size <= 1 << bits:
+        raise ValueError(f"hf_compress: {who}: codebook_size {codebook_size} must be in [2, 2**bits = {1 << bits}].")
+    if not 1 <= n_groups <= out_features:
+        raise ValueError(f"hf_compress: {who}: n_groups {n_groups} must be in [1, out_features = {out_features}].")
+    smallest = (out_features // n_groups) * (in_features // vector_dim)
+    if codebook_size > smallest:
+        raise ValueError(
+            f"hf_compress: {who}: a codebook of {codebook_size} codewords exceeds the {smallest} weight vectors of "
+            "a row group; use fewer bits, a larger group_size (fewer groups) or a smaller vector_dim."
+        )
+
+
+@register_layer
+class CodebookLinear(nn.Module):
+    """``y = x Wᵀ + b`` with ``W`` stored as packed codebook indices (see the module docstring for the layout).
+
+    Tensors: ``indices`` uint8 ``[ceil(out·in/d·bits/8)]``, ``perm`` uint8 ``[ceil(out·pbits/8)]``,
+    ``codebooks`` ``[G or 1, K, d]`` (fp16 by default, trainable), ``scales`` ``[G]``, ``bias`` ``[out]``.
+    """
+
+    layer_type = "codebook_linear"
+
+    def __init__(self, in_features: int, out_features: int, bits: int, vector_dim: int = 1,
+                 codebook_size: int | None = None, n_groups: int = 1, shared_codebook: bool = False,
+                 bias: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = torch.float16) -> None:
+        super().__init__()
+        codebook_size = (1 << bits) if codebook_size is None else codebook_size
+        _check_layout(in_features, out_features, bits, vector_dim, codebook_size, n_groups)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.vector_dim, self.codebook_size = bits, vector_dim, codebook_size
+        self.n_groups, self.shared_codebook = n_groups, shared_codebook
+        self.mode = "cached"
+        n_codes = out_features * in_features // vector_dim
+        books = 1 if shared_codebook else n_groups
+        self.register_buffer("indices", torch.zeros(packed_nbytes(n_codes, bits), dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "perm", torch.zeros(packed_nbytes(out_features, perm_bits(out_features)), dtype=torch.uint8, device=device)
+        )
+        self.codebooks = nn.Parameter(torch.zeros(books, codebook_size, vector_dim, device=device, dtype=dtype))
+        self.scales = nn.Parameter(torch.ones(n_groups, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None  # default dtype
+        self._codes_cache: tuple[Any, torch.Tensor, torch.Tensor] | None = None
+        self._weight_cache: tuple[Any, torch.Tensor] | None = None
+
+    # ---- building -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, perm: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                   bias: torch.Tensor | None, bits: int, dtype: torch.dtype = torch.float16) -> "CodebookLinear":
+        """Build from ``codes [out, in/d]`` (rows in group order), ``perm [out]`` (original row of each sorted row),
+        ``codebooks [G or 1, K, d]``, ``scales [G]`` and ``bias [out]``."""
+        out_features, n_vec = codes.shape
+        books, k, d = codebooks.shape
+        layer = cls(n_vec * d, out_features, bits, d, k, scales.numel(), books == 1 and scales.numel() > 1,
+                    bias is not None, dtype=dtype)
+        if books not in (1, scales.numel()):
+            raise ValueError("hf_compress: CodebookLinear.from_codes: codebooks must number 1 or one per group.")
+        with torch.no_grad():
+            layer.indices.copy_(pack_bits(codes, bits))
+            layer.perm.copy_(pack_bits(perm, perm_bits(out_features)))
+            layer.codebooks.copy_(codebooks)
+            layer.scales.copy_(scales)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    # ---- decoding -------------------------------------------------------------------------------------------
+    def row_groups(self) -> torch.Tensor:
+        """Group of each sorted row, ``[out]`` long."""
+        sizes = group_sizes(self.out_features, self.n_groups).to(self.indices.device)
+        return torch.repeat_interleave(torch.arange(self.n_groups, device=sizes.device), sizes)
+
+    def permutation(self) -> torch.Tensor:
+        """``perm [out]``: original row index of each sorted row."""
+        return unpack_bits(self.perm, perm_bits(self.out_features), self.out_features)
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked indices ``[out, in/d]`` (sorted row order; cached, int16/int32)."""
+        key = _key(self.indices)
+        if self._codes_cache is None or self._codes_cache[0] != key:
+            n = self.out_features * self.in_features // self.vector_dim
+            small = torch.int16 if self.bits <= 15 else torch.int32
+            codes = unpack_bits(self.indices, self.bits, n, dtype=small).view(self.out_features, -1)
+            inv = torch.empty_like(perm := self.permutation())
+            inv[perm] = torch.arange(self.out_features, device=perm.device)
+            self._codes_cache = (key, codes, inv)
+        return self._codes_cache[1]
+
+    def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """Dense ``W [out, in]`` in original row order (differentiable w.r.t. codebooks and scales)."""
+        codes = self.codes().long()
+        inv = self._codes_cache[2]
+        groups = self.row_groups()
+        books = torch.zeros_like(groups) if self.codebooks.shape[0] == 1 else groups
+        w = self.codebooks.to(dtype)[books[:, None], codes]  # [out, in/d, d]
+        w = w.reshape(self.out_features, self.in_features) * self.scales.to(dtype)[groups][:, None]
+        return w[inv]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``[out, in]`` weight (decoded; for inspection and export)."""
+        return self._dequantize(self.codebooks.dtype if self.codebooks.is_floating_point() else torch.float32)
+
+    def clear_cache(self) -> None:
+        self._codes_cache = self._weight_cache = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        trainable = self.codebooks.requires_grad or self.scales.requires_grad
+        if self.mode == "lookup" or (trainable and torch.is_grad_enabled()):
+            self._weight_cache = None
+            return F.linear(x, self._dequantize(x.dtype), bias)
+        key = (_key(self.codebooks), _key(self.scales), _key(self.indices), _key(self.perm), x.dtype, x.device)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            with torch.no_grad():
+                self._weight_cache = (key, self._dequantize(x.dtype).detach())
+        return F.linear(x, self._weight_cache[1], bias)
+
+    # ---- accounting / serialization ---------------------------------------------------------------------------
+    def storage_bytes(self) -> dict[str, int]:
+        """Bytes of each stored tensor as it would be saved now (dtype as is)."""
+        out = {n: t.numel() * t.element_size() for n, t in [*self.named_buffers(recurse=False),
+                                                             *self.named_parameters(recurse=False)]}
+        return out
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": self.layer_type, "in_features": self.in_features, "out_features": self.out_features,
+                "bits": self.bits, "vector_dim": self.vector_dim, "codebook_size": self.codebook_size,
+                "n_groups": self.n_groups, "shared_codebook": self.shared_codebook, "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "CodebookLinear":
+        return cls(spec["in_features"], spec["out_features"], spec["bits"], spec["vector_dim"], spec["codebook_size"],
+                   spec["n_groups"], spec["shared_codebook"], spec["bias"])
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.clear_cache()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"vector_dim={self.vector_dim}, codebook_size={self.codebook_size}, n_groups={self.n_groups}, "
+                f"shared_codebook={self.shared_codebook}, mode={self.mode!r}")
+
+
+def _key(t: torch.Tensor) -> tuple[int, int]:
+    """Identity of a tensor's current contents: (storage pointer, in-place version counter)."""
+    try:
+        return (t.data_ptr(), t._version)
+    except RuntimeError:  # inference tensors have no version counter
+        return (t.data_ptr(), -1)

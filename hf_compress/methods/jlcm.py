@@ -1,0 +1,400 @@
+r"""JLCM: jointly learnable codebooks and mappings (Yvinec et al., "Network Memory Footprint Compression Through
+Jointly Learnable Codebooks and Mappings", ICLR 2024), stored as real packed bits (:class:`CodebookLinear`).
+
+Per linear layer ``W [out, in]`` (``d`` weights per index, ``K = codebook_size`` codewords, ``G`` row groups):
+
+1. **Neuron grouping.** Each output row is summarized by quantiles of its weights (its distribution); a
+   balanced k-means on these features (capacity-constrained assignment) gives ``G`` groups of similar rows,
+   which are reordered to be contiguous (the permutation is stored bit-packed). Each group gets its own codebook,
+   or (``shared_codebook=True``) one codebook is shared and each group gets a scale (the group's RMS).
+2. **Initialization** (``method="kmeans"`` stops here): per codebook, Lloyd k-means of the weight vectors
+   (quantile init for ``d=1``, random points otherwise). ``method="rtn"`` uses instead a uniform grid
+   (min..max of the group per coordinate, a product grid for ``d>1``) with round-to-nearest mapping: the same
+   storage, so all three baselines cost exactly the same bytes.
+3. **Joint optimization** (``method="jlcm"``, ``steps`` iterations). The loss is the layer's output
+   reconstruction error on calibration activations ``X`` (dense model inputs, collected once by the ``prepare``
+   hook with :func:`hf_compress.calibration.input_covariances`, so layers are independent):
+
+   .. math:: L(C, I) = \|X\hat W^\top - XW^\top\|_F^2 = \mathrm{tr}(E\,\Sigma\,E^\top),\quad E = \hat W - W,
+             \ \Sigma = X^\top X / n\ (+\ \text{damping}\cdot\overline{\mathrm{diag}}\,I),
+             \ \hat W_{r,j} = s_{g(r)}\,C_{b(r)}[I_{r,j}]
+
+   with gradient ``∂L/∂Ŵ = 2 E Σ``. Each step does
+
+   * **codebook update**: the gradient w.r.t. each codeword (scatter-sum of ``s·∂L/∂Ŵ`` over the weights mapped
+     to it), preconditioned by the diagonal curvature ``Σ 2 s² Σ_jj`` of those weights, followed by an exact line
+     search (the loss is quadratic in ``C``);
+   * **proximal mapping update**: every weight vector moves to
+     ``I ← argmin_k  s⟨∂L/∂Ŵ, C_k − c⟩ + ρ s² Σ_c h_c (C_k − c)_c²`` (``c`` its current codeword, ``h = diag Σ``),
+     i.e. the nearest codeword (``h``-weighted) to the proximal gradient step ``c − ∂L/∂Ŵ / (2ρ s h)``. The
+     quadratic proximity term makes the score of a codeword *decrease* with its distance from the current one
+     (for ``ρ = 1`` it is the exact single-weight change of ``L``), whereas the straight-through gradient of the
+     one-hot mapping, ``s⟨∂L/∂Ŵ, C_k⟩`` (``mapping_update="ste"``, kept for ablation), grows linearly with
+     distance and always favours the farthest codeword. ``ρ`` adapts (Levenberg–Marquardt style): a step that
+     does not lower ``L`` is rejected and ``ρ`` is multiplied by 4, an accepted one halves it (floor 1).
+
+   The best ``(C, I)`` seen is kept, so JLCM never ends worse than its k-means initialization on ``L``.
+4. **Storage**: codes packed into ``bits`` bits, codebooks and scales fp16 (:class:`CodebookLinear`).
+
+Bits per weight: ``bits / d`` for the indices, plus codebooks (``books·K·d·16``), scales (``G·16``) and the
+permutation (``out·ceil(log2 out)``) per layer: :func:`layer_bits` gives the exact count. A target
+``bits_per_weight`` picks the smallest ``d`` in (1, 2, 4, 8) with ``bits_per_weight·d`` an integer. The default
+group size is the smallest that keeps the codebooks within ``max_overhead`` of the index bits.
+
+Fine-tuning: :func:`mark_codebooks_trainable` leaves only codebooks (and optionally scales, norms, biases)
+trainable, indices stay fixed; train with ``transformers.Trainer`` as usual.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration import input_covariances
+from ..compress import CompressionContext
+from ..config import MethodConfig
+from ..layers.codebook import CodebookLinear, group_sizes, perm_bits
+from ..layers.common import linear_weight_and_bias
+from ..registry import register_method
+
+METHODS = ("jlcm", "kmeans", "rtn")
+UPDATES = ("proximal", "ste")
+_QUANTILES = torch.tensor([0.02, 0.1, 0.25, 0.5, 0.75, 0.9, 0.98])
+
+
+@dataclass
+class CodebookConfig(MethodConfig):
+    """Codebook quantization of ``nn.Linear``/``Conv1D`` weights (JLCM and its RTN / k-means baselines)."""
+
+    registry_name = "jlcm"
+
+    bits: int | None = field(default=None, metadata={"help": "index bits per codeword index, 1..16 (default 3)"})
+    bits_per_weight: float | None = field(default=None, metadata={"help": "target index bits per weight; derives "
+                                                                          "bits and vector_dim"})
+    vector_dim: int = field(default=1, metadata={"help": "weights per codeword (granularity along the input dim)"})
+    codebook_size: int | None = field(default=None, metadata={"help": "codewords K <= 2**bits (default 2**bits)"})
+    group_size: int | None = field(default=None, metadata={"help": "rows per group (default: from max_overhead)"})
+    n_groups: int | None = field(default=None, metadata={"help": "row groups per layer (overrides group_size)"})
+    shared_codebook: bool = field(default=False, metadata={"help": "one codebook per layer, a scale per group"})
+    max_overhead: float = field(default=0.05, metadata={"help": "codebook bits / index bits, for the default groups"})
+    method: str = field(default="jlcm", metadata={"help": f"one of {METHODS}"})
+    steps: int = field(default=30, metadata={"help": "joint optimization steps (jlcm)"})
+    kmeans_iters: int = field(default=20, metadata={"help": "Lloyd iterations of the k-means init"})
+    mapping_update: str = field(default="proximal", metadata={"help": f"one of {UPDATES}"})
+    damping: float = field(default=0.01, metadata={"help": "added to diag(XᵀX/n), relative to its mean"})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bits_per_weight is not None:
+            bpw = float(self.bits_per_weight)
+            dims = [d for d in (1, 2, 4, 8) if abs(bpw * d - round(bpw * d)) < 1e-6 and 1 <= round(bpw * d) <= 16]
+            if bpw <= 0 or not dims:
+                raise ValueError(f"hf_compress: CodebookConfig.bits_per_weight {self.bits_per_weight!r} must be "
+                                 "b/d for an index width b in 1..16 and d in (1, 2, 4, 8), e.g. 2, 2.5 or 3.")
+            derived = (round(bpw * dims[0]), dims[0])
+            if self.bits is None and self.vector_dim in dims:
+                derived = (round(bpw * self.vector_dim), self.vector_dim)
+            if self.bits is not None and (self.bits, self.vector_dim) != derived:
+                if abs(self.bits / self.vector_dim - bpw) > 1e-6:
+                    raise ValueError(f"hf_compress: CodebookConfig: bits={self.bits}, vector_dim={self.vector_dim} "
+                                     f"contradict bits_per_weight={bpw}; give one or the other.")
+            else:
+                self.bits, self.vector_dim = derived
+        if self.bits is None:
+            self.bits = 3
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 <= self.bits <= 16:
+            raise ValueError(f"hf_compress: CodebookConfig.bits must be an int in 1..16, got {self.bits!r}.")
+        if not isinstance(self.vector_dim, int) or not 1 <= self.vector_dim <= 16:
+            raise ValueError(f"hf_compress: CodebookConfig.vector_dim must be an int in 1..16, got {self.vector_dim!r}.")
+        if self.codebook_size is not None and not 2 <= self.codebook_size <= 1 << self.bits:
+            raise ValueError(f"hf_compress: CodebookConfig.codebook_size must be in [2, 2**bits = {1 << self.bits}], "
+                             f"got {self.codebook_size!r}.")
+        for name in ("group_size", "n_groups"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"hf_compress: CodebookConfig.{name} must be a positive int, got {value!r}.")
+        if self.method not in METHODS:
+            raise ValueError(f"hf_compress: CodebookConfig.method must be one of {METHODS}, got {self.method!r}.")
+        if self.mapping_update not in UPDATES:
+            raise ValueError(f"hf_compress: CodebookConfig.mapping_update must be one of {UPDATES}, "
+                             f"got {self.mapping_update!r}.")
+        if self.steps < 0 or self.kmeans_iters < 0 or self.max_overhead <= 0 or self.damping < 0:
+            raise ValueError("hf_compress: CodebookConfig: steps, kmeans_iters and damping must be >= 0 and "
+                             "max_overhead > 0.")
+
+    @property
+    def k(self) -> int:
+        return self.codebook_size or 1 << self.bits
+
+    def layout(self, out_features: int, in_features: int) -> dict[str, Any]:
+        """The :class:`CodebookLinear` layout (keyword arguments) this config gives a ``[out, in]`` weight."""
+        d, k = self.vector_dim, self.k
+        if self.n_groups is not None:
+            groups = min(self.n_groups, out_features)
+        elif self.group_size is not None:
+            groups = max(1, round(out_features / self.group_size))
+        elif self.shared_codebook:
+            groups = max(1, out_features // 8)
+        else:
+            rows = math.ceil(k * d * 16 / (self.max_overhead * self.bits * in_features / d))
+            groups = max(1, out_features // rows)
+        return {"bits": self.bits, "vector_dim": d, "codebook_size": k, "n_groups": groups,
+                "shared_codebook": self.shared_codebook}
+
+
+def layer_bits(layer: CodebookLinear) -> dict[str, int]:
+    """Exact stored bits of a layer at fp16 codebooks/scales: indices, permutation, codebooks, scales."""
+    n_codes = layer.out_features * layer.in_features // layer.vector_dim
+    return {"indices": n_codes * layer.bits, "perm": layer.out_features * perm_bits(layer.out_features),
+            "codebooks": layer.codebooks.numel() * 16, "scales": layer.scales.numel() * 16}
+
+
+# ---- grouping ----------------------------------------------------------------------------------------------------
+def _balanced_assign(dist: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+    """Rows ``[n]`` → groups, each row as close as possible to its center, group g taking exactly ``caps[g]``."""
+    labels = torch.full((dist.shape[0],), -1, dtype=torch.long)
+    caps = caps.clone()
+    while (labels < 0).any():
+        un = (labels < 0).nonzero().squeeze(1)
+        dd = dist[un].masked_fill((caps == 0)[None, :], float("inf"))
+        best, choice = dd.min(1)
+        order = torch.argsort(best, stable=True)
+        order = order[torch.argsort(choice[order], stable=True)]
+        ch = choice[order]
+        counts = torch.bincount(ch, minlength=caps.numel())
+        start = torch.cumsum(counts, 0) - counts
+        accept = torch.arange(ch.numel()) - start[ch] < caps[ch]
+        labels[un[order[accept]]] = ch[accept]
+        caps -= torch.bincount(ch[accept], minlength=caps.numel())
+    return labels
+
+
+def group_rows(weight: torch.Tensor, n_groups: int, iters: int = 8) -> torch.Tensor:
+    """``perm [out]``: rows reordered into ``n_groups`` contiguous balanced groups of similar weight distribution."""
+    out = weight.shape[0]
+    if n_groups == 1:
+        return torch.arange(out)
+    feats = torch.quantile(weight.float(), _QUANTILES, dim=1).T  # [out, 7]
+    feats = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-12)
+    caps = group_sizes(out, n_groups)
+    # init: chunks along the leading principal direction
+    first = torch.linalg.svd(feats, full_matrices=False)[2][0]
+    labels = torch.repeat_interleave(torch.arange(n_groups), caps)[torch.argsort(torch.argsort(feats @ first))]
+    for _ in range(iters):
+        centers = torch.zeros(n_groups, feats.shape[1]).index_add_(0, labels, feats) / caps[:, None]
+        new = _balanced_assign(torch.cdist(feats, centers), caps)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return torch.argsort(labels, stable=True)
+
+
+# ---- codebooks -----------------------------------------------------------------------------------------------------
+def nearest(points: torch.Tensor, centers: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+    """``argmin_k Σ_c h_c (points − centers_k)_c²`` for ``points [R, N, d]``, ``centers [R, K, d]`` → ``[R, N]``."""
+    r, n, d = points.shape
+    if d == 1:  # scalar: the weighting does not change the nearest codeword; binary search on midpoints
+        sorted_c, order = centers[..., 0].sort(-1)
+        mids = (sorted_c[:, 1:] + sorted_c[:, :-1]) / 2
+        return torch.gather(order, 1, torch.searchsorted(mids.contiguous(), points[..., 0].contiguous()))
+    out = torch.empty(r, n, dtype=torch.long)
+    step = max(1, (1 << 23) // max(1, n * centers.shape[1] * d))
+    for i in range(0, r, step):
+        diff = points[i:i + step, :, None, :] - centers[i:i + step, None, :, :]  # [r, n, K, d]
+        diff = diff.square_() if h is None else diff.square_().mul_(h.expand(diff.shape[0], -1, -1)[:, :, None, :])
+        out[i:i + step] = diff.sum(-1).argmin(-1)
+    return out
+
+
+def _rtn_codebooks(points: torch.Tensor, row_book: torch.Tensor, books: int, k: int) -> torch.Tensor:
+    """Uniform product grid per codebook over its min..max per coordinate: ``[books, k, d]``."""
+    d = points.shape[-1]
+    flat = points.reshape(points.shape[0], -1, d)
+    lo = torch.full((books, d), float("inf")).scatter_reduce(0, row_book[:, None].expand(-1, d), flat.amin(1), "amin")
+    hi = torch.full((books, d), -float("inf")).scatter_reduce(0, row_book[:, None].expand(-1, d), flat.amax(1), "amax")
+    levels = [max(1, int(round(k ** (1 / d))))] * d
+    if 1 << int(math.log2(k)) == k:  # split the bits as evenly as possible over the coordinates
+        b = int(math.log2(k))
+        levels = [1 << (b // d + (c < b % d)) for c in range(d)]
+    axes = [torch.linspace(0, 1, n) if n > 1 else torch.tensor([0.5]) for n in levels]
+    grid = torch.cartesian_prod(*axes).reshape(-1, d)  # [prod(levels), d]
+    if grid.shape[0] < k:
+        grid = torch.cat([grid, grid[:1].expand(k - grid.shape[0], d)])
+    return lo[:, None, :] + grid[None] * (hi - lo)[:, None, :]
+
+
+def _kmeans_codebooks(points: torch.Tensor, row_book: torch.Tensor, books: int, k: int, iters: int,
+                      seed: int, h: torch.Tensor | None = None) -> torch.Tensor:
+    """Lloyd k-means of each codebook's vectors (``points [out, n_vec, d]``): ``[books, k, d]``.
+
+    ``h [1, n_vec, d]`` (optional) weights each coordinate in distances and means (activation-aware k-means)."""
+    d = points.shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.empty(books, k, d)
+    for b in range(books):
+        mine = points[row_book == b].reshape(-1, d)
+        if d == 1:
+            centers[b, :, 0] = torch.quantile(mine[:, 0], (torch.arange(k) + 0.5) / k)
+        else:
+            centers[b] = mine[torch.randperm(mine.shape[0], generator=g)[:k]]
+    for _ in range(iters):
+        codes = nearest(points, centers[row_book], h)
+        flat = (row_book[:, None] * k + codes).reshape(-1)
+        hw = torch.ones_like(points) if h is None else h.expand_as(points)
+        sums = torch.zeros(books * k, d).index_add_(0, flat, (hw * points).reshape(-1, d))
+        counts = torch.zeros(books * k, d).index_add_(0, flat, hw.reshape(-1, d))
+        centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers.reshape(-1, d)).view(books, k, d)
+    return centers
+
+
+def _gather_rows(row_centers: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``row_centers [R, K, d]`` indexed by ``codes [R, N]`` → ``[R, N, d]``."""
+    return torch.gather(row_centers, 1, codes[:, :, None].expand(-1, -1, row_centers.shape[-1]))
+
+
+def _jlcm(w: torch.Tensor, sigma: torch.Tensor, centers: torch.Tensor, codes: torch.Tensor, s_row: torch.Tensor,
+          row_book: torch.Tensor, steps: int, update: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Joint codebook + proximal mapping optimization of ``tr(E Σ Eᵀ)`` (module docstring, step 3)."""
+    out, inn = w.shape
+    books, k, d = centers.shape
+    h = torch.diagonal(sigma).reshape(1, inn // d, d)  # [1, n_vec, d]
+    s3 = s_row[:, None, None]
+
+    def decode(c: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        return (c[row_book[:, None], i].reshape(out, inn)) * s_row[:, None]
+
+    def loss(w_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        es = (w_hat - w) @ sigma
+        return ((w_hat - w) * es).sum(), es
+
+    norm = float((w * (w @ sigma)).sum()).__abs__() or 1.0
+    w_hat = decode(centers, codes)
+    cur, es = loss(w_hat)
+    start, frac, accepted = float(cur) / norm, 0.25, 0
+    for _ in range(steps):
+        # codebook step: diagonally preconditioned gradient + exact line search
+        flat = (row_book[:, None] * k + codes).reshape(-1)
+        grad = torch.zeros(books * k, d).index_add_(0, flat, (2 * es.view(out, -1, d) * s3).reshape(-1, d))
+        curv = torch.zeros(books * k, d).index_add_(0, flat, (2 * s3 ** 2 * h).expand(out, -1, d).reshape(-1, d))
+        direction = (grad / curv.clamp_min(1e-30)).view(books, k, d)
+        dw = decode(direction, codes)
+        dws = dw @ sigma
+        num, den = (es * dw).sum(), (dw * dws).sum()
+        if den > 0:
+            alpha = num / den
+            centers, w_hat, es = centers - alpha * direction, w_hat - alpha * dw, es - alpha * dws
+            cur = cur - num * alpha
+        # mapping step: proximal proposal, then keep the `frac` most promising moves (adaptive)
+        grad_w = 2 * es.view(out, -1, d)
+        row_centers = centers[row_book]  # [out, k, d]
+        cur_vals = w_hat.view(out, -1, d) / s3
+        if update == "proximal":
+            new_codes = nearest(cur_vals - grad_w / (2 * s3 * h), row_centers, h)
+        else:  # straight-through gradient of the one-hot mapping: argmin_k s<g, C_k>
+            new_codes = (grad_w @ row_centers.transpose(1, 2)).argmin(-1)
+        delta = _gather_rows(row_centers, new_codes) - cur_vals  # [out, n_vec, d]
+        gain = (s3 * grad_w * delta).sum(-1) + (s3 ** 2 * h * delta ** 2).sum(-1)  # predicted single-move change
+        moves = (new_codes != codes) & (gain < 0)
+        n_moves = int(moves.sum())
+        if n_moves == 0:
+            continue
+        keep = max(1, int(frac * n_moves))
+        if keep < n_moves:
+            thresh = torch.kthvalue(gain[moves], keep).values
+            moves &= gain <= thresh
+        cand_codes = torch.where(moves, new_codes, codes)
+        cand = decode(centers, cand_codes)
+        new, new_es = loss(cand)
+        if new < cur:
+            codes, w_hat, es, cur, accepted = cand_codes, cand, new_es, new, accepted + 1
+            frac = min(1.0, frac * 2)
+        else:
+            frac /= 4
+    return centers, codes, {"loss_init": start, "loss_final": float(cur) / norm, "accepted": accepted}
+
+
+def codebook_from_dense(weight: torch.Tensor, bias: torch.Tensor | None, config: CodebookConfig,
+                        sigma: torch.Tensor | None = None, who: str = "layer") -> tuple[CodebookLinear, dict]:
+    """Quantize ``weight [out, in]`` following ``config`` (``sigma [in, in]`` = ``XᵀX/n`` for ``method="jlcm"``)."""
+    out, inn = weight.shape
+    lay = config.layout(out, inn)
+    CodebookLinear(inn, out, **lay, bias=False, device="meta")  # validates the layout with clear errors
+    w = weight.detach().float()
+    d, k, groups = lay["vector_dim"], lay["codebook_size"], lay["n_groups"]
+    perm = group_rows(w, groups)
+    w_s = w[perm]
+    row_group = torch.repeat_interleave(torch.arange(groups), group_sizes(out, groups))
+    books = 1 if lay["shared_codebook"] else groups
+    row_book = torch.zeros_like(row_group) if books == 1 else row_group
+    if lay["shared_codebook"]:
+        rms = torch.zeros(groups).index_add_(0, row_group, w_s.pow(2).mean(1)) / group_sizes(out, groups)
+        scales = rms.sqrt().clamp_min(1e-8).half().float()
+    else:
+        scales = torch.ones(groups)
+    s_row = scales[row_group]
+    points = (w_s / s_row[:, None]).view(out, inn // d, d)
+    if config.method == "rtn":
+        centers = _rtn_codebooks(points, row_book, books, k)
+    elif config.method == "kmeans" or sigma is None:
+        centers = _kmeans_codebooks(points, row_book, books, k, config.kmeans_iters, config.seed)
+    else:  # JLCM: k-means weighted by the input second moments diag(XᵀX/n)
+        hdiag = torch.diagonal(sigma.float()).reshape(1, inn // d, d).clamp_min(1e-12)
+        centers = _kmeans_codebooks(points, row_book, books, k, config.kmeans_iters, config.seed, hdiag)
+    centers = centers.half().float()
+    codes = nearest(points, centers[row_book])
+    stats: dict[str, Any] = {}
+    if config.method == "jlcm":
+        if sigma is None:
+            raise ValueError(f"hf_compress: {who}: JLCM needs calibration batches (compress(..., calibration=...)); "
+                             "or use method='kmeans' / 'rtn'.")
+        sig = sigma.float()
+        sig = sig + config.damping * torch.diagonal(sig).mean().clamp_min(1e-12) * torch.eye(inn)
+        centers, codes, stats = _jlcm(w_s, sig, centers, codes, s_row, row_book, config.steps, config.mapping_update)
+        centers = centers.half().float()
+    layer = CodebookLinear.from_codes(codes, perm, centers, scales, None if bias is None else bias.detach(),
+                                      lay["bits"])
+    return layer, stats
+
+
+def prepare_jlcm(model: nn.Module, targets: dict[str, CodebookConfig], calibration: Any) -> dict[str, Any]:
+    """One calibration pass of the dense model: ``XᵀX/n`` (float32 ``[in, in]``) of every JLCM target's input."""
+    names = [n for n, c in targets.items() if c.method == "jlcm"]
+    if not names:
+        return {}
+    if not calibration:
+        raise ValueError("hf_compress: CodebookConfig(method='jlcm') needs calibration batches: "
+                         "compress(model, config, calibration=[...]); or use method='kmeans' / 'rtn'.")
+    return {n: s.float() for n, s in input_covariances(model, names, calibration).items()}
+
+
+def compress_jlcm(module: nn.Module, config: CodebookConfig, ctx: CompressionContext) -> nn.Module:
+    weight, bias = linear_weight_and_bias(module, ctx.name)
+    layer, stats = codebook_from_dense(weight, bias, config, ctx.state, who=ctx.name)
+    if bias is not None:
+        layer.bias.data = bias.detach().clone()
+    layer.fit_stats = stats
+    return layer
+
+
+def mark_codebooks_trainable(model: nn.Module, scales: bool = True, norms: bool = True,
+                             biases: bool = True) -> list[str]:
+    """Freeze everything but codebooks (+ scales, LayerNorm/RMSNorm weights, biases); indices are buffers and
+    stay fixed. Returns the trainable parameter names."""
+    names = []
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        keep = leaf == "codebooks" or (scales and leaf == "scales" and isinstance(owner, CodebookLinear))
+        keep |= norms and "norm" in type(owner).__name__.lower()
+        keep |= biases and leaf == "bias"
+        p.requires_grad_(keep)
+        if keep:
+            names.append(name)
+    return names
+
+
+register_method("jlcm", CodebookConfig, compress_jlcm, prepare=prepare_jlcm)

@@ -1,0 +1,356 @@
+"""Training-free tensor-train compression of token embeddings (TensorSLM) and better TT formats.
+
+Formats (``TTEmbeddingConfig.format``), all sized by the same parameter budget ``V·d / compression``:
+
+* ``"per_token"`` — the paper: each row ``w_v`` reshaped to ``n_1 × … × n_N`` and TT-SVD'd on its own (batched over
+  the vocabulary, one batched SVD per mode); ranks fixed, chosen from the budget, or from a tolerance ``eps``.
+* ``"tt_matrix"`` — TT-matrix over (vocabulary × hidden) modes, initialized by TT-SVD of the reshaped table.
+* ``"adaptive"`` (default) — two-core TT ``[V, R] × [R, d]`` whose vocabulary core has a per-token rank chosen by
+  a Lagrangian allocation of the budget: distortion = (calibration frequency + smoothing) × energy lost.
+* ``"svd"`` — the whole-matrix truncated-SVD baseline (one tier of ``"adaptive"``), measured through the same path.
+
+Tied output heads (``lm_head`` / ``proj_out`` sharing the embedding's weight) are handled explicitly:
+``tied_head="compressed"`` installs a :class:`TiedEmbeddingHead` reading the compressed table (no extra parameters),
+``tied_head="dense"`` unties the head and keeps a dense copy (``V·d`` more parameters on tied models).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..compress import CompressionContext
+from ..config import MethodConfig
+from ..layers.tt_embedding import TiedEmbeddingHead, TTEmbedding, check_tt_shape_ranks
+from ..layers.tt_matrix import AdaptiveRankEmbedding, TTMatrixEmbedding
+from ..registry import register_method
+
+FORMATS = ("adaptive", "per_token", "tt_matrix", "svd")
+HEADS = ("compressed", "dense")
+
+
+@dataclass
+class TTEmbeddingConfig(MethodConfig):
+    """Compress an ``nn.Embedding`` ``[V, d]`` without training.
+
+    Size it with exactly one of ``compression`` (embedding parameters ÷ compressed parameters, default 2),
+    ``ranks`` (TT ranks ``r_1..r_{N-1}`` for ``per_token``/``tt_matrix``; ``[R]`` for ``svd``) or ``eps``
+    (``per_token`` only: relative TT-SVD error per token).
+    """
+
+    registry_name = "tt_embedding"
+
+    format: str = field(default="adaptive", metadata={"help": f"one of {FORMATS}"})
+    compression: float | None = field(default=2.0, metadata={"help": "target parameter ratio dense/compressed"})
+    ranks: list[int] | None = field(default=None, metadata={"help": "explicit TT ranks r_1..r_{N-1}"})
+    eps: float | None = field(default=None, metadata={"help": "per-token TT-SVD relative error tolerance"})
+    shape: list[int] | None = field(default=None, metadata={"help": "factors n_1..n_N of d (auto if None)"})
+    order: int = field(default=3, metadata={"help": "number of hidden factors N when shape is None"})
+    vocab_shape: list[int] | None = field(default=None, metadata={"help": "tt_matrix: factors of V (auto if None)"})
+    tied_head: str = field(default="compressed", metadata={"help": f"tied output head: one of {HEADS}"})
+    frequency_smoothing: float = field(default=1.0, metadata={"help": "adaptive: weight = count + smoothing"})
+    min_rank: int = field(default=8, metadata={"help": "adaptive: smallest per-token rank"})
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"hf_compress: TTEmbeddingConfig.format must be one of {FORMATS}, got {self.format!r}.")
+        if self.tied_head not in HEADS:
+            raise ValueError(f"hf_compress: TTEmbeddingConfig.tied_head must be one of {HEADS}, got {self.tied_head!r}.")
+        if self.ranks is not None or self.eps is not None:
+            self.compression = None
+        given = [k for k in ("compression", "ranks", "eps") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"hf_compress: TTEmbeddingConfig needs exactly one of compression, ranks, eps; got {given}.")
+        if self.compression is not None and not float(self.compression) > 1.0:
+            raise ValueError(f"hf_compress: TTEmbeddingConfig.compression must be > 1, got {self.compression!r}.")
+        if self.ranks is not None and any(not isinstance(r, int) or r < 1 for r in self.ranks):
+            raise ValueError(f"hf_compress: TTEmbeddingConfig.ranks must be ints >= 1, got {self.ranks!r} "
+                             "(rank 0 would erase the embedding).")
+        if self.eps is not None and (self.format != "per_token" or not 0.0 < self.eps < 1.0):
+            raise ValueError("hf_compress: TTEmbeddingConfig.eps needs format='per_token' and 0 < eps < 1.")
+        if self.adaptive_like and self.ranks is not None and len(self.ranks) != 1:
+            raise ValueError("hf_compress: format='svd'/'adaptive' takes ranks=[R] (one rank), "
+                             f"got {self.ranks!r}.")
+        if self.order < 1 or self.min_rank < 1:
+            raise ValueError("hf_compress: TTEmbeddingConfig.order and min_rank must be >= 1.")
+
+    @property
+    def adaptive_like(self) -> bool:
+        return self.format in ("svd", "adaptive")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TT-SVD and shape/rank helpers
+# ---------------------------------------------------------------------------------------------------------------
+def factorize(n: int, order: int) -> list[int]:
+    """Split ``n`` into ``order`` factors as equal as possible (ascending), e.g. 576 -> [8, 8, 9]."""
+    best: list[int] | None = None
+
+    def search(rest: int, k: int, lo: int, acc: list[int]) -> None:
+        nonlocal best
+        if k == 1:
+            if rest >= lo:
+                cand = [*acc, rest]
+                if best is None or max(cand) - min(cand) < max(best) - min(best):
+                    best = cand
+            return
+        f = lo
+        while f ** k <= rest:
+            if rest % f == 0:
+                search(rest // f, k - 1, f, [*acc, f])
+            f += 1
+
+    search(n, order, 2 if n >= 2 ** order else 1, [])
+    return best or [n] + [1] * (order - 1)
+
+
+def tt_svd_rows(x: torch.Tensor, shape: list[int], ranks: list[int] | None = None,
+                eps: float | None = None) -> list[torch.Tensor]:
+    """Batched TT-SVD: every row of ``x [B, ∏ shape]`` as its own tensor train (one batched SVD per mode).
+
+    Returns cores ``[B, r_{k-1}, n_k, r_k]``. With ``ranks`` the cores are truncated (zero-padded where a row's
+    unfolding has lower rank); with ``eps`` each mode's rank is the largest any row needs for
+    ``‖w - ŵ‖ ≤ eps‖w‖`` (TT-SVD tolerance ``eps/√(N-1)`` per mode).
+    """
+    b, n_modes = x.shape[0], len(shape)
+    work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rest = x.to(work_dtype).reshape(b, 1, -1)
+    delta2 = None
+    if eps is not None:
+        delta2 = (eps ** 2 / max(1, n_modes - 1)) * rest.pow(2).sum((1, 2))  # [B]
+    cores: list[torch.Tensor] = []
+    for k in range(n_modes - 1):
+        r_prev = rest.shape[1]
+        mat = rest.reshape(b, r_prev * shape[k], -1)
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        if delta2 is not None:
+            tail = s.pow(2).flip(1).cumsum(1).flip(1)  # tail[:, j] = Σ_{i≥j} s_i²
+            need = (tail > delta2[:, None]).sum(1)  # rows' minimal rank
+            r = max(1, int(need.max()))
+        else:
+            r = ranks[k]
+        keep = min(r, s.shape[1])
+        core = u[:, :, :keep]
+        rest = s[:, :keep, None] * vh[:, :keep]
+        if keep < r:  # pad to the requested rank with zeros
+            core = torch.cat([core, core.new_zeros(b, core.shape[1], r - keep)], 2)
+            rest = torch.cat([rest, rest.new_zeros(b, r - keep, rest.shape[2])], 1)
+        cores.append(core.reshape(b, r_prev, shape[k], r).to(x.dtype))
+    cores.append(rest.reshape(b, rest.shape[1], shape[-1], 1).to(x.dtype))
+    return cores
+
+
+def tt_params(shape: list[int], ranks: list[int], lead: list[int] | None = None) -> int:
+    """Parameters of one TT with modes ``shape`` (times ``lead`` per mode, for TT-matrices) and inner ``ranks``."""
+    full = [1, *ranks, 1]
+    sizes = [n * (lead[k] if lead else 1) for k, n in enumerate(shape)]
+    return sum(full[k] * sizes[k] * full[k + 1] for k in range(len(shape)))
+
+
+def max_ranks(modes: list[int]) -> list[int]:
+    return [min(math.prod(modes[: k + 1]), math.prod(modes[k + 1:])) for k in range(len(modes) - 1)]
+
+
+def choose_tt_ranks(modes: list[int], budget: float, who: str) -> list[int]:
+    """Largest-parameter TT ranks (most balanced on ties) whose TT over ``modes`` fits ``budget`` parameters."""
+    limits = max_ranks(modes)
+    if not limits:
+        return []
+    if math.prod(limits) <= 200_000:
+        candidates = itertools.product(*[range(1, m + 1) for m in limits])
+    else:  # uniform ranks (capped per mode) for large TT-matrices
+        candidates = ([min(r, m) for m in limits] for r in range(1, max(limits) + 1))
+    best, best_key = None, None
+    for ranks in candidates:
+        p = tt_params(modes, list(ranks))
+        if p <= budget:
+            key = (p, -(max(ranks) - min(ranks)))
+            if best_key is None or key > best_key:
+                best, best_key = list(ranks), key
+    if best is None:
+        raise ValueError(f"hf_compress: {who}: even TT ranks of 1 exceed the parameter budget {budget:.0f}; "
+                         "lower the compression ratio.")
+    return best
+
+
+def adaptive_factors(weight: torch.Tensor, budget: float, counts: torch.Tensor | None, smoothing: float,
+                     min_rank: int, single_rank: int | None = None
+                     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Factor ``weight [V, d]`` into ``basis [R_max, d]`` and per-tier ``coeffs [n_t, R_t]`` within ``budget``.
+
+    ``basis`` = right singular vectors (orthonormal); token ``v`` keeps the first ``R_v`` coefficients, ``R_v``
+    from the geometric ladder ``d, d/√2, d/2, … ≥ min_rank`` minimizing ``w_v · tail_v(R) + λ R`` with ``λ`` bisected
+    to meet the budget (``basis`` included). ``w_v = counts_v + smoothing`` (all ones without counts).
+    ``single_rank`` gives the one-tier truncated SVD. Returns ``(basis, coeffs, tier [V], slot [V])``.
+    """
+    v, d = weight.shape
+    w = weight.detach().to(torch.float32)
+    gram = w.double().T @ w.double()
+    evals, evecs = torch.linalg.eigh(gram)
+    basis_full = evecs.flip(1).T.to(torch.float32)  # [d, d], rows = right singular vectors by decreasing σ
+    coeff = w @ basis_full.T  # [V, d]
+    if single_rank is not None:
+        r = single_rank
+        return (basis_full[:r].to(weight.dtype), [coeff[:, :r].to(weight.dtype).contiguous()],
+                torch.zeros(v, dtype=torch.int32), torch.arange(v, dtype=torch.int32))
+    ladder = sorted({max(min_rank, min(d, round(d / 2 ** (i / 2)))) for i in range(40)}, reverse=True)
+    energy = coeff.pow(2)
+    total = energy.sum(1)
+    csum = energy.cumsum(1)  # [V, d]
+    tails = torch.stack([total - csum[:, r - 1] for r in ladder], 1).clamp_min(0).double()  # [V, K]
+    weights = torch.ones(v, dtype=torch.float64) if counts is None else counts.double() + smoothing
+    dist = weights[:, None] * tails
+    rk = torch.tensor(ladder, dtype=torch.float64)
+
+    def assign(lam: float) -> tuple[torch.Tensor, float]:
+        choice = (dist + lam * rk).argmin(1)
+        ranks = rk[choice]
+        return choice, float(ranks.sum() + ranks.max() * d)
+
+    lo, hi = 1e-12, float(dist.max()) + 1.0  # at hi every token takes the smallest rank
+    choice, used = assign(hi)
+    if used > budget:
+        raise ValueError(f"hf_compress: adaptive embedding: even rank {ladder[-1]} for every token exceeds the "
+                         f"budget ({used:.0f} > {budget:.0f} params); lower compression or min_rank.")
+    for _ in range(80):  # bisect log λ: the smallest λ whose allocation fits the budget
+        mid = math.sqrt(lo * hi)
+        c, u = assign(mid)
+        if u <= budget:
+            hi, choice = mid, c
+        else:
+            lo = mid
+    used_tiers = sorted(set(choice.tolist()))
+    tier = torch.empty(v, dtype=torch.int32)
+    slot = torch.empty(v, dtype=torch.int32)
+    coeffs = []
+    for t, k in enumerate(used_tiers):
+        sel = (choice == k).nonzero().squeeze(1)
+        tier[sel] = t
+        slot[sel] = torch.arange(sel.numel(), dtype=torch.int32)
+        coeffs.append(coeff[sel, : ladder[k]].to(weight.dtype).contiguous())
+    r_max = ladder[used_tiers[0]]
+    return basis_full[:r_max].to(weight.dtype), coeffs, tier, slot
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the method
+# ---------------------------------------------------------------------------------------------------------------
+def count_tokens(calibration: Any, vocab_size: int) -> torch.Tensor | None:
+    """Token frequencies ``[V]`` over calibration batches (tensors of ids, or dicts' ``*input_ids`` entries)."""
+    if not calibration:
+        return None
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for batch in calibration:
+        tensors = [batch] if isinstance(batch, torch.Tensor) else [
+            t for k, t in batch.items() if k.endswith("input_ids") and isinstance(t, torch.Tensor)]
+        for ids in tensors:
+            ids = ids.reshape(-1).long()
+            ids = ids[(ids >= 0) & (ids < vocab_size)]
+            counts += torch.bincount(ids, minlength=vocab_size).double()
+    return counts
+
+
+def prepare_tt(model: nn.Module, targets: dict[str, TTEmbeddingConfig], calibration: Any) -> dict[str, Any]:
+    """Per target embedding: calibration token counts ``[V]`` (``None`` without calibration)."""
+    out = {}
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):
+            out[name] = count_tokens(calibration, module.num_embeddings)
+    return out
+
+
+def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: torch.Tensor | None = None,
+                    who: str = "embedding", **kwargs: Any) -> nn.Module:
+    """Compress a table ``weight [V, d]`` into the format of ``config`` (``kwargs`` -> layer, e.g. embed_scale)."""
+    v, d = weight.shape
+    budget = None if config.compression is None else v * d / float(config.compression)
+    shape = list(config.shape) if config.shape is not None else factorize(d, config.order)
+    if config.format == "per_token":
+        if config.eps is not None:
+            check_tt_shape_ranks(d, shape, [1] * (len(shape) - 1), who)
+            return TTEmbedding.from_dense(weight, shape, eps=config.eps, **kwargs)
+        ranks = list(config.ranks) if config.ranks is not None else None
+        if ranks is None:
+            check_tt_shape_ranks(d, shape, [1] * (len(shape) - 1), who)
+            ranks = choose_tt_ranks(shape, budget / v, who)
+        check_tt_shape_ranks(d, shape, ranks, who)
+        return TTEmbedding.from_dense(weight, shape, ranks=ranks, **kwargs)
+    if config.format == "tt_matrix":
+        check_tt_shape_ranks(d, shape, [1] * (len(shape) - 1), who)
+        vocab_shape = list(config.vocab_shape) if config.vocab_shape is not None else _vocab_factors(v, len(shape))
+        modes = [a * b for a, b in zip(vocab_shape, shape)]
+        ranks = list(config.ranks) if config.ranks is not None else choose_tt_ranks(modes, budget, who)
+        return TTMatrixEmbedding.from_dense(weight, vocab_shape, shape, ranks, **kwargs)
+    # svd / adaptive
+    if config.ranks is not None:
+        if not 1 <= config.ranks[0] <= min(v, d):
+            raise ValueError(f"hf_compress: {who}: rank {config.ranks[0]} must be in [1, min(V, d) = {min(v, d)}].")
+        single = config.ranks[0]
+    elif config.format == "svd":
+        single = max(1, min(d, int(budget // (v + d))))
+    else:
+        single = None
+    basis, coeffs, tier, slot = adaptive_factors(weight, budget, counts if config.format == "adaptive" else None,
+                                                  config.frequency_smoothing, config.min_rank, single)
+    return AdaptiveRankEmbedding.from_factors(basis, coeffs, tier, slot, **kwargs)
+
+
+def _vocab_factors(v: int, order: int) -> list[int]:
+    base = math.ceil(v ** (1.0 / order))
+    first = [base] * (order - 1)
+    return [*first, math.ceil(v / math.prod(first))]
+
+
+def tied_head_name(model: nn.Module, embedding: nn.Module) -> str | None:
+    """Name of the output head sharing ``embedding.weight`` (``lm_head``, ``proj_out``…), if any."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.data_ptr() != embedding.weight.data_ptr():
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def untie(model: nn.Module, names: tuple[str, ...]) -> None:
+    """Mark the model untied (``tie_word_embeddings=False``) and drop tie entries touching ``names``."""
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+        tied = getattr(module, "all_tied_weights_keys", None)
+        if isinstance(tied, dict):
+            for key in [k for k, val in tied.items() if any(n in k or n in val for n in names)]:
+                tied.pop(key)
+
+
+def compress_tt_embedding(module: nn.Module, config: TTEmbeddingConfig, ctx: CompressionContext) -> nn.Module | None:
+    if not isinstance(module, nn.Embedding):
+        raise TypeError(f"hf_compress: {ctx.name} is a {type(module).__name__}; TTEmbeddingConfig compresses "
+                        "nn.Embedding token tables only (e.g. pattern 'embed_tokens' or 'word_embeddings').")
+    scale = getattr(module, "scalar_embed_scale", None)
+    new = build_embedding(module.weight, config, ctx.state, who=ctx.name, padding_idx=module.padding_idx,
+                          embed_scale=None if scale is None else float(scale))
+    head_name = tied_head_name(ctx.model, module)
+    if head_name is not None:
+        head = ctx.model.get_submodule(head_name)
+        if config.tied_head == "compressed":
+            bias = getattr(head, "bias", None)
+            tied = TiedEmbeddingHead(ctx.name, module.embedding_dim, module.num_embeddings, bias=bias is not None,
+                                     device=module.weight.device, dtype=module.weight.dtype)
+            if bias is not None:
+                tied.bias.data.copy_(bias.detach())
+            tied.__dict__["_embedding"] = new
+            ctx.model.set_submodule(head_name, tied)
+        else:
+            head.weight = nn.Parameter(module.weight.detach().clone())
+        untie(ctx.model, (head_name, ctx.name))
+    return new
+
+
+register_method("tt_embedding", TTEmbeddingConfig, compress_tt_embedding, prepare=prepare_tt)
