@@ -9,6 +9,7 @@ EXAMPLES = """examples:
   python -m benchmarks run --model smollm2-135m                      # default plan, dense vs compressed
   python -m benchmarks run --model whisper-tiny.en --preset lowrank-attn-0.5
   python -m benchmarks run --model smollm2-135m --config plan.json --budget quick
+  python -m benchmarks baselines --models smollm2-135m minilm-l6     # dense rows only
   python -m benchmarks plot                                          # PNGs for every results JSON
   python -m benchmarks list                                          # models and presets
 """
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--save-dir", help="where to save the compressed model (default: a temp dir)")
     run.add_argument("--out", help="results JSON path (default: benchmarks/results/run-<model>-<plan>.json)")
     run.add_argument("--no-memory", action="store_true", help="skip the compress-on-load memory probe")
+    base = sub.add_parser("baselines", help="dense quality/size/latency of zoo models -> results/baselines.json")
+    base.add_argument("--models", nargs="+", default=None, help="zoo names (default: all)")
+    base.add_argument("--budget", default="default", choices=["default", "quick"])
+    base.add_argument("--out", help="results JSON path")
     sub.add_parser("plot", help="draw PNG trade-off plots for every results JSON")
     sub.add_parser("list", help="list zoo models and presets")
     args = parser.parse_args(argv)
@@ -42,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         print("models:", ", ".join(zoo.ZOO))
         print("presets:", ", ".join(runner.PRESETS), f"(default {runner.DEFAULT_PRESET})")
+        return 0
+    if args.command == "baselines":
+        from .baselines import run_baselines
+
+        unknown = [m for m in args.models or [] if m not in zoo.ZOO]
+        if unknown:
+            parser.error(f"unknown model(s) {unknown}; choose from {', '.join(zoo.ZOO)}")
+        print(run_baselines(args.models or list(zoo.ZOO), budget=args.budget, out=args.out))
         return 0
     from hf_compress import CompressionConfig
 
