@@ -32,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     base.add_argument("--models", nargs="+", default=None, help="zoo names (default: all)")
     base.add_argument("--budget", default="default", choices=["default", "quick"])
     base.add_argument("--out", help="results JSON path")
+    suite = sub.add_parser("suite", help="run a method's benchmark suite (benchmarks/suites/NAME.py)")
+    suite.add_argument("name", help="suite name (see `list`)")
+    suite.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the suite")
     sub.add_parser("plot", help="draw PNG trade-off plots for every results JSON")
     sub.add_parser("list", help="list zoo models and presets")
+    sub.add_parser("table", help="write the results table into benchmarks/README.md")
     args = parser.parse_args(argv)
 
     if args.command == "plot":
@@ -42,11 +46,24 @@ def main(argv: list[str] | None = None) -> int:
         for path in plot_all():
             print(path)
         return 0
-    from . import runner, zoo
+    if args.command == "table":
+        from .report import write_readme
+
+        print(write_readme())
+        return 0
+    from . import runner, suites, zoo
+
+    if args.command == "suite":
+        if args.name not in suites.available():
+            parser.error(f"unknown suite {args.name!r}; choose from {', '.join(suites.available())}")
+        from importlib import import_module
+
+        return int(import_module(f"benchmarks.suites.{args.name}").main(args.args) or 0)
 
     if args.command == "list":
         print("models:", ", ".join(zoo.ZOO))
         print("presets:", ", ".join(runner.PRESETS), f"(default {runner.DEFAULT_PRESET})")
+        print("suites:", ", ".join(suites.available()))
         return 0
     if args.command == "baselines":
         from .baselines import run_baselines

@@ -1,4 +1,5 @@
-"""Real benchmark data, offline: text and labelled sets from the gensim wheel's ``test/test_data``, speech from espeak-ng.
+"""Real benchmark data, offline: text and labelled sets from the gensim wheel's ``test/test_data``; speech from
+espeak-ng.
 
 Sources (all read from the ``gensim`` wheel with :mod:`zipfile`; gensim is never installed or imported):
 
@@ -227,7 +228,8 @@ def calibration_batches(tokenizer: Any, n_samples: int = 32, seq_len: int = 256,
     body = seq_len - (bos is not None)
     ids = torch.tensor(encode_plain(tokenizer, calibration_text()), dtype=torch.long)
     if ids.numel() <= body:
-        raise ValueError(f"calibration_batches: calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+        raise ValueError(f"calibration_batches: calibration text has {ids.numel()} tokens, "
+                         f"fewer than seq_len={seq_len}")
     starts = np.random.default_rng(seed).integers(0, ids.numel() - body, size=n_samples)
     out = []
     for s in starts.tolist():

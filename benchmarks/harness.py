@@ -88,7 +88,8 @@ def latency(model: Any, kind: str | None = None, budget: str = "default", seed: 
     if kind == "speech-seq2seq":
         feats = torch.randn(b["latency_batch"], model.config.num_mel_bins, 3000, generator=g)
         dec = torch.full((b["latency_batch"], 4), model.config.decoder_start_token_id)
-        out["forward_s"] = metrics.forward_latency(model, {"input_features": feats, "decoder_input_ids": dec})["median_s"]
+        inputs = {"input_features": feats, "decoder_input_ids": dec}
+        out["forward_s"] = metrics.forward_latency(model, inputs)["median_s"]
         out["decode_tokens_per_s"] = metrics.decode_tokens_per_s(model, feats, new_tokens=b["decode_new_tokens"])
         return out
     ids = torch.randint(0, vocab, (b["latency_batch"], b["latency_seq"]), generator=g)

@@ -26,8 +26,18 @@ from tqdm.auto import tqdm
 
 from .asr import basic_normalize, edit_distance, normalize_text, transcribe, wer, wer_details, word_error_rate
 from .data import encode_plain, tokenizer_bos
-from .encoder_eval import (encoder_scores, eval_mode, fit_logistic, lee50_spearman, model_device, polarity_accuracy,
-                           sentence_embeddings, simlex999_spearman, spearman, wordsim353_spearman)
+from .encoder_eval import (
+    encoder_scores,
+    eval_mode,
+    fit_logistic,
+    lee50_spearman,
+    model_device,
+    polarity_accuracy,
+    sentence_embeddings,
+    simlex999_spearman,
+    spearman,
+    wordsim353_spearman,
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 

@@ -7,8 +7,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -16,6 +17,8 @@ import hf_compress
 from hf_compress import CompressionConfig, LowRankConfig
 
 from .harness import RESULTS_DIR, Bench, latency, quality, size
+
+CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 
 # Attention projections per model kind (Llama-family/GPT-2 style, Whisper, BERT).
 ATTENTION = {
@@ -95,7 +98,7 @@ def _dense_fp32_bytes(path: Path) -> int:
     total = 0
     for f in Path(path).glob("*.safetensors"):
         with safe_open(str(f), "pt") as sf:
-            for key in sf.keys():  # noqa: SIM118
+            for key in sf.keys():
                 numel = 1
                 for dim in sf.get_slice(key).get_shape():
                     numel *= dim
@@ -127,6 +130,7 @@ def run(model_name: str, plan: CompressionConfig, label: str, budget: str = "def
     model = AUTO[kind].from_pretrained(str(path), compression_config=plan, calibration=calibration,
                                        dtype=torch.float32)
     compress_s = time.perf_counter() - t0
+    model.config.compression_config["base_model"] = zoo.ZOO[model_name].hub_id  # the zoo folder stands in for it
     target = Path(save_dir) if save_dir else Path(tempfile.mkdtemp(prefix=f"hf_compress-{model_name}-"))
     model.save_pretrained(target)
     tok.save_pretrained(target)
@@ -140,8 +144,36 @@ def run(model_name: str, plan: CompressionConfig, label: str, budget: str = "def
         dense=dense,
     )
     result_path = bench.save(Path(out) if out else None)
+    card = write_card(model, model_name, label, dense, rec, target, result_path, public=out is None)
     _print_summary(dense, rec, result_path)
+    print(f"model card: {card}")
     return rec
+
+
+def write_card(model: Any, model_name: str, label: str, dense: dict[str, Any], rec: dict[str, Any], target: Path,
+               result_path: Path, public: bool) -> Path:
+    """Model card with this run's figures, into the saved folder and (for committed runs) ``model_cards/``."""
+    from hf_compress.cards import model_card
+
+    from . import zoo
+
+    figures = {"results file": f"`benchmarks/results/{result_path.name}`"}
+    for key, value in rec["quality"].items():
+        base = dense["quality"].get(key)
+        if isinstance(value, float) and isinstance(base, float):
+            figures[key] = f"{value:.4g} (dense {base:.4g})"
+    for section, key in (("size", "params"), ("size", "disk_bytes"), ("latency", "forward_s"),
+                         ("latency", "decode_tokens_per_s")):
+        if key in rec[section] and key in dense[section]:
+            figures[key] = f"{rec[section][key]:.4g} ({rec[section][key] / dense[section][key]:.3f}x dense)"
+    card = model_card(model, repo_id=f"{zoo.ZOO[model_name].hub_id}-{label}", figures=figures)
+    card.save(target / "README.md")
+    if not public:
+        return target / "README.md"
+    path = CARDS_DIR / f"{model_name}-{label}.md"
+    path.parent.mkdir(exist_ok=True)
+    card.save(path)
+    return path
 
 
 def _print_summary(dense: dict[str, Any], rec: dict[str, Any], path: Path) -> None:

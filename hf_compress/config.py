@@ -31,7 +31,7 @@ class MethodConfig:
         return {"type": self.registry_name, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
         from .registry import get_method
 
         data = dict(data)
@@ -114,7 +114,7 @@ class CompressionConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CompressionConfig":
+    def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
         data = dict(data)
         data.pop("layers", None)  # resolved per-layer specs live beside the plan in a model's config
         unknown = sorted(set(data) - {"version", "modules", "skip_modules"})
@@ -130,7 +130,7 @@ class CompressionConfig:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "CompressionConfig":
+    def from_json(cls, text_or_path: str | Path) -> CompressionConfig:
         """Parse a JSON string, or read it from a file path."""
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):

@@ -66,7 +66,8 @@ class CompressedModelMixin(CompressedSaveMixin):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         layers = (getattr(model.config, "compression_config", None) or {}).get("layers") or {}
-        missing = [k for k in info.get("missing_keys", []) if any(k.startswith(n + ".") for n in _prefixed(model, layers))]
+        names = _prefixed(model, layers)
+        missing = [k for k in info.get("missing_keys", []) if any(k.startswith(n + ".") for n in names)]
         if missing:
             raise ValueError(
                 f"hf_compress: the checkpoint lacks factor tensor(s) {sorted(missing)[:8]} of compressed layers "
@@ -190,7 +191,7 @@ def default_task(config: PretrainedConfig) -> str:
     return "base"
 
 
-def auto_compressed_class(task: str) -> type["_AutoCompressed"]:
+def auto_compressed_class(task: str) -> type[_AutoCompressed]:
     """The ``AutoCompressed*`` factory for a task name (see ``TASKS``)."""
     for klass in _AutoCompressed.__subclasses__():
         if klass.task == task:
@@ -204,7 +205,7 @@ class _AutoCompressed:
     task: str = "base"
 
     def __init__(self) -> None:
-        raise EnvironmentError(f"{type(self).__name__} is a factory: use {type(self).__name__}.from_pretrained(...).")
+        raise OSError(f"{type(self).__name__} is a factory: use {type(self).__name__}.from_pretrained(...).")
 
     @classmethod
     def from_pretrained(

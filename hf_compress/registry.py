@@ -7,8 +7,9 @@ register themselves on import, so a new method plugs in without touching the cor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 
 class CompressFn(Protocol):
-    def __call__(self, module: nn.Module, config: "MethodConfig", ctx: "CompressionContext") -> nn.Module | None:
+    def __call__(self, module: nn.Module, config: MethodConfig, ctx: CompressionContext) -> nn.Module | None:
         """Return the compressed replacement for ``module`` (or ``None`` to leave it dense)."""
 
 

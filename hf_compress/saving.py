@@ -17,9 +17,9 @@ _OWNED_PREFIXES = ("model", "pytorch_model", "config.json", "generation_config.j
 
 def _remote_code(model: Any) -> tuple[str, dict[str, str]]:
     """Source of the ``trust_remote_code`` shim for ``model``'s family, and the ``auto_map`` pointing into it."""
-    from .modeling import TASKS, _MODELS, base_model_type
-
     import transformers
+
+    from .modeling import _MODELS, TASKS, base_model_type
 
     model_type = base_model_type(model.config)
     config_name = type(model.config).__name__
@@ -34,7 +34,7 @@ def _remote_code(model: Any) -> tuple[str, dict[str, str]]:
         '"""Loads this hf_compress checkpoint with `trust_remote_code=True` (needs `pip install hf_compress`).\n\n'
         "Written by hf_compress.save_pretrained; the compressed layers are rebuilt from config.json's\n"
         '`compression_config` and filled from the safetensors weights."""\n\n'
-        f"from hf_compress.modeling import (  # noqa: F401\n"
+        "from hf_compress.modeling import (  # noqa: F401\n"
         + "".join(f"    {n},\n" for n in names)
         + ")\n"
     )

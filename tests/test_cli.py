@@ -97,8 +97,8 @@ def test_eval_perplexity_on_a_text_file(dense: Path, tmp_path: Path) -> None:
     pytest.importorskip("benchmarks.metrics")
     text = tmp_path / "t.txt"
     text.write_text("hello world " * 50)
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)} | {"hello": 5, "world": 6}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

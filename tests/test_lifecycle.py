@@ -110,7 +110,7 @@ def test_pattern_matching_nothing_warns_with_its_name() -> None:
 
 
 def test_non_linear_target_is_a_clear_error() -> None:
-    with pytest.raises(TypeError, match="compresses nn.Linear or GPT-2 Conv1D layers only"):
+    with pytest.raises(TypeError, match=r"compresses nn\.Linear or GPT-2 Conv1D layers only"):
         hf_compress.compress(tiny_model(LLAMA), CompressionConfig(modules={"input_layernorm": LowRankConfig(rank=2)}),
                              progress=False)
 
