@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -78,24 +79,46 @@ def size(model: Any, embedding_names: tuple[str, ...] = ()) -> dict[str, Any]:
 
 def latency(model: Any, kind: str | None = None, budget: str = "default", seed: int = 0) -> dict[str, float]:
     """Median forward latency on a fixed random batch and greedy decode tokens/s (generative models)."""
+    return paired_latency({"model": model}, kind, budget, seed)["model"]
+
+
+def paired_latency(models: dict[str, Any], kind: str | None = None, budget: str = "default", seed: int = 0,
+                   rounds: int = 5) -> dict[str, dict[str, float]]:
+    """:func:`latency` of several models (e.g. dense and compressed) measured **interleaved**: every round times
+    each model once in turn, so a shared, noisy machine slows them alike and their ratio stays meaningful.
+
+    Returns ``{name: {"forward_s": median seconds, "decode_tokens_per_s": ...}}`` (decode for generative kinds).
+    """
     from . import metrics
 
-    kind = kind or model_kind(model)
+    first = next(iter(models.values()))
+    kind = kind or model_kind(first)
     b = BUDGETS[budget]
     g = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    out: dict[str, float] = {}
     if kind == "speech-seq2seq":
-        feats = torch.randn(b["latency_batch"], model.config.num_mel_bins, 3000, generator=g)
-        dec = torch.full((b["latency_batch"], 4), model.config.decoder_start_token_id)
-        inputs = {"input_features": feats, "decoder_input_ids": dec}
-        out["forward_s"] = metrics.forward_latency(model, inputs)["median_s"]
-        out["decode_tokens_per_s"] = metrics.decode_tokens_per_s(model, feats, new_tokens=b["decode_new_tokens"])
-        return out
-    ids = torch.randint(0, vocab, (b["latency_batch"], b["latency_seq"]), generator=g)
-    out["forward_s"] = metrics.forward_latency(model, {"input_ids": ids})["median_s"]
-    if kind == "causal-lm":
-        out["decode_tokens_per_s"] = metrics.decode_tokens_per_s(model, ids[:, :16], new_tokens=b["decode_new_tokens"])
+        feats = torch.randn(b["latency_batch"], first.config.num_mel_bins, 3000, generator=g)
+        dec = torch.full((b["latency_batch"], 4), first.config.decoder_start_token_id)
+        inputs, prompt = {"input_features": feats, "decoder_input_ids": dec}, feats
+    else:
+        ids = torch.randint(0, first.config.vocab_size, (b["latency_batch"], b["latency_seq"]), generator=g)
+        inputs, prompt = {"input_ids": ids}, ids[:, :16]
+    fwd: dict[str, list[float]] = {name: [] for name in models}
+    dec_rate: dict[str, list[float]] = {name: [] for name in models}
+    for model in models.values():  # warm-up
+        metrics.forward_latency(model, inputs, repeats=1, warmup=1)
+    for _ in range(rounds):
+        for name, model in models.items():
+            fwd[name].append(metrics.forward_latency(model, inputs, repeats=1, warmup=0)["median_s"])
+    if kind != "encoder":
+        for _ in range(3):
+            for name, model in models.items():
+                dec_rate[name].append(metrics.decode_tokens_per_s(model, prompt, new_tokens=b["decode_new_tokens"],
+                                                                  repeats=1))
+    out = {}
+    for name in models:
+        out[name] = {"forward_s": statistics.median(fwd[name])}
+        if dec_rate[name]:
+            out[name]["decode_tokens_per_s"] = statistics.median(dec_rate[name])
     return out
 
 

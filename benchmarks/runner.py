@@ -16,7 +16,7 @@ import torch
 import hf_compress
 from hf_compress import CompressionConfig, LowRankConfig
 
-from .harness import RESULTS_DIR, Bench, latency, quality, size
+from .harness import RESULTS_DIR, Bench, paired_latency, quality, size
 
 CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 
@@ -118,10 +118,8 @@ def run(model_name: str, plan: CompressionConfig, label: str, budget: str = "def
 
     print(f"[benchmarks] dense {model_name} ({path})", flush=True)
     dense_model, tok = zoo.load(model_name)
-    dense = bench.record(model_name, "dense", quality=quality(dense_model, tok, kind, budget),
-                         size=size(dense_model), latency=latency(dense_model, kind, budget))
+    dense_quality, dense_size = quality(dense_model, tok, kind, budget), size(dense_model)
     probe_in = _probe_inputs(dense_model, kind)
-    del dense_model
 
     memory = memory_probe(path, kind, plan) if measure_memory else None
     calibration = data.calibration_batches(tok, n_samples=16, seq_len=256) if kind == "causal-lm" else None
@@ -137,9 +135,13 @@ def run(model_name: str, plan: CompressionConfig, label: str, budget: str = "def
     reloaded = _reload_class(kind).from_pretrained(str(target))
     identical = bool(torch.equal(_output(model, probe_in), _output(reloaded, probe_in)))
     del reloaded
+    print("[benchmarks] latency, dense and compressed interleaved", flush=True)
+    lat = paired_latency({"dense": dense_model, "compressed": model}, kind, budget)
+    del dense_model
+    dense = bench.record(model_name, "dense", quality=dense_quality, size=dense_size, latency=lat["dense"])
     rec = bench.record(
         model_name, label, setting=plan.to_dict(), quality=quality(model, tok, kind, budget), size=size(model),
-        latency=latency(model, kind, budget),
+        latency=lat["compressed"],
         extra={"compress_s": compress_s, "memory": memory, "saved_to": str(target), "reload_identical": identical},
         dense=dense,
     )

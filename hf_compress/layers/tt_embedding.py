@@ -142,7 +142,7 @@ class TTEmbedding(CompressedEmbedding):
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, shape: list[int], ranks: list[int] | None = None,
-                   eps: float | None = None, **kwargs: Any) -> "TTEmbedding":
+                   eps: float | None = None, **kwargs: Any) -> TTEmbedding:
         """TT-SVD of every row of ``weight [V, d]`` at once (fixed ``ranks`` or tolerance ``eps``)."""
         from ..methods.tt_embedding import tt_svd_rows
 
@@ -163,7 +163,7 @@ class TTEmbedding(CompressedEmbedding):
         if vectors.ndim != 2 or vectors.shape[1] != self.embedding_dim:
             raise ValueError(f"hf_compress: new token vectors must be [m, {self.embedding_dim}], got "
                              f"{list(vectors.shape)}.")
-        cores = tt_svd_rows(vectors.detach().to(self.cores[0].dtype), self.shape, ranks=self.ranks, pad=True)
+        cores = tt_svd_rows(vectors.detach().to(self.cores[0].dtype), self.shape, ranks=self.ranks)
         return [c.to(self.cores[0].device) for c in cores]
 
     def add_rows(self, vectors: torch.Tensor) -> None:
@@ -188,7 +188,7 @@ class TTEmbedding(CompressedEmbedding):
         return {**self._base_spec(), "shape": list(self.shape), "ranks": list(self.ranks)}
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "TTEmbedding":
+    def from_spec(cls, spec: dict[str, Any]) -> TTEmbedding:
         return cls(spec["num_embeddings"], spec["embedding_dim"], spec["shape"], spec["ranks"],
                    padding_idx=spec.get("padding_idx"), embed_scale=spec.get("embed_scale"))
 
@@ -256,7 +256,7 @@ class TiedEmbeddingHead(nn.Module):
                 "out_features": self.out_features, "bias": self.bias is not None}
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "TiedEmbeddingHead":
+    def from_spec(cls, spec: dict[str, Any]) -> TiedEmbeddingHead:
         return cls(spec["source"], spec["in_features"], spec["out_features"], bias=spec.get("bias", False))
 
     def extra_repr(self) -> str:

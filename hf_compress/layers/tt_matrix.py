@@ -21,7 +21,9 @@ from .tt_embedding import CompressedEmbedding, check_tt_shape_ranks
 
 @register_layer
 class TTMatrixEmbedding(CompressedEmbedding):
-    """TT-matrix embedding: ``W[(i_1..i_N), (j_1..j_N)] = G_1[i_1, j_1] ⋯ G_N[i_N, j_N]``, ``G_k [r_{k-1}, v_k, n_k, r_k]``.
+    """TT-matrix embedding: ``W[(i_1..i_N), (j_1..j_N)] = G_1[i_1, j_1] ⋯ G_N[i_N, j_N]``.
+
+    Cores ``G_k [r_{k-1}, v_k, n_k, r_k]``.
 
     ``row_index [V]`` (persistent buffer) maps token ids to rows of the padded ``∏ v_k`` index space, so pruning
     tokens only rewrites the index.
@@ -54,7 +56,7 @@ class TTMatrixEmbedding(CompressedEmbedding):
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, vocab_shape: list[int], shape: list[int], ranks: list[int],
-                   **kwargs: Any) -> "TTMatrixEmbedding":
+                   **kwargs: Any) -> TTMatrixEmbedding:
         """TT-SVD of the zero-padded table reshaped to ``[v_1 n_1, …, v_N n_N]``."""
         from ..methods.tt_embedding import tt_svd_rows
 
@@ -97,7 +99,7 @@ class TTMatrixEmbedding(CompressedEmbedding):
                 "ranks": list(self.ranks)}
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "TTMatrixEmbedding":
+    def from_spec(cls, spec: dict[str, Any]) -> TTMatrixEmbedding:
         return cls(spec["num_embeddings"], spec["embedding_dim"], spec["vocab_shape"], spec["shape"], spec["ranks"],
                    padding_idx=spec.get("padding_idx"), embed_scale=spec.get("embed_scale"))
 
@@ -138,7 +140,7 @@ class AdaptiveRankEmbedding(CompressedEmbedding):
 
     @classmethod
     def from_factors(cls, basis: torch.Tensor, coeffs: list[torch.Tensor], tier: torch.Tensor, slot: torch.Tensor,
-                     **kwargs: Any) -> "AdaptiveRankEmbedding":
+                     **kwargs: Any) -> AdaptiveRankEmbedding:
         """Build from ``basis [R_max, d]``, ``coeffs[t] [n_t, R_t]`` and the per-token ``tier``/``slot`` maps."""
         layer = cls(int(tier.numel()), basis.shape[1], [c.shape[1] for c in coeffs], [c.shape[0] for c in coeffs],
                     device=basis.device, dtype=basis.dtype, **kwargs)
@@ -193,7 +195,8 @@ class AdaptiveRankEmbedding(CompressedEmbedding):
     def project(self, vectors: torch.Tensor) -> torch.Tensor:
         """Least-squares coefficients ``[m, R_max]`` of ``vectors [m, d]`` on the basis."""
         if vectors.ndim != 2 or vectors.shape[1] != self.embedding_dim:
-            raise ValueError(f"hf_compress: token vectors must be [m, {self.embedding_dim}], got {list(vectors.shape)}.")
+            raise ValueError(f"hf_compress: AdaptiveRankEmbedding: token vectors must be [m, {self.embedding_dim}], "
+                             f"got {list(vectors.shape)}.")
         basis = self.basis.detach().double()
         sol = torch.linalg.lstsq(basis.T, vectors.detach().to(basis).T).solution  # [R_max, m]
         return sol.T.to(self.basis.dtype)
@@ -242,9 +245,10 @@ class AdaptiveRankEmbedding(CompressedEmbedding):
         return {**self._base_spec(), "tier_ranks": list(self.tier_ranks), "tier_sizes": list(self.tier_sizes)}
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "AdaptiveRankEmbedding":
+    def from_spec(cls, spec: dict[str, Any]) -> AdaptiveRankEmbedding:
         return cls(spec["num_embeddings"], spec["embedding_dim"], spec["tier_ranks"], spec["tier_sizes"],
                    padding_idx=spec.get("padding_idx"), embed_scale=spec.get("embed_scale"))
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, tier_ranks={self.tier_ranks}, tier_sizes={self.tier_sizes}"
+        return (f"{self.num_embeddings}, {self.embedding_dim}, tier_ranks={self.tier_ranks}, "
+                f"tier_sizes={self.tier_sizes}")

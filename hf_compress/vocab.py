@@ -1,0 +1,232 @@
+"""Dynamic vocabulary for compressed token embeddings: add, prune or keep tokens, tokenizer and head included.
+
+* :func:`add_tokens` adds strings to the tokenizer and compresses their vectors ``[m, d]`` into the embedding on
+  arrival (new ids ``V .. V+m-1``; ids the tokenizer already reserves below ``V`` are overwritten in place).
+* :func:`keep_tokens` / :func:`prune_tokens` drop rows and return ``old_to_new [V_old]`` (int64, ``-1`` = dropped).
+  The remaining tokens are renumbered ``0 .. V_new-1`` in the order kept.
+
+Both update, in the same call: the compressed embedding, a head tied to it (``TiedEmbeddingHead``: its bias; a dense
+untied head: its rows), ``config.vocab_size``, the special/generation token ids of ``config`` and
+``generation_config``, and ``config.compression_config["layers"]``, so ``save_pretrained`` → ``from_pretrained``
+reproduces the model exactly.
+
+Tokenizers: pruning rewrites a fast (``tokenizers``) tokenizer whose model is BPE, WordPiece or WordLevel: the vocab
+is renumbered, BPE merges that produce or use a dropped token are removed (text that used it is then split into the
+kept pieces), added tokens and post-processor ids are renumbered. Special tokens and, for byte-level BPE, the 256
+byte-alphabet tokens cannot be pruned (text would become untokenizable). Other tokenizers (Unigram, slow
+tokenizers, Whisper's timestamp logic) are refused with ``tokenizer=None`` as the way out: the model is pruned and
+the returned remapping must then be applied to ids by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers.tt_embedding import CompressedEmbedding, TiedEmbeddingHead
+
+_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id",
+              "cls_token_id", "unk_token_id", "mask_token_id", "no_timestamps_token_id")
+_ID_LIST_FIELDS = ("suppress_tokens", "begin_suppress_tokens")
+
+
+def _embedding(model: nn.Module) -> CompressedEmbedding:
+    emb = model.get_input_embeddings()
+    if not isinstance(emb, CompressedEmbedding):
+        raise TypeError(f"hf_compress.vocab: the input embedding is a {type(emb).__name__}, not a compressed one; "
+                        "compress it first (TTEmbeddingConfig) or use model.resize_token_embeddings for dense tables.")
+    return emb
+
+
+def _dense_head(model: nn.Module, emb: CompressedEmbedding) -> nn.Module | None:
+    """The output head if it is an untied dense ``[V, d]`` layer sized like the embedding, else ``None``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear) and head.weight.shape[0] == emb.num_embeddings:
+        return head
+    return None
+
+
+def _refresh(model: nn.Module, vocab_size: int) -> None:
+    """Write the new vocabulary size and the compressed-layer specs into ``model.config``."""
+    from .compress import compressed_layer_specs
+
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return
+    for c in (cfg, getattr(cfg, "text_config", None), getattr(cfg, "decoder", None)):
+        if c is not None and hasattr(c, "vocab_size"):
+            c.vocab_size = vocab_size
+    if getattr(cfg, "compression_config", None) is not None:
+        cfg.compression_config = {**cfg.compression_config, "layers": compressed_layer_specs(model)}
+
+
+def add_tokens(model: nn.Module, tokenizer: Any, new_tokens: Sequence[Any],
+               vectors: torch.Tensor | None = None, special_tokens: bool = False) -> list[int]:
+    """Add ``new_tokens`` to ``tokenizer`` (may be ``None``) and their ``vectors [m, d]`` to the compressed table.
+
+    Without ``vectors`` new rows start at the mean embedding. A dense untied head gets the same vectors as rows (the
+    tied initialization); a ``TiedEmbeddingHead`` reads them from the table (its bias gets zeros). Returns the ids.
+    """
+    emb = _embedding(model)
+    v_old, m = emb.num_embeddings, len(new_tokens)
+    if vectors is None:
+        vectors = emb.weight.detach().mean(0, keepdim=True).expand(m, -1)
+    if vectors.ndim != 2 or vectors.shape != (m, emb.embedding_dim):
+        raise ValueError(f"hf_compress.vocab.add_tokens: vectors must be [{m}, {emb.embedding_dim}] (one row per new "
+                         f"token), got {list(vectors.shape)}.")
+    if tokenizer is not None:
+        tokenizer.add_tokens(list(new_tokens), special_tokens=special_tokens)
+        ids = [int(i) for i in tokenizer.convert_tokens_to_ids([str(t) for t in new_tokens])]
+    else:
+        ids = list(range(v_old, v_old + m))
+    inside = [i for i, t in enumerate(ids) if t < v_old]
+    outside = [i for i, t in enumerate(ids) if t >= v_old]
+    if sorted(ids[i] for i in outside) != list(range(v_old, v_old + len(outside))):
+        raise ValueError(f"hf_compress.vocab.add_tokens: tokenizer gave ids {ids} but the table has {v_old} rows; new "
+                         "ids past the table must be contiguous from there. Resize the tokenizer/model first.")
+    outside.sort(key=lambda i: ids[i])
+    vectors = vectors.detach().to(emb.weight.dtype)
+    head = _dense_head(model, emb)
+    if inside:
+        emb.set_rows(torch.tensor([ids[i] for i in inside]), vectors[inside])
+    if outside:
+        emb.add_rows(vectors[outside])
+    tied = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(tied, TiedEmbeddingHead) and outside:
+        tied.add_rows(len(outside))
+    if head is not None:
+        with torch.no_grad():
+            if inside:
+                head.weight[[ids[i] for i in inside]] = vectors[inside].to(head.weight.dtype)
+            if outside:
+                head.weight = nn.Parameter(torch.cat([head.weight.data, vectors[outside].to(head.weight.dtype)]))
+                if head.bias is not None:
+                    head.bias = nn.Parameter(torch.cat([head.bias.data, head.bias.data.new_zeros(len(outside))]))
+                head.out_features = head.weight.shape[0]
+    _refresh(model, emb.num_embeddings)
+    return ids
+
+
+def prune_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Drop the tokens ``ids``; returns ``old_to_new [V_old]`` (``-1`` for dropped). See :func:`keep_tokens`."""
+    emb = _embedding(model)
+    drop = torch.zeros(emb.num_embeddings, dtype=torch.bool)
+    drop[torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long)] = True
+    return keep_tokens(model, tokenizer, (~drop).nonzero().squeeze(1))
+
+
+def keep_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Keep only the tokens ``ids`` (renumbered ``0..len(ids)-1`` in ascending order); returns ``old_to_new``.
+
+    The tokenizer (a fast BPE/WordPiece/WordLevel one, or ``None``) is rewritten in place to the new numbering.
+    Raises ``ValueError`` before changing anything if a special token or a config/generation special id would go.
+    """
+    emb = _embedding(model)
+    v_old = emb.num_embeddings
+    keep = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long).unique()
+    if keep.numel() == 0 or int(keep.min()) < 0 or int(keep.max()) >= v_old:
+        raise ValueError(f"hf_compress.vocab.keep_tokens: ids must be a non-empty subset of [0, {v_old}).")
+    old_to_new = torch.full((v_old,), -1, dtype=torch.long)
+    old_to_new[keep] = torch.arange(keep.numel())
+    configs = [c for c in (getattr(model, "config", None), getattr(model, "generation_config", None)) if c is not None]
+    for cfg in configs:
+        for f in _ID_FIELDS:
+            for i in _as_list(getattr(cfg, f, None)):
+                if 0 <= i < v_old and old_to_new[i] < 0:
+                    raise ValueError(f"hf_compress.vocab: cannot prune token {i}: it is {type(cfg).__name__}.{f}. "
+                                     "Keep it, or change that field first.")
+    new_json = _remap_tokenizer_json(tokenizer, old_to_new) if tokenizer is not None else None
+    emb.keep_rows(keep)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, TiedEmbeddingHead):
+        head.keep_rows(keep)
+    elif isinstance(head, nn.Linear) and head.weight.shape[0] == v_old:
+        head.weight = nn.Parameter(head.weight.data[keep].contiguous())
+        if head.bias is not None:
+            head.bias = nn.Parameter(head.bias.data[keep].contiguous())
+        head.out_features = keep.numel()
+    for cfg in configs:
+        for f in _ID_FIELDS + _ID_LIST_FIELDS:
+            value = getattr(cfg, f, None)
+            if isinstance(value, int) and 0 <= value < v_old:
+                setattr(cfg, f, int(old_to_new[value]))
+            elif isinstance(value, list):
+                setattr(cfg, f, [int(old_to_new[i]) for i in value if 0 <= i < v_old and old_to_new[i] >= 0])
+    _refresh(model, emb.num_embeddings)
+    if new_json is not None:
+        _load_tokenizer_json(tokenizer, new_json)
+    return old_to_new
+
+
+def _as_list(value: Any) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    return [v for v in value if isinstance(v, int)] if isinstance(value, (list, tuple)) else []
+
+
+def _remap_tokenizer_json(tokenizer: Any, old_to_new: torch.Tensor) -> str:
+    """The renumbered ``tokenizer.json`` text; raises before anything is changed if it cannot be remapped."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"hf_compress.vocab: {type(tokenizer).__name__} is not a fast tokenizer; pass tokenizer=None "
+                         "and apply the returned old_to_new remapping to token ids yourself.")
+    doc = json.loads(backend.to_str())
+    model = doc["model"]
+    if model.get("type") not in ("BPE", "WordPiece", "WordLevel"):
+        raise ValueError(f"hf_compress.vocab: cannot prune a {model.get('type')} tokenizer; pass tokenizer=None and "
+                         "apply the returned old_to_new remapping to token ids yourself.")
+    mapping = old_to_new.tolist()
+
+    def new_id(i: int) -> int:
+        return mapping[i] if 0 <= i < len(mapping) else -1
+
+    specials = {t["content"] for t in doc.get("added_tokens", []) if t.get("special")}
+    specials |= {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    byte_level = "ByteLevel" in json.dumps(doc.get("pre_tokenizer"))
+    for token, i in model["vocab"].items():
+        if new_id(i) < 0 and (token in specials or (byte_level and len(token) == 1)):
+            raise ValueError(f"hf_compress.vocab: cannot prune token {i} ({token!r}): it is a special token or part "
+                             "of the byte-level alphabet, without which text cannot be tokenized.")
+    for t in doc.get("added_tokens", []):
+        if t.get("special") and new_id(t["id"]) < 0:
+            raise ValueError(f"hf_compress.vocab: cannot prune special token {t['id']} ({t['content']!r}).")
+    model["vocab"] = {tok: new_id(i) for tok, i in model["vocab"].items() if new_id(i) >= 0}
+    if "merges" in model:
+        kept = model["vocab"]
+        merges = []
+        for mg in model["merges"]:
+            a, b = mg.split(" ", 1) if isinstance(mg, str) else mg
+            if a in kept and b in kept and a + b in kept:
+                merges.append(mg)
+        model["merges"] = merges
+    doc["added_tokens"] = [{**t, "id": new_id(t["id"])} for t in doc.get("added_tokens", []) if new_id(t["id"]) >= 0]
+    doc["post_processor"] = _remap_ids(doc.get("post_processor"), new_id)
+    return json.dumps(doc)
+
+
+def _remap_ids(node: Any, new_id: Any) -> Any:
+    """Renumber ids in a post-processor JSON (TemplateProcessing ``ids``, Bert/Roberta ``[token, id]`` pairs)."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "ids" and isinstance(value, list):
+                out[key] = [new_id(i) for i in value]
+            elif key in ("sep", "cls") and isinstance(value, list) and len(value) == 2 and isinstance(value[1], int):
+                out[key] = [value[0], new_id(value[1])]
+            else:
+                out[key] = _remap_ids(value, new_id)
+        return out
+    if isinstance(node, list):
+        return [_remap_ids(v, new_id) for v in node]
+    return node
+
+
+def _load_tokenizer_json(tokenizer: Any, text: str) -> None:
+    """Swap ``tokenizer``'s backend for the rewritten one (``added_tokens_decoder`` and saving follow it)."""
+    from tokenizers import Tokenizer
+
+    tokenizer._tokenizer = Tokenizer.from_str(text)

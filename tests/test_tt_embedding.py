@@ -1,0 +1,219 @@
+"""Tensor-train embeddings (TensorSLM) and the other table formats on every covered architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ARCHS, Arch, tiny_model
+
+import hf_compress
+from hf_compress import CompressionConfig
+from hf_compress.layers.tt_embedding import CompressedEmbedding, TiedEmbeddingHead, TTEmbedding
+from hf_compress.methods.tt_embedding import TTEmbeddingConfig, build_embedding
+from hf_compress.vocab import add_tokens, keep_tokens, prune_tokens
+
+EMBED = {"llama": "embed_tokens", "gpt2": "wte", "bert": "word_embeddings", "whisper": r"decoder\.embed_tokens"}
+TIED = {"llama", "gpt2", "whisper"}
+FORMATS = ["per_token", "adaptive", "tt_matrix", "svd"]
+CASES = [(a, f) for a in ARCHS for f in FORMATS]
+
+
+def _out(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def _generate(model: torch.nn.Module, arch: Arch, inputs: dict) -> torch.Tensor:
+    if arch.name == "whisper":
+        return model.generate(inputs["input_features"], max_new_tokens=3)
+    return model.generate(inputs["input_ids"], max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def _calibration(arch: Arch) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 24, (2, 16), generator=g)]  # low ids frequent: the adaptive format ranks them higher
+
+
+def _compress(arch: Arch, fmt: str = "adaptive", **kwargs: object) -> torch.nn.Module:
+    model = tiny_model(arch)
+    plan = CompressionConfig(modules={EMBED[arch.name]: TTEmbeddingConfig(format=fmt, **kwargs)})
+    return hf_compress.compress(model, plan, calibration=_calibration(arch), progress=False)
+
+
+@pytest.mark.parametrize(("arch", "fmt"), CASES, ids=[f"{a.name}-{f}" for a, f in CASES])
+def test_compress_generate_save_reload_exact(arch: Arch, fmt: str, tmp_path: Path) -> None:
+    model = _compress(arch, fmt)
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, CompressedEmbedding)
+    v, d = arch.make_config().vocab_size, emb.embedding_dim
+    assert sum(p.numel() for p in emb.parameters()) <= v * d / 2
+    if arch.name in TIED:
+        assert isinstance(model.get_output_embeddings(), TiedEmbeddingHead)
+    inputs = arch.inputs()
+    logits = _out(model, inputs)
+    assert torch.isfinite(logits).all()
+    if arch.generates:
+        assert _generate(model, arch, inputs).shape[0] == 2
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
+    again = arch.auto_class.from_pretrained(tmp_path)
+    assert type(again.get_input_embeddings()) is type(emb)
+    assert torch.equal(_out(again, inputs), logits)
+    if arch.generates:
+        assert torch.equal(_generate(again, arch, inputs), _generate(model, arch, inputs))
+
+
+def test_per_token_full_rank_reproduces_table() -> None:
+    w = torch.randn(200, 60, generator=torch.Generator().manual_seed(0))
+    layer = build_embedding(w, TTEmbeddingConfig(format="per_token", shape=[3, 4, 5], ranks=[3, 5]))
+    assert isinstance(layer, TTEmbedding)
+    assert layer.cores[0].shape == (200, 1, 3, 3) and layer.cores[2].shape == (200, 5, 5, 1)
+    assert (layer.weight - w).abs().max() < 1e-5
+    tol = build_embedding(w, TTEmbeddingConfig(format="per_token", shape=[3, 4, 5], eps=0.3))
+    err = (tol.weight - w).norm(dim=1) / w.norm(dim=1)
+    assert err.max() <= 0.3 + 1e-4
+    loose = build_embedding(w, TTEmbeddingConfig(format="per_token", shape=[3, 4, 5], eps=0.95))
+    assert sum(loose.ranks) < sum(tol.ranks) and ((loose.weight - w).norm(dim=1) / w.norm(dim=1)).max() <= 0.95
+
+
+def test_lookup_reconstructs_only_selected_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = torch.randn(500, 64, generator=torch.Generator().manual_seed(0))
+    for fmt in FORMATS:
+        layer = build_embedding(w, TTEmbeddingConfig(format=fmt, compression=1.5))
+        full = layer.weight
+        ids = torch.tensor([[3, 499], [0, 3]])
+        monkeypatch.setattr(type(layer), "weight", property(lambda self: pytest.fail("table materialized")))
+        out = layer(ids)
+        monkeypatch.undo()
+        assert out.shape == (2, 2, 64) and torch.allclose(out, full[ids], atol=1e-5), fmt
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_budget_is_respected_and_error_ordered(fmt: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 16, generator=g) @ torch.randn(16, 64, generator=g)
+    w = w + 0.05 * torch.randn(1000, 64, generator=g)
+    errs = []
+    for ratio in (1.5, 3.0):
+        layer = build_embedding(w, TTEmbeddingConfig(format=fmt, compression=ratio))
+        params = sum(p.numel() for p in layer.parameters())
+        assert w.numel() / 8 < params <= w.numel() / ratio
+        errs.append(float((layer.weight - w).norm() / w.norm()))
+    assert errs[0] <= errs[1] + 1e-6
+
+
+def test_adaptive_gives_frequent_tokens_more_rank() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(400, 64, generator=g)
+    counts = torch.zeros(400, dtype=torch.float64)
+    counts[:20] = 1000.0
+    layer = build_embedding(w, TTEmbeddingConfig(format="adaptive", compression=2.0), counts)
+    err = (layer.weight - w).norm(dim=1) / w.norm(dim=1)
+    assert err[:20].max() < 1e-5 < err[20:].mean()
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a.name in TIED], ids=lambda a: a.name)
+def test_tied_head_compressed_vs_dense_params(arch: Arch) -> None:
+    compressed, dense = _compress(arch, tied_head="compressed"), _compress(arch, tied_head="dense")
+    v, d = arch.make_config().vocab_size, compressed.get_input_embeddings().embedding_dim
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(dense) - n(compressed) == v * d
+    assert type(dense.get_output_embeddings()).__name__ == "Linear"
+    assert not dense.config.tie_word_embeddings and not compressed.config.tie_word_embeddings
+    assert torch.equal(dense.get_output_embeddings().weight, tiny_model(arch).get_output_embeddings().weight)
+
+
+@pytest.mark.parametrize(("arch", "head"), [(a, h) for a in ARCHS for h in ("compressed", "dense")],
+                         ids=[f"{a.name}-{h}" for a in ARCHS for h in ("compressed", "dense")])
+def test_add_prune_save_reload(arch: Arch, head: str, tmp_path: Path) -> None:
+    model = _compress(arch, "per_token", ranks=None, compression=1.5, tied_head=head)
+    emb = model.get_input_embeddings()
+    v, d = emb.num_embeddings, emb.embedding_dim
+    new = torch.randn(3, d, generator=torch.Generator().manual_seed(2))
+    assert add_tokens(model, None, ["<a>", "<b>", "<c>"], new) == [v, v + 1, v + 2]
+    assert emb.num_embeddings == v + 3 and model.config.vocab_size == v + 3
+    inputs = arch.inputs()
+    key = "decoder_input_ids" if arch.name == "whisper" else "input_ids"
+    inputs[key][0, -1] = v + 2
+    logits = _out(model, inputs)
+    if arch.name in TIED:
+        assert logits.shape[-1] == v + 3
+    model.save_pretrained(tmp_path / "added")
+    assert torch.equal(_out(arch.auto_class.from_pretrained(tmp_path / "added"), inputs), logits)
+
+    old_to_new = prune_tokens(model, None, [5, 6, 7])
+    assert old_to_new.shape == (v + 3,) and (old_to_new[[5, 6, 7]] == -1).all() and old_to_new[v + 2] == v - 1
+    assert emb.num_embeddings == v and model.config.vocab_size == v
+    inputs[key] = old_to_new[inputs[key]].clamp_min(0)
+    pruned = _out(model, inputs)
+    model.save_pretrained(tmp_path / "pruned")
+    assert torch.equal(_out(arch.auto_class.from_pretrained(tmp_path / "pruned"), inputs), pruned)
+
+
+def test_added_rows_full_rank_exact_and_keep_order() -> None:
+    w = torch.randn(50, 24, generator=torch.Generator().manual_seed(0))
+    layer = build_embedding(w, TTEmbeddingConfig(format="per_token", shape=[2, 3, 4], ranks=[2, 4]))
+    new = torch.randn(2, 24)
+    layer.add_rows(new)
+    assert torch.allclose(layer(torch.tensor([50, 51])), new, atol=1e-5)
+    layer.keep_rows(torch.tensor([51, 0]))
+    assert torch.allclose(layer(torch.tensor([0, 1])), torch.stack([new[1], w[0]]), atol=1e-5)
+
+
+def test_tokenizer_pruned_and_extended_consistently(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = ["the cat sat on the mat", "the dog ate the hat", "a cat and a dog"] * 20
+    raw.train_from_iterator(text, trainers.BpeTrainer(vocab_size=60, special_tokens=["<pad>", "<unk>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    arch = next(a for a in ARCHS if a.name == "llama")
+    model = _compress(arch, "svd")
+    keep = torch.arange(len(tok))
+    model_v = model.get_input_embeddings().num_embeddings
+    drop = tok.convert_tokens_to_ids(["cat"])[0]
+    before = tok("the dog sat")["input_ids"]
+    model.config.bos_token_id = model.config.eos_token_id = 2
+    model.generation_config.bos_token_id = model.generation_config.eos_token_id = 2
+    old_to_new = keep_tokens(model, tok, torch.cat([keep[keep != drop], torch.arange(len(tok), model_v)]))
+    assert tok("the dog sat")["input_ids"] == old_to_new[before].tolist()
+    assert tok.decode(tok("a cat")["input_ids"]).replace(" ", "") == "acat"  # re-split into kept pieces
+    assert drop not in tok("a cat")["input_ids"] or old_to_new[drop] == -1
+    ids = add_tokens(model, tok, ["<new>"])
+    assert ids == [len(tok) - 1] and tok.convert_ids_to_tokens(ids) == ["<new>"]
+    tok.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)("the dog sat <new>")["input_ids"][-1] == ids[0]
+    with pytest.raises(ValueError, match="special token"):
+        prune_tokens(model, tok, [tok.convert_tokens_to_ids("<unk>")])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"format": "per_token", "shape": [4, 4, 5], "ranks": [2, 2]}, r"product 80, but the embedding dimension is 64"),
+    ({"format": "per_token", "shape": [4, 4, 4], "ranks": [0, 2]}, r"rank 0 would erase"),
+    ({"format": "per_token", "shape": [4, 4, 4], "ranks": [5, 2]},
+     r"r_1 = 5 exceeds the size of unfolding 1.*use r_1 <= 4"),
+    ({"format": "per_token", "shape": [4, 4, 4], "ranks": [2]}, r"needs 2 inner ranks"),
+    ({"format": "tt_mat"}, r"format must be one of"),
+    ({"tied_head": "shared"}, r"tied_head must be one of"),
+    ({"compression": 0.5}, r"compression must be > 1"),
+    ({"format": "svd", "ranks": [65]}, r"rank 65 must be in \[1, min\(V, d\) = 64\]"),
+    ({"format": "per_token", "compression": 200.0}, r"lower the compression ratio"),
+])
+def test_bad_configs_rejected_with_clear_message(kwargs: dict, message: str) -> None:
+    arch = next(a for a in ARCHS if a.name == "llama")
+    with pytest.raises(ValueError, match=message):
+        plan = CompressionConfig(modules={"embed_tokens": TTEmbeddingConfig(**kwargs)})
+        hf_compress.compress(tiny_model(arch), plan, progress=False)
+
+
+def test_non_embedding_target_rejected() -> None:
+    arch = next(a for a in ARCHS if a.name == "llama")
+    with pytest.raises(TypeError, match=r"compresses nn\.Embedding token tables only"):
+        hf_compress.compress(tiny_model(arch), CompressionConfig(modules={"q_proj": TTEmbeddingConfig()}),
+                             progress=False)
