@@ -25,15 +25,17 @@ Per linear layer ``W [out, in]`` (``d`` weights per index, ``K = codebook_size``
      to it), preconditioned by the diagonal curvature ``Σ 2 s² Σ_jj`` of those weights, followed by an exact line
      search (the loss is quadratic in ``C``);
    * **proximal mapping update**: every weight vector moves to
-     ``I ← argmin_k  s⟨∂L/∂Ŵ, C_k − c⟩ + ρ s² Σ_c h_c (C_k − c)_c²`` (``c`` its current codeword, ``h = diag Σ``),
-     i.e. the nearest codeword (``h``-weighted) to the proximal gradient step ``c − ∂L/∂Ŵ / (2ρ s h)``. The
-     quadratic proximity term makes the score of a codeword *decrease* with its distance from the current one
-     (for ``ρ = 1`` it is the exact single-weight change of ``L``), whereas the straight-through gradient of the
-     one-hot mapping, ``s⟨∂L/∂Ŵ, C_k⟩`` (``mapping_update="ste"``, kept for ablation), grows linearly with
-     distance and always favours the farthest codeword. ``ρ`` adapts (Levenberg–Marquardt style): a step that
-     does not lower ``L`` is rejected and ``ρ`` is multiplied by 4, an accepted one halves it (floor 1).
+     ``I ← argmin_k  s⟨∂L/∂Ŵ, C_k − c⟩ + s² Σ_c h_c (C_k − c)_c²`` (``c`` its current codeword, ``h = diag Σ``),
+     i.e. the nearest codeword (``h``-weighted) to the proximal gradient step ``c − ∂L/∂Ŵ / (2 s h)``. The
+     quadratic proximity term makes the score of a codeword *grow* with its distance from the current one (it is
+     the exact change of ``L`` when that weight alone moves), whereas the straight-through gradient of the
+     one-hot mapping, ``s⟨∂L/∂Ŵ, C_k⟩`` (``mapping_update="ste"``, kept for ablation), is linear in the codeword
+     and always favours the farthest codeword along the gradient. Moves interact through ``Σ``, so only the
+     fraction ``f`` with the best predicted change is applied (a trust region): a step that lowers ``L`` is
+     accepted and doubles ``f`` (max 1), a rejected one divides it by 4.
 
-   The best ``(C, I)`` seen is kept, so JLCM never ends worse than its k-means initialization on ``L``.
+   Initialization for JLCM is the better (on ``L``) of plain k-means and k-means weighted by ``diag Σ``. Both
+   steps never increase ``L``, so JLCM never ends worse than its initialization.
 4. **Storage**: codes packed into ``bits`` bits, codebooks and scales fp16 (:class:`CodebookLinear`).
 
 Bits per weight: ``bits / d`` for the indices, plus codebooks (``books·K·d·16``), scales (``G·16``) and the
@@ -47,7 +49,10 @@ trainable, indices stay fixed; train with ``transformers.Trainer`` as usual.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +62,15 @@ from torch import nn
 from ..calibration import input_covariances
 from ..compress import CompressionContext
 from ..config import MethodConfig
-from ..layers.codebook import CodebookLinear, group_sizes, perm_bits
+from ..layers.codebook import (
+    CodebookLinear,
+    gather_rows,
+    group_sizes,
+    kmeans_codebooks,
+    nearest,
+    perm_bits,
+    rtn_codebooks,
+)
 from ..layers.common import linear_weight_and_bias
 from ..registry import register_method
 
@@ -109,7 +122,8 @@ class CodebookConfig(MethodConfig):
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 <= self.bits <= 16:
             raise ValueError(f"hf_compress: CodebookConfig.bits must be an int in 1..16, got {self.bits!r}.")
         if not isinstance(self.vector_dim, int) or not 1 <= self.vector_dim <= 16:
-            raise ValueError(f"hf_compress: CodebookConfig.vector_dim must be an int in 1..16, got {self.vector_dim!r}.")
+            raise ValueError(f"hf_compress: CodebookConfig.vector_dim must be an int in 1..16, "
+                             f"got {self.vector_dim!r}.")
         if self.codebook_size is not None and not 2 <= self.codebook_size <= 1 << self.bits:
             raise ValueError(f"hf_compress: CodebookConfig.codebook_size must be in [2, 2**bits = {1 << self.bits}], "
                              f"got {self.codebook_size!r}.")
@@ -173,14 +187,35 @@ def _balanced_assign(dist: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _cached(key: tuple, tensors: tuple[torch.Tensor, ...], build: Any) -> torch.Tensor:
+    """Memoize a deterministic ``build()`` on ``key`` + the exact bytes of ``tensors`` (sweeps redo the same
+    grouping / k-means for every method at a given layout); at most 512 entries."""
+    digest = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        digest.update(t.detach().contiguous().cpu().numpy().tobytes())
+    full = (*key, digest.hexdigest())
+    if full not in _CACHE:
+        if len(_CACHE) >= 512:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[full] = build()
+    return _CACHE[full].clone()
+
+
 def group_rows(weight: torch.Tensor, n_groups: int, iters: int = 8) -> torch.Tensor:
     """``perm [out]``: rows reordered into ``n_groups`` contiguous balanced groups of similar weight distribution."""
     out = weight.shape[0]
     if n_groups == 1:
         return torch.arange(out)
+    return _cached(("group", n_groups, iters), (weight,), lambda: _group_rows(weight, n_groups, iters))
+
+
+def _group_rows(weight: torch.Tensor, n_groups: int, iters: int) -> torch.Tensor:
     feats = torch.quantile(weight.float(), _QUANTILES, dim=1).T  # [out, 7]
     feats = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-12)
-    caps = group_sizes(out, n_groups)
+    caps = group_sizes(weight.shape[0], n_groups)
     # init: chunks along the leading principal direction
     first = torch.linalg.svd(feats, full_matrices=False)[2][0]
     labels = torch.repeat_interleave(torch.arange(n_groups), caps)[torch.argsort(torch.argsort(feats @ first))]
@@ -191,69 +226,6 @@ def group_rows(weight: torch.Tensor, n_groups: int, iters: int = 8) -> torch.Ten
             break
         labels = new
     return torch.argsort(labels, stable=True)
-
-
-# ---- codebooks -----------------------------------------------------------------------------------------------------
-def nearest(points: torch.Tensor, centers: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-    """``argmin_k Σ_c h_c (points − centers_k)_c²`` for ``points [R, N, d]``, ``centers [R, K, d]`` → ``[R, N]``."""
-    r, n, d = points.shape
-    if d == 1:  # scalar: the weighting does not change the nearest codeword; binary search on midpoints
-        sorted_c, order = centers[..., 0].sort(-1)
-        mids = (sorted_c[:, 1:] + sorted_c[:, :-1]) / 2
-        return torch.gather(order, 1, torch.searchsorted(mids.contiguous(), points[..., 0].contiguous()))
-    out = torch.empty(r, n, dtype=torch.long)
-    step = max(1, (1 << 23) // max(1, n * centers.shape[1] * d))
-    for i in range(0, r, step):
-        diff = points[i:i + step, :, None, :] - centers[i:i + step, None, :, :]  # [r, n, K, d]
-        diff = diff.square_() if h is None else diff.square_().mul_(h.expand(diff.shape[0], -1, -1)[:, :, None, :])
-        out[i:i + step] = diff.sum(-1).argmin(-1)
-    return out
-
-
-def _rtn_codebooks(points: torch.Tensor, row_book: torch.Tensor, books: int, k: int) -> torch.Tensor:
-    """Uniform product grid per codebook over its min..max per coordinate: ``[books, k, d]``."""
-    d = points.shape[-1]
-    flat = points.reshape(points.shape[0], -1, d)
-    lo = torch.full((books, d), float("inf")).scatter_reduce(0, row_book[:, None].expand(-1, d), flat.amin(1), "amin")
-    hi = torch.full((books, d), -float("inf")).scatter_reduce(0, row_book[:, None].expand(-1, d), flat.amax(1), "amax")
-    levels = [max(1, int(round(k ** (1 / d))))] * d
-    if 1 << int(math.log2(k)) == k:  # split the bits as evenly as possible over the coordinates
-        b = int(math.log2(k))
-        levels = [1 << (b // d + (c < b % d)) for c in range(d)]
-    axes = [torch.linspace(0, 1, n) if n > 1 else torch.tensor([0.5]) for n in levels]
-    grid = torch.cartesian_prod(*axes).reshape(-1, d)  # [prod(levels), d]
-    if grid.shape[0] < k:
-        grid = torch.cat([grid, grid[:1].expand(k - grid.shape[0], d)])
-    return lo[:, None, :] + grid[None] * (hi - lo)[:, None, :]
-
-
-def _kmeans_codebooks(points: torch.Tensor, row_book: torch.Tensor, books: int, k: int, iters: int,
-                      seed: int, h: torch.Tensor | None = None) -> torch.Tensor:
-    """Lloyd k-means of each codebook's vectors (``points [out, n_vec, d]``): ``[books, k, d]``.
-
-    ``h [1, n_vec, d]`` (optional) weights each coordinate in distances and means (activation-aware k-means)."""
-    d = points.shape[-1]
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.empty(books, k, d)
-    for b in range(books):
-        mine = points[row_book == b].reshape(-1, d)
-        if d == 1:
-            centers[b, :, 0] = torch.quantile(mine[:, 0], (torch.arange(k) + 0.5) / k)
-        else:
-            centers[b] = mine[torch.randperm(mine.shape[0], generator=g)[:k]]
-    for _ in range(iters):
-        codes = nearest(points, centers[row_book], h)
-        flat = (row_book[:, None] * k + codes).reshape(-1)
-        hw = torch.ones_like(points) if h is None else h.expand_as(points)
-        sums = torch.zeros(books * k, d).index_add_(0, flat, (hw * points).reshape(-1, d))
-        counts = torch.zeros(books * k, d).index_add_(0, flat, hw.reshape(-1, d))
-        centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers.reshape(-1, d)).view(books, k, d)
-    return centers
-
-
-def _gather_rows(row_centers: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """``row_centers [R, K, d]`` indexed by ``codes [R, N]`` → ``[R, N, d]``."""
-    return torch.gather(row_centers, 1, codes[:, :, None].expand(-1, -1, row_centers.shape[-1]))
 
 
 def _jlcm(w: torch.Tensor, sigma: torch.Tensor, centers: torch.Tensor, codes: torch.Tensor, s_row: torch.Tensor,
@@ -274,8 +246,9 @@ def _jlcm(w: torch.Tensor, sigma: torch.Tensor, centers: torch.Tensor, codes: to
     norm = float((w * (w @ sigma)).sum()).__abs__() or 1.0
     w_hat = decode(centers, codes)
     cur, es = loss(w_hat)
-    start, frac, accepted = float(cur) / norm, 0.25, 0
+    start, frac, accepted, history = float(cur) / norm, 0.25, 0, []
     for _ in range(steps):
+        history.append(round(float(cur) / norm, 6))
         # codebook step: diagonally preconditioned gradient + exact line search
         flat = (row_book[:, None] * k + codes).reshape(-1)
         grad = torch.zeros(books * k, d).index_add_(0, flat, (2 * es.view(out, -1, d) * s3).reshape(-1, d))
@@ -296,8 +269,10 @@ def _jlcm(w: torch.Tensor, sigma: torch.Tensor, centers: torch.Tensor, codes: to
             new_codes = nearest(cur_vals - grad_w / (2 * s3 * h), row_centers, h)
         else:  # straight-through gradient of the one-hot mapping: argmin_k s<g, C_k>
             new_codes = (grad_w @ row_centers.transpose(1, 2)).argmin(-1)
-        delta = _gather_rows(row_centers, new_codes) - cur_vals  # [out, n_vec, d]
-        gain = (s3 * grad_w * delta).sum(-1) + (s3 ** 2 * h * delta ** 2).sum(-1)  # predicted single-move change
+        delta = gather_rows(row_centers, new_codes) - cur_vals  # [out, n_vec, d]
+        gain = (s3 * grad_w * delta).sum(-1)  # first-order predicted change (all STE knows)
+        if update == "proximal":  # + the proximity term: the exact single-move change of L
+            gain = gain + (s3 ** 2 * h * delta ** 2).sum(-1)
         moves = (new_codes != codes) & (gain < 0)
         n_moves = int(moves.sum())
         if n_moves == 0:
@@ -314,7 +289,20 @@ def _jlcm(w: torch.Tensor, sigma: torch.Tensor, centers: torch.Tensor, codes: to
             frac = min(1.0, frac * 2)
         else:
             frac /= 4
-    return centers, codes, {"loss_init": start, "loss_final": float(cur) / norm, "accepted": accepted}
+    return centers, codes, {"loss_init": start, "loss_final": float(cur) / norm, "accepted": accepted,
+                            "history": history}
+
+
+def _decode(centers: torch.Tensor, codes: torch.Tensor, s_row: torch.Tensor, row_book: torch.Tensor) -> torch.Tensor:
+    """``Ŵ [out, in]`` (sorted rows) from ``centers [books, K, d]``, ``codes [out, n_vec]``, ``s_row [out]``."""
+    return centers[row_book[:, None], codes].reshape(codes.shape[0], -1) * s_row[:, None]
+
+
+def _output_loss(w: torch.Tensor, sigma: torch.Tensor, centers: torch.Tensor, codes: torch.Tensor,
+                 s_row: torch.Tensor, row_book: torch.Tensor) -> float:
+    """``tr(E Σ Eᵀ)`` for ``E = Ŵ − W``."""
+    e = _decode(centers, codes, s_row, row_book) - w
+    return float((e * (e @ sigma)).sum())
 
 
 def codebook_from_dense(weight: torch.Tensor, bias: torch.Tensor | None, config: CodebookConfig,
@@ -337,22 +325,27 @@ def codebook_from_dense(weight: torch.Tensor, bias: torch.Tensor | None, config:
         scales = torch.ones(groups)
     s_row = scales[row_group]
     points = (w_s / s_row[:, None]).view(out, inn // d, d)
+    if config.method == "jlcm" and sigma is None:
+        raise ValueError(f"hf_compress: {who}: JLCM needs calibration batches (compress(..., calibration=...)); "
+                         "or use method='kmeans' / 'rtn'.")
     if config.method == "rtn":
-        centers = _rtn_codebooks(points, row_book, books, k)
-    elif config.method == "kmeans" or sigma is None:
-        centers = _kmeans_codebooks(points, row_book, books, k, config.kmeans_iters, config.seed)
-    else:  # JLCM: k-means weighted by the input second moments diag(XᵀX/n)
-        hdiag = torch.diagonal(sigma.float()).reshape(1, inn // d, d).clamp_min(1e-12)
-        centers = _kmeans_codebooks(points, row_book, books, k, config.kmeans_iters, config.seed, hdiag)
+        centers = rtn_codebooks(points, row_book, books, k)
+    else:
+        centers = _cached(("kmeans", books, k, config.kmeans_iters, config.seed), (points, row_book),
+                          lambda: kmeans_codebooks(points, row_book, books, k, config.kmeans_iters, config.seed))
     centers = centers.half().float()
     codes = nearest(points, centers[row_book])
     stats: dict[str, Any] = {}
     if config.method == "jlcm":
-        if sigma is None:
-            raise ValueError(f"hf_compress: {who}: JLCM needs calibration batches (compress(..., calibration=...)); "
-                             "or use method='kmeans' / 'rtn'.")
         sig = sigma.float()
         sig = sig + config.damping * torch.diagonal(sig).mean().clamp_min(1e-12) * torch.eye(inn)
+        # second init: k-means weighted by the input second moments diag(Σ); start from the better of the two
+        hdiag = torch.diagonal(sig).reshape(1, inn // d, d)
+        alt = kmeans_codebooks(points, row_book, books, k, config.kmeans_iters, config.seed, hdiag).half().float()
+        alt_codes = nearest(points, alt[row_book], hdiag)
+        if _output_loss(w_s, sig, alt, alt_codes, s_row, row_book) < _output_loss(w_s, sig, centers, codes, s_row,
+                                                                                   row_book):
+            centers, codes = alt, alt_codes
         centers, codes, stats = _jlcm(w_s, sig, centers, codes, s_row, row_book, config.steps, config.mapping_update)
         centers = centers.half().float()
     layer = CodebookLinear.from_codes(codes, perm, centers, scales, None if bias is None else bias.detach(),
@@ -360,15 +353,30 @@ def codebook_from_dense(weight: torch.Tensor, bias: torch.Tensor | None, config:
     return layer, stats
 
 
+_PRECOMPUTED: dict[str, torch.Tensor] = {}
+
+
+@contextmanager
+def reuse_covariances(covariances: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While active, ``prepare`` takes each target's ``XᵀX/n [in, in]`` from ``covariances`` (module name → tensor,
+    e.g. from :func:`hf_compress.calibration.input_covariances` on the dense model) instead of a calibration pass:
+    sweeps over bit widths then calibrate once."""
+    _PRECOMPUTED.update(covariances)
+    try:
+        yield
+    finally:
+        _PRECOMPUTED.clear()
+
+
 def prepare_jlcm(model: nn.Module, targets: dict[str, CodebookConfig], calibration: Any) -> dict[str, Any]:
     """One calibration pass of the dense model: ``XᵀX/n`` (float32 ``[in, in]``) of every JLCM target's input."""
     names = [n for n, c in targets.items() if c.method == "jlcm"]
-    if not names:
-        return {}
-    if not calibration:
+    todo = [n for n in names if n not in _PRECOMPUTED]
+    if todo and not calibration:
         raise ValueError("hf_compress: CodebookConfig(method='jlcm') needs calibration batches: "
                          "compress(model, config, calibration=[...]); or use method='kmeans' / 'rtn'.")
-    return {n: s.float() for n, s in input_covariances(model, names, calibration).items()}
+    found = input_covariances(model, todo, calibration) if todo else {}
+    return {n: (found[n] if n in found else _PRECOMPUTED[n]).float() for n in names}
 
 
 def compress_jlcm(module: nn.Module, config: CodebookConfig, ctx: CompressionContext) -> nn.Module:

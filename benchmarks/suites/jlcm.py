@@ -1,0 +1,209 @@
+"""JLCM suite: quality vs bits for round-to-nearest, plain k-means and JLCM codebooks, one run per model.
+
+``python -m benchmarks suite jlcm [--models smollm2-135m minilm-l6] [--bits 3 2] [--budget quick]``
+
+Every compressed setting quantizes *all* linear layers of the transformer blocks (embeddings and the tied LM head
+stay dense) with the same storage layout for the three methods (``CodebookConfig.layout``: balanced row groups of
+similar neurons, one fp16 codebook per group, packed indices), so the methods cost exactly the same bytes. The
+input covariances ``XᵀX/n`` of every layer are collected once per model from the dense model on the calibration
+text (disjoint from the evaluation text) and reused across bit widths.
+
+SmolLM2 quirk: the zoo weights are dequantized Q4_1 GGUF (a 4-bit grid per block of 32 inputs, each block with its
+own scale and minimum). Our codebooks are shared by a group of whole rows (all input blocks, ≥ 2 rows), so a
+16-entry codebook cannot reproduce the hundreds of distinct values of a group: 4 bits is *not* lossless here
+(checked: the per-layer output error at 4 bits is reported as ``layer_loss`` and is > 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODELS = {  # zoo name -> pattern matching every linear layer of the transformer blocks
+    "smollm2-135m": r"(q|k|v|o|gate|up|down)_proj$",
+    "minilm-l6": r"encoder\.layer\.\d+\..*(query|key|value|dense)$",
+    "whisper-tiny.en": r"layers\.\d+\.(self_attn|encoder_attn)\.(q|k|v|out)_proj$|layers\.\d+\.fc(1|2)$",
+}
+METHODS = ("rtn", "kmeans", "jlcm")
+
+
+def _calibration(name: str, kind: str, tok: Any, n: int, seq: int) -> list[Any]:
+    """Calibration batches from the calibration split only (news text; speech *train* utterances)."""
+    from benchmarks import data
+
+    if kind != "speech-seq2seq":
+        return data.calibration_batches(tok, n_samples=n, seq_len=seq)
+    from benchmarks import speech
+
+    utts = next(iter(data.speech_set().values()))["train"][:n]
+    out = []
+    for u in utts:
+        feats = tok.feature_extractor(speech.load_audio(u.path), sampling_rate=16000, return_tensors="pt")
+        ids = tok.tokenizer(u.text, return_tensors="pt")["input_ids"][:, :seq]
+        out.append({"input_features": feats.input_features, "decoder_input_ids": ids})
+    return out
+
+
+def _bits(model: torch.nn.Module) -> dict[str, float]:
+    """Stored bits of every CodebookLinear (indices, permutation, fp16 codebooks and scales) per weight."""
+    from hf_compress.layers.codebook import CodebookLinear
+    from hf_compress.methods.jlcm import layer_bits
+
+    total, weights, index = 0, 0, 0
+    for m in model.modules():
+        if isinstance(m, CodebookLinear):
+            b = layer_bits(m)
+            total += sum(b.values())
+            index += b["indices"]
+            weights += m.in_features * m.out_features
+    return {"bpw_index": index / weights, "bpw_effective": total / weights, "quantized_weights": weights}
+
+
+def _layer_loss(model: torch.nn.Module, dense: torch.nn.Module, sigmas: dict[str, torch.Tensor]) -> float:
+    """Mean over layers of ``tr(EΣEᵀ) / tr(WΣWᵀ)`` (relative output reconstruction error on calibration inputs)."""
+    from hf_compress.layers.common import linear_weight_and_bias
+
+    vals = []
+    for name, sig in sigmas.items():
+        w = linear_weight_and_bias(dense.get_submodule(name))[0].detach().float()
+        e = model.get_submodule(name).weight.detach().float() - w
+        vals.append(float((e * (e @ sig)).sum() / (w * (w @ sig)).sum()))
+    return sum(vals) / len(vals)
+
+
+def _fp16_disk(model: torch.nn.Module) -> int:
+    from benchmarks import metrics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy.deepcopy(model).half().save_pretrained(tmp)
+        return metrics.disk_bytes(tmp)["weights"]
+
+
+def run_model(name: str, bits: list[float], methods: list[str], args: argparse.Namespace, bench: Any) -> None:
+    import hf_compress
+    from benchmarks import harness, metrics, zoo
+    from benchmarks.runner import _reload_class
+    from hf_compress.calibration import input_covariances
+    from hf_compress.compress import find_targets
+    from hf_compress.methods.jlcm import CodebookConfig, reuse_covariances
+
+    kind = zoo.ZOO[name].kind
+    dense_model, tok = zoo.load(name)
+    print(f"[jlcm] {name}: dense", flush=True)
+    dense = bench.record(name, "dense", quality=harness.quality(dense_model, tok, kind, args.budget),
+                         size={**harness.size(dense_model), "disk_bytes_fp16": _fp16_disk(dense_model)},
+                         latency=harness.latency(dense_model, kind, args.budget))
+    bench.save(args.out)
+    pattern = MODELS[name]
+    probe = _plan(pattern, CodebookConfig(bits=3, method="rtn"))
+    names = list(find_targets(dense_model, probe))
+    calib = _calibration(name, kind, tok, args.calib_samples, args.calib_len)
+    t0 = time.perf_counter()
+    sigmas = {n: s.float() for n, s in input_covariances(dense_model, names, calib).items()}
+    calib_s = time.perf_counter() - t0
+    for bpw in bits:
+        for method in methods:
+            cfg = CodebookConfig(bits_per_weight=bpw, method=method, steps=args.steps, kmeans_iters=args.kmeans_iters)
+            print(f"[jlcm] {name}: {method} {bpw} bits/weight", flush=True)
+            model = copy.deepcopy(dense_model)
+            t0 = time.perf_counter()
+            with reuse_covariances(sigmas):
+                hf_compress.compress(model, _plan(pattern, cfg), progress=False)
+            compress_s = time.perf_counter() - t0 + (calib_s if method == "jlcm" else 0.0)
+            extra: dict[str, Any] = {"compress_s": compress_s, "layer_loss": _layer_loss(model, dense_model, sigmas),
+                                     **_bits(model)}
+            lat: dict[str, Any] = {}
+            if method == "jlcm" or args.all_latency:  # dense measured right beside it: the CPU is shared
+                extra["dense_forward_s_now"] = harness.latency(dense_model, kind, args.budget)["forward_s"]
+                lat = harness.latency(model, kind, args.budget)
+                extra["latency_ratio_vs_dense_now"] = lat["forward_s"] / extra["dense_forward_s_now"]
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                disk = metrics.disk_bytes(tmp)["weights"]
+                if method == "jlcm":
+                    extra["reload_identical"] = _reload_identical(model, _reload_class(kind).from_pretrained(tmp),
+                                                                  calib[0])
+            if method == "jlcm" and bpw == bits[0]:
+                extra["latency_lookup_mode"] = _lookup_latency(model, kind, args.budget)
+            disk16 = _fp16_disk(model)  # the rest of the model (embeddings, norms, biases) in fp16 too
+            size = {"params": metrics.param_count(model), "disk_bytes": disk, "disk_bytes_fp16": disk16,
+                    "disk_fp16_vs_dense_fp16": disk16 / dense["size"]["disk_bytes_fp16"],
+                    "quantized_linears_bytes": extra["bpw_effective"] * extra["quantized_weights"] / 8,
+                    "quantized_linears_fp16_bytes": 2 * extra["quantized_weights"]}
+            bench.record(name, method, setting={"bits_per_weight": bpw, **cfg.to_dict()},
+                         quality=harness.quality(model, tok, kind, args.budget), size=size, latency=lat,
+                         extra=extra, dense=dense)
+            bench.save(args.out)
+            del model
+            gc.collect()
+
+
+def _plan(pattern: str, cfg: Any) -> Any:
+    from hf_compress import CompressionConfig
+
+    return CompressionConfig(modules={pattern: cfg})
+
+
+def _reload_identical(model: torch.nn.Module, again: torch.nn.Module, batch: Any) -> bool:
+    inputs = batch if isinstance(batch, dict) else {"input_ids": batch}
+    with torch.no_grad():
+        a, b = model(**inputs), again(**inputs)
+    key = "logits" if getattr(a, "logits", None) is not None else "last_hidden_state"
+    return bool(torch.equal(getattr(a, key), getattr(b, key)))
+
+
+def _lookup_latency(model: torch.nn.Module, kind: str, budget: str) -> dict[str, float]:
+    """Forward latency with every CodebookLinear decoding its weight per call (``mode="lookup"``)."""
+    from benchmarks import harness
+    from hf_compress.layers.codebook import CodebookLinear
+
+    layers = [m for m in model.modules() if isinstance(m, CodebookLinear)]
+    for m in layers:
+        m.mode, m._weight_cache = "lookup", None
+    gc.collect()
+    try:
+        return {"forward_s": harness.latency(model, kind, budget)["forward_s"]}
+    finally:
+        for m in layers:
+            m.mode = "cached"
+
+
+def main(argv: list[str]) -> int:
+    from benchmarks.harness import Bench
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks suite jlcm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--bits", nargs="+", type=float, default=[3.0, 2.0, 2.5, 4.0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--budget", default="default", choices=["default", "quick"])
+    parser.add_argument("--steps", type=int, default=6, help="JLCM joint optimization steps per layer")
+    parser.add_argument("--kmeans-iters", type=int, default=10)
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--calib-len", type=int, default=256)
+    parser.add_argument("--all-latency", action="store_true", help="measure latency for every method, not only JLCM")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/jlcm.json)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    bench = Bench("jlcm", budget=args.budget, description=(
+        f"JLCM vs RTN vs k-means codebooks on all block linear layers; steps={args.steps}, kmeans_iters="
+        f"{args.kmeans_iters}, calibration {args.calib_samples}x{args.calib_len} (news text / speech train split). "
+        "SmolLM2 weights are dequantized Q4_1 (4-bit grid per 32-input block); codebooks here span whole rows of "
+        "a group, so 4 bits is not lossless. bits_per_weight counts index bits; extra.bpw_effective adds fp16 "
+        "codebooks and the row permutation."))
+    for name in args.models:
+        try:
+            run_model(name, args.bits, args.methods, args, bench)
+        except Exception as err:  # one model failing (e.g. Whisper zoo entry unfinished) must not lose the rest
+            print(f"[jlcm] {name} skipped: {type(err).__name__}: {err}", flush=True)
+            bench.record(name, "skipped", extra={"error": f"{type(err).__name__}: {err}"})
+        bench.save(args.out)
+    print(bench.save(args.out))
+    return 0

@@ -1,0 +1,237 @@
+"""JLCM codebooks: life cycle on every architecture, bit packing, bytes on disk, the optimizer, config errors."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ARCHS, Arch, tiny_model
+from safetensors.torch import save_file
+
+import hf_compress
+from hf_compress import CompressionConfig
+from hf_compress.layers.codebook import CodebookLinear, perm_bits
+from hf_compress.methods.jlcm import CodebookConfig, codebook_from_dense, layer_bits, mark_codebooks_trainable
+from hf_compress.packing import pack_bits, packed_nbytes, unpack_bits
+
+
+def _out(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def _calibration(arch: Arch) -> list:
+    batches = [arch.inputs(seed=s) for s in range(2)]
+    return batches if arch.name == "whisper" else [b["input_ids"] for b in batches]
+
+
+# ---- life cycle ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("method", "bpw"), [("jlcm", 3), ("kmeans", 2.5), ("rtn", 4)])
+def test_compress_forward_save_reload_bit_identical(arch: Arch, method: str, bpw: float, tmp_path: Path) -> None:
+    model = tiny_model(arch)
+    inputs = arch.inputs()
+    plan = CompressionConfig(modules={f"{arch.attn_pattern}|{arch.mlp_pattern}":
+                                      CodebookConfig(bits_per_weight=bpw, method=method, steps=3, kmeans_iters=4)})
+    dense_logits = _out(model, inputs)
+    hf_compress.compress(model, plan, calibration=_calibration(arch), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, CodebookLinear)]
+    assert layers and all(m.indices.dtype == torch.uint8 and m.codebooks.dtype == torch.float16 for m in layers)
+    logits = _out(model, inputs)
+    assert torch.isfinite(logits).all() and not torch.equal(logits, dense_logits)
+    model.save_pretrained(tmp_path)
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in tmp_path.iterdir())
+    specs = json.loads((tmp_path / "config.json").read_text())["compression_config"]["layers"]
+    assert {s["type"] for s in specs.values()} == {"codebook_linear"}
+    again = arch.auto_class.from_pretrained(tmp_path)
+    assert torch.equal(_out(again, inputs), logits)
+
+
+def test_lookup_mode_matches_cached_and_cache_follows_codebook_edits() -> None:
+    g = torch.Generator().manual_seed(0)
+    layer, _ = codebook_from_dense(torch.randn(24, 32, generator=g), torch.randn(24, generator=g),
+                                   CodebookConfig(bits=3, method="kmeans", group_size=4))
+    x = torch.randn(5, 32, generator=g)
+    cached = layer(x)
+    layer.mode = "lookup"
+    assert torch.equal(layer(x), cached)
+    layer.mode = "cached"
+    with torch.no_grad():
+        layer.codebooks.mul_(2)
+    torch.testing.assert_close(layer(x) - layer.bias, 2 * (cached - layer.bias), rtol=1e-3, atol=1e-3)
+
+
+# ---- packing ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("seed", range(6))
+def test_pack_unpack_round_trip(bits: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed * 31 + bits)
+    n = int(torch.randint(0, 200, (1,), generator=g))
+    values = torch.randint(0, 1 << bits, (n,), generator=g)
+    if n:
+        values[0], values[-1] = 0, (1 << bits) - 1  # both extremes present
+    packed = pack_bits(values, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(n, bits) == -(-n * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits, n), values)
+
+
+def test_pack_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"values must lie in \[0, 8\) for 3 bits"):
+        pack_bits(torch.tensor([8]), 3)
+    with pytest.raises(ValueError, match=r"bit width must be an int in 1\.\.16"):
+        pack_bits(torch.tensor([1]), 0)
+    with pytest.raises(ValueError, match="need 2 bytes, got 1"):
+        unpack_bits(torch.zeros(1, dtype=torch.uint8), 4, 3)
+
+
+# ---- bytes on disk ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("bits", "d", "shared"),
+                         [(1, 1, False), (3, 1, False), (5, 2, True), (6, 4, False), (8, 1, False)])
+def test_disk_bytes_match_arithmetic(bits: int, d: int, shared: bool, tmp_path: Path) -> None:
+    out, inn, groups = 37, 64, 3
+    w = torch.randn(out, inn, generator=torch.Generator().manual_seed(bits))
+    cfg = CodebookConfig(bits=bits, vector_dim=d, n_groups=groups, shared_codebook=shared, method="rtn")
+    layer, _ = codebook_from_dense(w, torch.zeros(out), cfg)
+    books = 1 if shared else groups
+    expected = {"indices": -(-out * inn // d * bits // 8), "perm": -(-out * perm_bits(out) // 8),
+                "codebooks": books * (1 << bits) * d * 2, "scales": groups * 2, "bias": out * 4}
+    assert layer.storage_bytes() == expected
+    assert {k: -(-v // 8) for k, v in layer_bits(layer).items()} == {k: expected[k] for k in layer_bits(layer)}
+    path = tmp_path / "layer.safetensors"
+    save_file(dict(layer.state_dict()), str(path))
+    header = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert path.stat().st_size == 8 + header + sum(expected.values())
+
+
+def test_checkpoint_bytes_match_arithmetic(tmp_path: Path) -> None:
+    arch = ARCHS[0]
+    model = tiny_model(arch)
+    hf_compress.compress(model, CompressionConfig(modules={arch.mlp_pattern: CodebookConfig(bits=3, method="rtn")}),
+                         progress=False)
+    model.save_pretrained(tmp_path)
+    blob = (tmp_path / "model.safetensors").read_bytes()
+    header = json.loads(blob[8:8 + struct.unpack("<Q", blob[:8])[0]])
+    stored = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+    sd = model.state_dict()
+    for name, m in model.named_modules():
+        if isinstance(m, CodebookLinear):
+            bits = sum(layer_bits(m).values())  # codebooks/scales fp16, indices and permutation packed
+            on_disk = sum(v for k, v in stored.items() if k.startswith(name + "."))
+            assert on_disk == sum(-(-b // 8) for b in layer_bits(m).values()) and on_disk * 8 - bits < 32
+    assert sum(stored.values()) == sum(t.numel() * t.element_size() for k, t in sd.items() if k in stored)
+    assert len(blob) == 8 + struct.unpack("<Q", blob[:8])[0] + sum(stored.values())
+
+
+# ---- the optimizer ---------------------------------------------------------------------------------------------
+def _correlated_layer(seed: int, out: int = 64, inn: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight with heavy-tailed rows and ``Σ = XᵀX/n`` of correlated, unevenly scaled inputs (like LLM acts)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.distributions.Laplace(0, 1).sample((out, inn)) * torch.rand(out, 1, generator=g).add(0.5)
+    z = torch.randn(2048, 16, generator=g)
+    x = z @ torch.randn(16, inn, generator=g) + 0.3 * torch.randn(2048, inn, generator=g)
+    x = x * torch.rand(inn, generator=g).pow(3).mul(4).add(0.1)  # a few large-magnitude channels
+    return w, x.T @ x / x.shape[0]
+
+
+def _loss(layer: CodebookLinear, w: torch.Tensor, sigma: torch.Tensor) -> float:
+    e = layer.weight.detach().float() - w
+    return float((e * (e @ sigma)).sum())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_jlcm_beats_kmeans_beats_rtn(seed: int) -> None:
+    w, sigma = _correlated_layer(seed)
+    losses = {}
+    for method in ("rtn", "kmeans", "jlcm"):
+        layer, _ = codebook_from_dense(w, None, CodebookConfig(bits=3, group_size=8, method=method, steps=10), sigma)
+        losses[method] = _loss(layer, w, sigma)
+    assert losses["jlcm"] < losses["kmeans"] <= losses["rtn"], losses
+
+
+def test_proximal_mapping_update_beats_straight_through() -> None:
+    w, sigma = _correlated_layer(0)
+    stats = {}
+    for update in ("proximal", "ste"):
+        cfg = CodebookConfig(bits=3, group_size=8, steps=10, mapping_update=update)
+        _, stats[update] = codebook_from_dense(w, None, cfg, sigma)
+    # same initialization; the proximal mapping step finds accepted moves, the STE one (far jumps) hardly any
+    assert stats["proximal"]["loss_init"] == stats["ste"]["loss_init"]
+    assert stats["proximal"]["loss_final"] < stats["ste"]["loss_final"] <= stats["ste"]["loss_init"]
+    assert stats["proximal"]["accepted"] > stats["ste"]["accepted"]
+
+
+def test_shared_codebook_with_scales_and_groups_of_similar_rows() -> None:
+    w, sigma = _correlated_layer(1)
+    layer, _ = codebook_from_dense(w, None, CodebookConfig(bits=4, n_groups=8, shared_codebook=True, steps=4), sigma)
+    assert layer.codebooks.shape == (1, 16, 1) and layer.scales.shape == (8,)
+    scale_of_row = layer.scales.float()[layer.row_groups()][torch.argsort(layer.permutation())]
+    rms = w.pow(2).mean(1).sqrt()
+    assert torch.corrcoef(torch.stack([scale_of_row, rms]))[0, 1] > 0.8  # rows grouped by their distribution
+
+
+# ---- fine-tuning -----------------------------------------------------------------------------------------------
+def test_finetune_codebooks_with_trainer_indices_fixed(tmp_path: Path) -> None:
+    import transformers
+
+    arch = ARCHS[0]
+    model = tiny_model(arch)
+    hf_compress.compress(model, CompressionConfig(modules={arch.mlp_pattern: CodebookConfig(bits=2, method="rtn")}),
+                         progress=False)
+    trainable = mark_codebooks_trainable(model)
+    assert trainable and all("codebooks" in n or "scales" in n or "norm" in n or "bias" in n for n in trainable)
+    indices = {n: b.clone() for n, b in model.named_buffers() if n.endswith("indices")}
+    ids = torch.randint(0, 96, (16, 12), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": r, "labels": r} for r in ids]
+
+    def eval_loss() -> float:
+        with torch.no_grad():
+            return float(model(input_ids=ids, labels=ids).loss)
+
+    before = eval_loss()
+    args = transformers.TrainingArguments(str(tmp_path), max_steps=15, per_device_train_batch_size=8,
+                                          learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=100,
+                                          use_cpu=True)
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    assert eval_loss() < before
+    assert all(torch.equal(b, indices[n]) for n, b in model.named_buffers() if n in indices)
+
+
+# ---- config errors ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"bits": 0}, r"CodebookConfig.bits must be an int in 1..16, got 0"),
+    ({"bits": 17}, r"CodebookConfig.bits must be an int in 1..16, got 17"),
+    ({"bits_per_weight": 0.3}, r"bits_per_weight 0.3 must be b/d"),
+    ({"bits": 3, "bits_per_weight": 2.0}, r"contradict bits_per_weight"),
+    ({"bits": 3, "codebook_size": 9}, r"codebook_size must be in \[2, 2\*\*bits = 8\]"),
+    ({"method": "gptq"}, r"method must be one of \('jlcm', 'kmeans', 'rtn'\)"),
+    ({"mapping_update": "sgd"}, r"mapping_update must be one of"),
+    ({"n_groups": 0}, r"n_groups must be a positive int"),
+])
+def test_bad_configs_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CodebookConfig(**kwargs)
+
+
+def test_more_codewords_than_weights_rejected() -> None:
+    with pytest.raises(ValueError, match=r"codebook of 256 codewords exceeds the 16 weight vectors of a row group"):
+        codebook_from_dense(torch.randn(4, 16), None, CodebookConfig(bits=8, n_groups=4, method="rtn"))
+    with pytest.raises(ValueError, match=r"vector_dim 3 must be >= 1 and divide in_features 16"):
+        codebook_from_dense(torch.randn(4, 16), None, CodebookConfig(bits=3, vector_dim=3, method="rtn"))
+
+
+def test_jlcm_without_calibration_is_a_clear_error() -> None:
+    arch = ARCHS[0]
+    with pytest.raises(ValueError, match=r"needs calibration batches"):
+        hf_compress.compress(tiny_model(arch), CompressionConfig(modules={arch.mlp_pattern: CodebookConfig()}),
+                             progress=False)
+
+
+def test_bits_per_weight_derives_bits_and_vector_dim() -> None:
+    assert (CodebookConfig(bits_per_weight=2.5).bits, CodebookConfig(bits_per_weight=2.5).vector_dim) == (5, 2)
+    assert (CodebookConfig(bits_per_weight=3).bits, CodebookConfig(bits_per_weight=3).vector_dim) == (3, 1)
+    cfg = CodebookConfig(bits_per_weight=0.75)
+    assert (cfg.bits, cfg.vector_dim) == (3, 4)
+    assert CodebookConfig.from_dict(cfg.to_dict()) == cfg
