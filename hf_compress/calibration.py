@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,3 +78,81 @@ def input_samples(
             x = x[torch.randperm(x.shape[0], generator=g)[:max_rows]]
         out[name] = x
     return out
+
+
+def input_statistics_streamed(
+    model: nn.Module, names: Iterable[str], batches: Iterable[Any], stat: str = "cov", max_bytes: int = 256 * 2**20
+) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, int]]]:
+    """Per-module input statistics, streamed in chunks of consecutive modules (one calibration pass per chunk).
+
+    ``stat="cov"``: ``XᵀX / N`` (float64 ``[in, in]``); ``stat="abs_mean"``: ``mean |X|`` per channel (float64
+    ``[in]``). Modules fed the very same tensor (e.g. Q/K/V after one norm) share one statistic object, so a
+    chunk holds at most ``max_bytes`` of statistics (at least one module). Yields ``(stats, info)`` per chunk with
+    ``info = {"chunk", "modules", "stat_bytes", "passes"}``; drop each chunk's stats before the next to stream.
+    """
+    if stat not in ("cov", "abs_mean"):
+        raise ValueError(f"hf_compress.calibration: stat must be 'cov' or 'abs_mean', got {stat!r}.")
+    names, batches = list(names), list(batches)
+    if not batches:
+        raise ValueError("hf_compress.calibration: no calibration batches given; pass a non-empty list.")
+
+    def nbytes(name: str) -> int:
+        n = _in_features(model.get_submodule(name))
+        return 8 * (n * n if stat == "cov" else n)
+
+    chunks: list[list[str]] = [[]]
+    for name in names:
+        if chunks[-1] and sum(map(nbytes, chunks[-1])) + nbytes(name) > max_bytes:
+            chunks.append([])
+        chunks[-1].append(name)
+    for index, chunk in enumerate(chunks):
+        out, stat_bytes = _chunk_statistics(model, chunk, batches, stat, f"calibration {index + 1}/{len(chunks)}")
+        yield out, {"chunk": index, "modules": len(chunk), "passes": len(chunks), "stat_bytes": stat_bytes}
+        del out
+
+
+def _chunk_statistics(model: nn.Module, chunk: list[str], batches: list[Any], stat: str,
+                      desc: str) -> tuple[dict[str, torch.Tensor], int]:
+    """One calibration pass hooking ``chunk``; returns ``({name: stat}, bytes held)`` (shared inputs deduped)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    leader: dict[str, str] = {}  # module -> module whose statistic it shares
+    live: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input kept alive, first module), per batch
+
+    def add(name: str, x: torch.Tensor) -> None:
+        seen = live.get(id(x))
+        if seen is not None and seen[0] is x:
+            leader.setdefault(name, seen[1])
+            return
+        live[id(x)] = (x, name)
+        if leader.setdefault(name, name) != name:
+            return
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        part = x.T @ x if stat == "cov" else x.abs().sum(0)
+        sums[name] = sums[name] + part if name in sums else part
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    was_training = model.training
+    model.eval()
+    try:
+        with input_hooks(model, chunk, add), torch.inference_mode():
+            for batch in tqdm(batches, desc=desc, leave=False):
+                live.clear()
+                model(**batch) if isinstance(batch, dict) else model(batch)
+    finally:
+        live.clear()
+        model.train(was_training)
+    stats = {n: sums[n] / counts[n] for n in sums}
+    out = {n: stats[leader[n]] for n in chunk if leader.get(n) in stats}
+    return out, sum(t.numel() * t.element_size() for t in stats.values())
+
+
+def _in_features(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if hasattr(module, "nx"):  # GPT-2 Conv1D
+        return int(module.nx)
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        raise TypeError(f"hf_compress.calibration: {type(module).__name__} has no weight; hook linear layers only.")
+    return int(weight.shape[-1])

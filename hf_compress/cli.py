@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   hf-compress eval out --metric ppl --text my_eval.txt
   hf-compress card out
   hf-compress push out me/smollm2-compressed
+  hf-compress sweep ./dense --patterns q_proj mlp.up_proj --ratios 0.25 0.5 --budget 0.9 --out plan.json
 """
 
 
@@ -146,6 +147,44 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import transformers
+
+    from . import sweep as sw
+    from .modeling import auto_compressed_class, default_task
+
+    if (args.budget is None) == (args.quality_budget is None):
+        raise CLIError("give exactly one of --budget FRACTION (parameters kept) or --quality-budget RATIO")
+    config = transformers.AutoConfig.from_pretrained(args.model)
+    model = auto_compressed_class(args.task or default_task(config)).from_pretrained(args.model).eval()
+    tok = None
+    if args.text or args.calib_text or args.metric == "ppl":
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError) as err:
+            raise CLIError(f"--text/--calib-text/--metric ppl need a tokenizer in {args.model}: {err}") from err
+    if args.metric == "ppl" and not args.text:
+        raise CLIError("--metric ppl needs --text FILE (evaluation text)")
+    probe = (sw.text_batches(tok, Path(args.text).read_text(), args.n_batches, args.seq_len) if args.text
+             else sw.random_batches(model, args.n_batches, args.seq_len, seed=1))
+    calib = (sw.text_batches(tok, Path(args.calib_text).read_text(), args.n_batches, args.seq_len) if args.calib_text
+             else sw.random_batches(model, args.n_batches, args.seq_len, seed=2))
+    eval_fn = sw.perplexity_fn(probe) if args.metric == "ppl" else sw.output_error_fn(model, probe)
+    budget = {"params": args.budget} if args.budget is not None else {"quality": args.quality_budget}
+    result = sw.sweep(model, args.patterns, args.ratios, calibration=calib, eval_fn=eval_fn, budget=budget,
+                      method=args.method, group_by=args.group_by, progress=False)
+    print(result.format_table())
+    chosen = result.chosen
+    print(f"chosen: params {chosen['params']:,} ({chosen['params_ratio']:.3f} of dense), {args.metric} "
+          f"{chosen['quality']:.4g} (dense {result.dense['quality']:.4g}); {chosen['groups']}")
+    result.config.to_json(args.out)
+    print(f"wrote plan {args.out}")
+    if args.table:
+        result.to_json(args.table)
+        print(f"wrote table {args.table}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-compress", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,12 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token")
     p.set_defaults(func=cmd_push)
 
-    try:
-        from .sweep import add_sweep_parser
-    except ImportError:
-        add_sweep_parser = None
-    if add_sweep_parser is not None:
-        add_sweep_parser(sub)
+    p = sub.add_parser("sweep", help="per-layer sensitivity + budgeted search for a low-rank plan (JSON)")
+    p.add_argument("model", help="Hub id or local folder of a dense model")
+    p.add_argument("--patterns", nargs="+", required=True, help="candidate module patterns (one group each)")
+    p.add_argument("--ratios", type=float, nargs="+", required=True, help="candidate rank_ratio values")
+    p.add_argument("--budget", type=float, help="fraction of the model's parameters to keep, e.g. 0.91")
+    p.add_argument("--quality-budget", type=float, help="allowed quality ratio vs dense, e.g. 1.05")
+    p.add_argument("--method", default="svd", choices=["svd", "whitened", "asvd", "tucker"])
+    p.add_argument("--metric", default="output", choices=["output", "ppl"],
+                   help="output: relative output error vs dense (no tokenizer needed); ppl: perplexity of --text")
+    p.add_argument("--text", help="evaluation text file (probe inputs)")
+    p.add_argument("--calib-text", help="calibration text file for whitened/asvd (default: random inputs)")
+    p.add_argument("--n-batches", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--group-by", default="pattern", choices=["pattern", "module"])
+    p.add_argument("--task", help="head: causal-lm, speech-seq2seq, base, ...")
+    p.add_argument("--out", required=True, help="where to write the chosen CompressionConfig JSON")
+    p.add_argument("--table", help="also write the full sweep result (table, path, Pareto points) as JSON")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

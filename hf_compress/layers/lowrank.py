@@ -1,7 +1,12 @@
-"""Low-rank linear layer: ``W ≈ U Vᵀ`` stored as two plain ``nn.Linear``s (PEFT/Trainer work unchanged)."""
+"""Low-rank linear layer: ``W ≈ U Vᵀ`` stored as two plain ``nn.Linear``s (PEFT/Trainer work unchanged).
+
+:func:`spectrum` factors a weight plainly (SVD), in the whitened basis of its input covariance (SVD-LLM) or with
+ASVD-style column scaling; :class:`Spectrum` then truncates it to any rank.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,7 +49,7 @@ class LowRankLinear(nn.Module):
         return self.up.weight @ self.down.weight
 
     @classmethod
-    def from_factors(cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None) -> "LowRankLinear":
+    def from_factors(cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None) -> LowRankLinear:
         """Build from ``up [out, r]``, ``down [r, in]`` and ``bias [out]``."""
         layer = cls(down.shape[1], up.shape[0], up.shape[1], bias=bias is not None, device=up.device, dtype=up.dtype)
         with torch.no_grad():
@@ -55,15 +60,19 @@ class LowRankLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_dense(cls, linear: nn.Module, rank: int) -> "LowRankLinear":
-        """Truncated SVD (in float64) of an ``nn.Linear``/``Conv1D``: ``W = U S Vᵀ``, ``up = U_r √S_r``, ``down = √S_r V_rᵀ``."""
+    def from_dense(cls, linear: nn.Module, rank: int) -> LowRankLinear:
+        """Truncated SVD (float64) of an ``nn.Linear``/``Conv1D``: ``W = U S Vᵀ``, ``up = U_r √S_r``,
+        ``down = √S_r V_rᵀ``."""
         weight, bias = linear_weight_and_bias(linear, "LowRankLinear.from_dense")
         check_rank(rank, min(weight.shape), f"LowRankLinear.from_dense({weight.shape[1]}->{weight.shape[0]})")
-        u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
-        root = s[:rank].sqrt()
-        up = (u[:, :rank] * root).to(weight.dtype)
-        down = (root[:, None] * vh[:rank]).to(weight.dtype)
-        return cls.from_factors(up, down, None if bias is None else bias.detach())
+        return cls.from_spectrum(spectrum(weight), rank, bias, weight.dtype)
+
+    @classmethod
+    def from_spectrum(cls, spec: Spectrum, rank: int, bias: torch.Tensor | None, dtype: torch.dtype) -> LowRankLinear:
+        """Rank-``rank`` truncation of a :class:`Spectrum` (``bias [out]`` copied onto ``up``)."""
+        check_rank(rank, spec.s.numel(), f"LowRankLinear({spec.vt.shape[1]}->{spec.u.shape[0]})")
+        up, down = spec.factors(rank)
+        return cls.from_factors(up.to(dtype), down.to(dtype), None if bias is None else bias.detach())
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -75,8 +84,70 @@ class LowRankLinear(nn.Module):
         }
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "LowRankLinear":
+    def from_spec(cls, spec: dict[str, Any]) -> LowRankLinear:
         return cls(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+@dataclass
+class Spectrum:
+    """``W ≈ u · diag(s) · vt`` (exact at full rank): ``u [out, k]``, ``s [k]`` descending, ``vt [k, in]``.
+
+    For whitened/scaled factorizations ``vt`` already includes the inverse transform (``Vᵀ S⁻¹``), and ``s`` are
+    the singular values of the transformed weight ``W·S``, so truncating them is optimal for that transform.
+    """
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vt: torch.Tensor
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(up [out, r] = U_r Σ_r^½, down [r, in] = Σ_r^½ V_rᵀ S⁻¹)``."""
+        root = self.s[:rank].clamp_min(0).sqrt()
+        return self.u[:, :rank] * root, root[:, None] * self.vt[:rank]
+
+    def rank_for_energy(self, energy: float) -> int:
+        """Smallest rank whose ``Σ s²`` share is at least ``energy``."""
+        share = (self.s.double() ** 2).cumsum(0) / (self.s.double() ** 2).sum().clamp_min(1e-300)
+        return min(int((share < energy - 1e-12).sum()) + 1, self.s.numel())
+
+    def truncate(self, rank: int) -> Spectrum:
+        return Spectrum(self.u[:, :rank].clone(), self.s[:rank].clone(), self.vt[:rank].clone())
+
+
+def whitening(cov: torch.Tensor, damping: float = 0.0, who: str = "module") -> torch.Tensor:
+    """Lower Cholesky factor ``S [in, in]`` (float64) of ``cov + λ·mean(diag)·I``; ``λ = damping``, raised ×10
+    from 1e-8 up to 1 while the covariance is not positive definite (dead or collinear input channels)."""
+    cov = cov.to(torch.float64)
+    scale = cov.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    lam = float(damping)
+    while True:
+        chol, info = torch.linalg.cholesky_ex(cov + lam * scale * eye)
+        if int(info) == 0:
+            return chol
+        if lam >= 1.0:
+            raise ValueError(f"hf_compress: {who}: input covariance is not positive definite even with damping 1.0; "
+                             "check the calibration batches (NaN/inf activations?).")
+        lam = max(lam * 10, 1e-8)
+
+
+def spectrum(weight: torch.Tensor, cov: torch.Tensor | None = None, abs_mean: torch.Tensor | None = None,
+             alpha: float = 0.5, damping: float = 0.0, who: str = "module") -> Spectrum:
+    """Factor ``weight [out, in]`` in float64: plain SVD; with ``cov [in, in]`` (``XᵀX/N``) the SVD of ``W·S``
+    where ``S Sᵀ = cov`` (SVD-LLM truncation-aware whitening); with ``abs_mean [in]`` the SVD of
+    ``W·diag(abs_mean^alpha)`` (ASVD)."""
+    w = weight.detach().to(torch.float64)
+    if cov is not None:
+        chol = whitening(cov.to(w.device), damping, who)
+        u, s, vt = torch.linalg.svd(w @ chol, full_matrices=False)
+        vt = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)  # Vᵀ S⁻¹
+    elif abs_mean is not None:
+        scale = abs_mean.to(w.device, torch.float64).clamp_min(1e-8 * float(abs_mean.max().clamp_min(1e-30))) ** alpha
+        u, s, vt = torch.linalg.svd(w * scale, full_matrices=False)
+        vt = vt / scale
+    else:
+        u, s, vt = torch.linalg.svd(w, full_matrices=False)
+    return Spectrum(u, s, vt)

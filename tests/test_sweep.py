@@ -1,0 +1,115 @@
+"""``hf_compress.sweep`` and ``hf-compress sweep``: sensitivity table, budgeted plan, Pareto data, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ARCHS, tiny_model
+
+import hf_compress
+from hf_compress import CompressionConfig
+from hf_compress.sweep import output_error_fn, random_batches
+
+LLAMA = ARCHS[0]
+PATTERNS = {"llama": ["q_proj", "o_proj", "mlp.up_proj", "mlp.down_proj"], "gpt2": ["attn.c_attn", "mlp.c_fc"],
+            "bert": ["attention.self.query", "intermediate.dense"], "whisper": ["fc1", "fc2", "self_attn.q_proj"]}
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[a.name for a in ARCHS])
+def test_params_budget_plan_is_met_and_reproducible(arch) -> None:
+    model = tiny_model(arch)
+    batches, calib = random_batches(model, n=2, seq=8), random_batches(model, n=3, seq=16, seed=5)
+    ref = output_error_fn(model, batches)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = hf_compress.sweep(model, PATTERNS[arch.name], [0.25, 0.5], calibration=calib,
+                               eval_fn=output_error_fn(model, batches), budget=0.95, method="whitened",
+                               progress=False)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in before.items()}
+    assert ref(model) == 0.0  # the model is restored
+    assert len(result.table) == 2 * len(PATTERNS[arch.name])
+    assert all({"group", "size", "params_saved", "quality", "delta"} <= set(r) for r in result.table)
+    assert result.chosen["params_ratio"] <= 0.95 and result.chosen["quality"] > 0
+    assert any(p["pareto"] for p in result.pareto) and result.pareto[0]["source"] == "dense"
+    plan = CompressionConfig.from_json(result.config.to_json())
+    again = tiny_model(arch)
+    hf_compress.compress(again, plan, calibration=calib, progress=False)
+    assert _params(again) == result.chosen["params"]
+    error = output_error_fn(tiny_model(arch), batches)(again)
+    assert error == pytest.approx(result.chosen["quality"], rel=1e-3, abs=1e-6)
+
+
+def test_quality_budget_and_greedy_path() -> None:
+    model = tiny_model(LLAMA)
+    batches = random_batches(model, n=2, seq=8)
+    fn = output_error_fn(model, batches)
+    result = hf_compress.sweep(model, PATTERNS["llama"], [0.25, 0.5], eval_fn=fn, progress=False,
+                               budget={"quality_delta": 0.5}, path_evals=2)
+    assert result.chosen["quality"] <= 0.5 or not result.chosen["groups"]
+    assert [p["params"] for p in result.path] == sorted((p["params"] for p in result.path), reverse=True)
+    assert sum(p["source"].startswith("path step") for p in result.pareto) >= 1
+    assert "group" in result.format_table()
+    json.loads(result.to_json())
+
+
+def test_per_module_groups_and_tucker() -> None:
+    model = tiny_model(LLAMA)
+    fn = output_error_fn(model, random_batches(model, n=1, seq=8))
+    result = hf_compress.sweep(model, ["q_proj"], [0.5], eval_fn=fn, budget=0.99, method="tucker",
+                               group_by="module", progress=False)
+    assert len(result.groups) == LLAMA.make_config().num_hidden_layers
+    assert all(len(v) == 1 for v in result.groups.values())
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"candidates": ["nope_proj"]}, "'nope_proj' matches no linear layer"),
+    ({"budget": 1.5}, r"params budget must be in \(0, 1\]"),
+    ({"budget": {"speed": 2}}, "budget must be a params fraction"),
+    ({"eval_fn": None}, "pass eval_fn"),
+    ({"ranks": []}, "at least one candidate size"),
+    ({"group_by": "layer"}, "group_by must be 'pattern' or 'module'"),
+])
+def test_bad_inputs(kwargs: dict, match: str) -> None:
+    model = tiny_model(LLAMA)
+    args = {"candidates": ["q_proj"], "ranks": [0.5], "eval_fn": lambda m: 0.0, "budget": 0.9, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        hf_compress.sweep(model, progress=False, **args)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hf_compress.cli", *args], capture_output=True, text=True,
+                          check=False)
+
+
+def test_cli_sweep_writes_plan(tmp_path: Path) -> None:
+    dense = tmp_path / "dense"
+    tiny_model(LLAMA).save_pretrained(dense)
+    plan, table = tmp_path / "plan.json", tmp_path / "table.json"
+    proc = _cli("sweep", str(dense), "--patterns", "q_proj", "mlp.up_proj", "mlp.down_proj", "--ratios", "0.25",
+                "0.5", "--budget", "0.9", "--method", "whitened", "--out", str(plan), "--table", str(table))
+    assert proc.returncode == 0, proc.stderr
+    assert "chosen: params" in proc.stdout and "wrote plan" in proc.stdout
+    cfg = CompressionConfig.from_json(plan)
+    assert cfg.modules and all(c.method == "whitened" for c in cfg.modules.values())
+    assert json.loads(table.read_text())["chosen"]["params_ratio"] <= 0.9
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    ([], "exactly one of --budget"),
+    (["--budget", "0.9", "--metric", "ppl"], "need a tokenizer"),
+    (["--budget", "0.9", "--patterns", "zzz"], "matches no linear layer"),
+])
+def test_cli_sweep_errors(tmp_path: Path, extra: list[str], match: str) -> None:
+    dense = tmp_path / "dense"
+    tiny_model(LLAMA).save_pretrained(dense)
+    args = ["sweep", str(dense), "--patterns", "q_proj", "--ratios", "0.5", "--out", str(tmp_path / "p.json")]
+    proc = _cli(*args, *extra)
+    assert proc.returncode == 2 and match in proc.stderr
