@@ -9,7 +9,9 @@ from typing import Any
 
 EXAMPLES = """examples:
   hf-compress compress HuggingFaceTB/SmolLM2-135M --config plan.json --out smollm2-compressed
-  hf-compress compress ./dense-model --method low_rank --rank-ratio 0.5 --pattern 'self_attn\\.(q|k|v|o)_proj$' --out out
+  hf-compress compress ./dense-model --method low_rank --rank-ratio 0.5 --pattern 'self_attn\\.(q|k|v|o)_proj$' \\
+      --out out
+  hf-compress compress ./dense-model --budget 0.8 --out out         # searched whitened low-rank plan
   hf-compress eval out --metric ppl --text my_eval.txt
   hf-compress card out
   hf-compress push out me/smollm2-compressed
@@ -72,19 +74,38 @@ def cmd_compress(args: argparse.Namespace) -> int:
     config = transformers.AutoConfig.from_pretrained(args.model)
     task = args.task or default_task(config)
     model = auto_compressed_class(task).from_pretrained(args.model, dtype=_dtype(args.dtype))
+    calibration = None
     if plan is None:
-        from .planning import plan as make_plan
-
-        result = make_plan(model, budget=args.budget)
-        print(result.table())
-        plan = result.config
-    compress(model, plan)
+        plan, calibration = _auto_low_rank_plan(model, args.budget)
+    compress(model, plan, calibration=calibration)
     out = Path(args.out)
     model.save_pretrained(out)
     _save_preprocessor(args.model, out)
     n = sum(p.numel() for p in model.parameters())
     print(f"saved {type(model).__name__} ({n:,} parameters) to {out}")
     return 0
+
+
+def _auto_low_rank_plan(model: Any, budget: float) -> tuple[Any, list[Any]]:
+    """``--budget``: a whitened low-rank plan keeping ``budget`` of the parameters, searched by :func:`sweep` over
+    every linear layer type (grouped by module name, the output head excluded), scored by output error on random
+    inputs. Mixed-method planning is not available yet: use ``--config`` for TT/JLCM/subspace/product-twin plans."""
+    import re
+
+    from . import sweep as sw
+
+    if not 0.0 < budget < 1.0:
+        raise CLIError(f"--budget must be a fraction of the parameters to keep in (0, 1), got {budget}")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if sw._is_linear(m) and m is not head})
+    if not leaves:
+        raise CLIError(f"{type(model).__name__} has no linear layers to plan over")
+    batches = sw.random_batches(model, 4, 32, seed=1)
+    result = sw.sweep(model, [re.escape(leaf) for leaf in leaves], [0.25, 0.5, 0.75],
+                      calibration=batches, eval_fn=sw.output_error_fn(model, batches), budget={"params": budget},
+                      method="whitened", progress=False)
+    print(result.format_table())
+    return result.config, batches
 
 
 def _dtype(name: str | None) -> Any:
@@ -199,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int)
     p.add_argument("--rank-ratio", type=float)
     p.add_argument("--param", action="append", help="extra method parameter KEY=VALUE (JSON value)")
-    p.add_argument("--budget", type=float, help="target fraction of the model's bytes to keep (auto plan)")
+    p.add_argument("--budget", type=float,
+                   help="fraction of parameters to keep: searches a whitened low-rank plan with `sweep` (auto plan)")
     p.add_argument("--task", help="head: causal-lm, speech-seq2seq, base, masked-lm, sequence-classification")
     p.add_argument("--dtype", default="float32", help="load dtype (float32, bfloat16, float16, auto)")
     p.set_defaults(func=cmd_compress)

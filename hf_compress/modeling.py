@@ -174,6 +174,17 @@ def adopt_compressed_class(model: nn.Module) -> None:
     model.config.compression_config = dict(model.config.compression_config or {})
     model.config.compression_config.setdefault("base_model", model.config.name_or_path or None)
     model.__class__ = target  # the subclass adds no instance state, so this is a plain re-typing
+    _register_output_capture(model)
+
+
+def _register_output_capture(model: PreTrainedModel) -> None:
+    """transformers 5 records which outputs (hidden states, attentions) a class can capture when an instance is
+    built, keyed by class; a re-typed model must be registered too, or ``output_hidden_states=True`` yields None."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # older transformers: nothing to register
+        return
+    _CAN_RECORD_REGISTRY[model] = getattr(model, "_can_record_outputs", None)
 
 
 def default_task(config: PretrainedConfig) -> str:

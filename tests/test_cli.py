@@ -107,3 +107,19 @@ def test_eval_perplexity_on_a_text_file(dense: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     ppl = float(next(line for line in proc.stdout.splitlines() if line.startswith("ppl:")).split()[1])
     assert 1.0 < ppl < 1000 and torch.isfinite(torch.tensor(ppl))
+
+
+def test_compress_with_budget_searches_a_plan_meeting_it(dense: Path, tmp_path: Path) -> None:
+    proc = _run("compress", str(dense), "--budget", "0.8", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dense_n = sum(p.numel() for p in tiny_model(LLAMA).parameters())
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert sum(p.numel() for p in again.parameters()) <= 0.8 * dense_n
+    plan = json.loads((tmp_path / "out" / "config.json").read_text())["compression_config"]
+    assert {m["method"] for m in plan["modules"].values()} == {"whitened"}
+
+
+def test_compress_with_budget_out_of_range_fails(dense: Path, tmp_path: Path) -> None:
+    proc = _run("compress", str(dense), "--budget", "1.5", "--out", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    assert "--budget must be a fraction" in proc.stderr

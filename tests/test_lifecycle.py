@@ -202,3 +202,27 @@ def test_skip_modules_and_pattern_semantics() -> None:
     assert isinstance(model.model.layers[1].self_attn.q_proj, LowRankLinear)
     assert hf_compress.config.matches("q_proj", "model.layers.0.self_attn.q_proj")
     assert not hf_compress.config.matches("proj", "model.layers.0.self_attn.q_proj")
+
+
+def test_in_place_compression_keeps_output_hidden_states() -> None:
+    """A model re-typed in place still returns hidden states (transformers keeps a per-class output-capture
+    registry, filled when an instance is built). Fresh process: no other compressed BERT was ever built there."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from conftest import ARCHS, tiny_model
+        import hf_compress
+        from hf_compress import CompressionConfig, LowRankConfig
+        bert = [a for a in ARCHS if a.name == "bert"][0]
+        model = hf_compress.compress(tiny_model(bert), CompressionConfig(modules={{"query": LowRankConfig(rank=2)}}),
+                                     progress=False)
+        out = model(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True)
+        print(len(out.hidden_states) if out.hidden_states is not None else "None")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == str(ARCHS[2].make_config().num_hidden_layers + 1)
