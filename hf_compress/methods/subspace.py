@@ -38,7 +38,7 @@ from ..layers.subspace import (
 )
 from ..layers.tt_embedding import TiedEmbeddingHead
 from ..registry import register_method
-from .tt_embedding import count_tokens, tied_head_name, untie
+from .tt_embedding import attach_tied_head, count_tokens, embedding_scale
 
 HEADS = ("compressed", "dense")
 UNEVEN = ("last", "error")
@@ -258,26 +258,10 @@ def prepare_subspace(model: nn.Module, targets: dict[str, SubspaceEmbeddingConfi
 
 def compress_subspace(module: nn.Module, config: SubspaceEmbeddingConfig, ctx: CompressionContext
                       ) -> nn.Module | None:
-    if not isinstance(module, nn.Embedding):
-        raise TypeError(f"hf_compress: {ctx.name} is a {type(module).__name__}; SubspaceEmbeddingConfig compresses "
-                        "nn.Embedding token tables only (e.g. pattern 'embed_tokens' or 'word_embeddings').")
-    scale = getattr(module, "scalar_embed_scale", None)  # Gemma3TextScaledWordEmbedding keeps its scale
+    scale = embedding_scale(module, ctx.name, "SubspaceEmbeddingConfig")  # Gemma's scaled embedding keeps its scale
     new = build_subspace(module.weight, config, ctx.state, who=ctx.name, padding_idx=module.padding_idx,
-                         embed_scale=None if scale is None else float(scale))
-    head_name = tied_head_name(ctx.model, module)
-    if head_name is not None:
-        head = ctx.model.get_submodule(head_name)
-        if config.tied_head == "compressed":
-            bias = getattr(head, "bias", None)
-            tied = TiedEmbeddingHead(ctx.name, module.embedding_dim, module.num_embeddings, bias=bias is not None,
-                                     device=module.weight.device, dtype=module.weight.dtype)
-            if bias is not None:
-                tied.bias.data.copy_(bias.detach())
-            tied.__dict__["_embedding"] = new
-            ctx.model.set_submodule(head_name, tied)
-        else:
-            head.weight = nn.Parameter(module.weight.detach().clone())
-        untie(ctx.model, (head_name, ctx.name))
+                         embed_scale=scale)
+    attach_tied_head(ctx, module, new, config.tied_head)
     return new
 
 

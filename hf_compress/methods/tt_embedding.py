@@ -344,27 +344,41 @@ def untie(model: nn.Module, names: tuple[str, ...]) -> None:
                 tied.pop(key)
 
 
-def compress_tt_embedding(module: nn.Module, config: TTEmbeddingConfig, ctx: CompressionContext) -> nn.Module | None:
+def embedding_scale(module: nn.Module, who: str, config_name: str) -> float | None:
+    """Check ``module`` is a token table; return its scalar ``embed_scale`` (Gemma's scaled embedding) or ``None``."""
     if not isinstance(module, nn.Embedding):
-        raise TypeError(f"hf_compress: {ctx.name} is a {type(module).__name__}; TTEmbeddingConfig compresses "
+        raise TypeError(f"hf_compress: {who} is a {type(module).__name__}; {config_name} compresses "
                         "nn.Embedding token tables only (e.g. pattern 'embed_tokens' or 'word_embeddings').")
     scale = getattr(module, "scalar_embed_scale", None)
-    new = build_embedding(module.weight, config, ctx.state, who=ctx.name, padding_idx=module.padding_idx,
-                          embed_scale=None if scale is None else float(scale))
+    return None if scale is None else float(scale)
+
+
+def attach_tied_head(ctx: CompressionContext, module: nn.Embedding, new: nn.Module, mode: str) -> None:
+    """If the model's output head shares ``module.weight``: ``mode="compressed"`` swaps in a
+    :class:`TiedEmbeddingHead` reading ``new`` (no parameters but the bias), ``"dense"`` gives the head its own dense
+    copy of the table; either way the model is marked untied."""
     head_name = tied_head_name(ctx.model, module)
-    if head_name is not None:
-        head = ctx.model.get_submodule(head_name)
-        if config.tied_head == "compressed":
-            bias = getattr(head, "bias", None)
-            tied = TiedEmbeddingHead(ctx.name, module.embedding_dim, module.num_embeddings, bias=bias is not None,
-                                     device=module.weight.device, dtype=module.weight.dtype)
-            if bias is not None:
-                tied.bias.data.copy_(bias.detach())
-            tied.__dict__["_embedding"] = new
-            ctx.model.set_submodule(head_name, tied)
-        else:
-            head.weight = nn.Parameter(module.weight.detach().clone())
-        untie(ctx.model, (head_name, ctx.name))
+    if head_name is None:
+        return
+    head = ctx.model.get_submodule(head_name)
+    if mode == "compressed":
+        bias = getattr(head, "bias", None)
+        tied = TiedEmbeddingHead(ctx.name, module.embedding_dim, module.num_embeddings, bias=bias is not None,
+                                 device=module.weight.device, dtype=module.weight.dtype)
+        if bias is not None:
+            tied.bias.data.copy_(bias.detach())
+        tied.__dict__["_embedding"] = new
+        ctx.model.set_submodule(head_name, tied)
+    else:
+        head.weight = nn.Parameter(module.weight.detach().clone())
+    untie(ctx.model, (head_name, ctx.name))
+
+
+def compress_tt_embedding(module: nn.Module, config: TTEmbeddingConfig, ctx: CompressionContext) -> nn.Module | None:
+    scale = embedding_scale(module, ctx.name, "TTEmbeddingConfig")
+    new = build_embedding(module.weight, config, ctx.state, who=ctx.name, padding_idx=module.padding_idx,
+                          embed_scale=scale)
+    attach_tied_head(ctx, module, new, config.tied_head)
     return new
 
 
