@@ -1,0 +1,173 @@
+"""Per-speaker PEFT LoRA adapters for (compressed) Whisper models, trained with HF ``Seq2SeqTrainer``.
+
+``train_speaker_adapter`` adds a LoRA adapter named after the speaker (the model is wrapped in a ``PeftModel``
+on first use), trains only it on that speaker's ``(audio, text)`` pairs, and saves a standard adapter folder
+(``adapter_config.json`` + ``adapter_model.safetensors``). ``load_speaker_adapter`` / ``set_speaker`` load and
+switch adapters at inference. TwinAttention projections are plain ``nn.Linear``s, so the default targets
+(``q_proj``, ``v_proj``) need no custom-module registration.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+SAMPLE_RATE = 16000
+
+
+def lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.0,
+                target_modules: Sequence[str] = DEFAULT_TARGETS) -> Any:
+    """A ``peft.LoraConfig`` for speaker adaptation (``target_modules`` are module-name suffixes)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none")
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """``(audio, text)`` pairs as Whisper features ``[n_mels, 3000]`` and label ids (computed once, up front)."""
+
+    def __init__(self, processor: Any, audios: Sequence[np.ndarray], texts: Sequence[str]) -> None:
+        if len(audios) != len(texts) or not audios:
+            raise ValueError(f"hf_compress.adapters: need as many texts as audios (>= 1), got {len(audios)} audios "
+                             f"and {len(texts)} texts.")
+        feats = processor.feature_extractor(list(audios), sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        self.features = feats.input_features
+        self.labels = [processor.tokenizer(t).input_ids for t in texts]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_features": self.features[i], "labels": self.labels[i]}
+
+
+class SpeechCollator:
+    """Stacks features and pads labels with ``-100``; drops a leading decoder-start token (the model adds it)."""
+
+    def __init__(self, decoder_start_token_id: int) -> None:
+        self.start = decoder_start_token_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        labels = [list(x["labels"]) for x in items]
+        if all(seq and seq[0] == self.start for seq in labels):
+            labels = [seq[1:] for seq in labels]
+        width = max(len(seq) for seq in labels)
+        padded = torch.full((len(labels), width), -100, dtype=torch.long)
+        for i, seq in enumerate(labels):
+            padded[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        return {"input_features": torch.stack([x["input_features"] for x in items]), "labels": padded}
+
+
+def read_wav(path: str | Path) -> np.ndarray:
+    """Samples ``[n]`` float32 in [-1, 1] of a 16 kHz mono 16-bit WAV (stdlib ``wave``)."""
+    import wave
+
+    with wave.open(str(path), "rb") as w:
+        if w.getframerate() != SAMPLE_RATE or w.getnchannels() != 1 or w.getsampwidth() != 2:
+            raise ValueError(f"hf_compress.adapters: {path} is not 16 kHz mono 16-bit; convert it with "
+                             "`sox in.wav -r 16000 -c 1 -b 16 out.wav`.")
+        frames = w.readframes(w.getnframes())
+    return np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def audio_and_text(utterances: Sequence[Any]) -> tuple[list[np.ndarray], list[str]]:
+    """``Utterance``-like items (``.path``, ``.text``) or ``(audio, text)`` tuples -> (audios, texts)."""
+    audios, texts = [], []
+    for u in utterances:
+        if hasattr(u, "path"):
+            audios.append(read_wav(u.path))
+            texts.append(u.text)
+        else:
+            audio, text = u
+            audios.append(np.asarray(audio, dtype=np.float32))
+            texts.append(text)
+    return audios, texts
+
+
+def add_speaker_adapter(model: Any, speaker: str, config: Any = None) -> Any:
+    """Return a ``PeftModel`` with a fresh LoRA adapter ``speaker`` added (and active); wraps ``model`` if needed."""
+    from peft import PeftModel, get_peft_model
+
+    config = config or lora_config()
+    if isinstance(model, PeftModel):
+        if speaker in model.peft_config:
+            raise ValueError(f"hf_compress.adapters: adapter {speaker!r} already exists; pick another speaker name "
+                             "or delete it with model.delete_adapter(name).")
+        model.add_adapter(speaker, config)
+        model.set_adapter(speaker)
+        return model
+    return get_peft_model(model, config, adapter_name=speaker)
+
+
+def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any], speaker: str,
+                          output_dir: str | Path, config: Any = None, max_steps: int = 60, batch_size: int = 4,
+                          learning_rate: float = 1e-3, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Train LoRA adapter ``speaker`` on ``utterances`` with ``Seq2SeqTrainer`` and save it to
+    ``output_dir/speaker`` (standard PEFT folder). Returns ``(peft_model, {"seconds", "train_loss", "path",
+    "steps", "utterances"})``; the base weights stay frozen."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    audios, texts = audio_and_text(utterances)
+    data = SpeechDataset(processor, audios, texts)
+    peft_model = add_speaker_adapter(model, speaker, config)
+    start_id = peft_model.base_model.model.config.decoder_start_token_id
+    out = Path(output_dir)
+    scratch = tempfile.TemporaryDirectory(prefix=f"hf_compress_lora_{speaker}_")  # trainer logs; no checkpoints
+    args = Seq2SeqTrainingArguments(
+        output_dir=scratch.name, per_device_train_batch_size=batch_size, max_steps=max_steps,
+        learning_rate=learning_rate, warmup_steps=max(1, max_steps // 10), lr_scheduler_type="linear",
+        logging_steps=max(1, max_steps // 5), save_strategy="no", report_to=[], seed=seed,
+        remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
+    trainer = Seq2SeqTrainer(model=peft_model, args=args, train_dataset=data, data_collator=SpeechCollator(start_id))
+    t0 = time.perf_counter()
+    try:
+        result = trainer.train()
+    finally:
+        scratch.cleanup()
+    seconds = time.perf_counter() - t0
+    path = save_speaker_adapter(peft_model, speaker, out)
+    peft_model.eval()
+    return peft_model, {"seconds": round(seconds, 1), "train_loss": float(result.training_loss), "path": str(path),
+                        "steps": max_steps, "utterances": len(data), "batch_size": batch_size}
+
+
+def save_speaker_adapter(model: Any, speaker: str, output_dir: str | Path) -> Path:
+    """Save adapter ``speaker`` as a standard PEFT folder ``output_dir/speaker`` (safetensors); returns it."""
+    model.save_pretrained(str(output_dir), selected_adapters=[speaker], safe_serialization=True)
+    # PEFT writes non-default adapters to output_dir/<name>; the default adapter lands in output_dir itself.
+    return Path(output_dir) / speaker if speaker != "default" else Path(output_dir)
+
+
+def load_speaker_adapter(model: Any, path: str | Path, speaker: str) -> Any:
+    """Load the adapter folder ``path`` as ``speaker`` (wrapping ``model`` in a ``PeftModel`` if needed); active."""
+    from peft import PeftModel
+
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"hf_compress.adapters: {path} has no adapter_config.json; pass the folder "
+                                "train_speaker_adapter / save_speaker_adapter wrote.")
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(path), adapter_name=speaker)
+    else:
+        model = PeftModel.from_pretrained(model, str(path), adapter_name=speaker)
+    model.set_adapter(speaker)
+    model.eval()
+    return model
+
+
+def set_speaker(model: Any, speaker: str) -> Any:
+    """Activate adapter ``speaker`` (``model.set_adapter``), with a clear error listing the loaded ones."""
+    known = list(getattr(model, "peft_config", {}) or {})
+    if speaker not in known:
+        raise ValueError(f"hf_compress.adapters: no adapter {speaker!r} is loaded (loaded: {known}); load it with "
+                         "load_speaker_adapter(model, path, speaker).")
+    model.set_adapter(speaker)
+    return model
