@@ -93,3 +93,21 @@ def dense_dir(arch: Arch, tmp_path_factory: pytest.TempPathFactory) -> tuple[Arc
     path = tmp_path_factory.mktemp(f"dense-{arch.name}")
     tiny_model(arch).save_pretrained(path)
     return arch, str(path)
+
+
+# module pattern of the token embedding, per architecture row
+EMBED = {"llama": "embed_tokens", "gpt2": "wte", "bert": "word_embeddings", "whisper": r"decoder\.embed_tokens"}
+
+
+def model_output(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """Logits, or the last hidden state for base models, without gradients."""
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def short_generate(model: torch.nn.Module, arch: Arch, inputs: dict[str, Any]) -> torch.Tensor:
+    """Three greedy tokens (from audio features for Whisper)."""
+    if arch.name == "whisper":
+        return model.generate(inputs["input_features"], max_new_tokens=3)
+    return model.generate(inputs["input_ids"], max_new_tokens=3, do_sample=False, pad_token_id=0)

@@ -11,25 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ARCHS, Arch, tiny_model
+from conftest import model_output as _out
+from conftest import short_generate as _generate
 
 import hf_compress
 from hf_compress import CompressionConfig, LowRankConfig, LowRankLinear
 
 
-def _out(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**inputs)
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
 def _plan(arch: Arch, ratio: float = 0.5) -> CompressionConfig:
     return CompressionConfig(modules={arch.attn_pattern: LowRankConfig(rank_ratio=ratio)})
-
-
-def _generate(model: torch.nn.Module, arch: Arch, inputs: dict) -> torch.Tensor:
-    if arch.name == "whisper":
-        return model.generate(inputs["input_features"], max_new_tokens=3)
-    return model.generate(inputs["input_ids"], max_new_tokens=3, do_sample=False, pad_token_id=0)
 
 
 def test_compress_generate_save_reload_exact(arch: Arch, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ARCHS, Arch, tiny_model
+from conftest import model_output as _out
 from safetensors.torch import save_file
 
 import hf_compress
@@ -16,12 +17,6 @@ from hf_compress import CompressionConfig
 from hf_compress.layers.codebook import CodebookLinear, perm_bits
 from hf_compress.methods.jlcm import CodebookConfig, codebook_from_dense, layer_bits, mark_codebooks_trainable
 from hf_compress.packing import pack_bits, packed_nbytes, unpack_bits
-
-
-def _out(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**inputs)
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 def _calibration(arch: Arch) -> list:

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import ARCHS, Arch, tiny_model
+from conftest import ARCHS, EMBED, Arch, tiny_model
+from conftest import model_output as _out
+from conftest import short_generate as _generate
 
 import hf_compress
 from hf_compress import CompressionConfig
@@ -15,21 +17,8 @@ from hf_compress.layers.subspace import SubspaceEmbedding, modulo_codes
 from hf_compress.layers.tt_embedding import TiedEmbeddingHead
 from hf_compress.methods.subspace import SubspaceEmbeddingConfig, build_subspace, distill, distillation_loss
 
-EMBED = {"llama": "embed_tokens", "gpt2": "wte", "bert": "word_embeddings", "whisper": r"decoder\.embed_tokens"}
 TIED = {"llama", "gpt2", "whisper"}
 CASES = [(a, assign, f) for a in ARCHS for assign in ("modulo", "context") for f in (2, 3)]
-
-
-def _out(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**inputs)
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
-def _generate(model: torch.nn.Module, arch: Arch, inputs: dict) -> torch.Tensor:
-    if arch.name == "whisper":
-        return model.generate(inputs["input_features"], max_new_tokens=3)
-    return model.generate(inputs["input_ids"], max_new_tokens=3, do_sample=False, pad_token_id=0)
 
 
 def _compress(arch: Arch, **kwargs: object) -> torch.nn.Module:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, Arch, tiny_model
+from conftest import ARCHS, EMBED, Arch, tiny_model
+from conftest import model_output as _out
+from conftest import short_generate as _generate
 
 import hf_compress
 from hf_compress import CompressionConfig
@@ -14,22 +16,9 @@ from hf_compress.layers.tt_embedding import CompressedEmbedding, TiedEmbeddingHe
 from hf_compress.methods.tt_embedding import TTEmbeddingConfig, build_embedding
 from hf_compress.vocab import add_tokens, keep_tokens, prune_tokens
 
-EMBED = {"llama": "embed_tokens", "gpt2": "wte", "bert": "word_embeddings", "whisper": r"decoder\.embed_tokens"}
 TIED = {"llama", "gpt2", "whisper"}
 FORMATS = ["per_token", "adaptive", "tt_matrix", "svd"]
 CASES = [(a, f) for a in ARCHS for f in FORMATS]
-
-
-def _out(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**inputs)
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
-def _generate(model: torch.nn.Module, arch: Arch, inputs: dict) -> torch.Tensor:
-    if arch.name == "whisper":
-        return model.generate(inputs["input_features"], max_new_tokens=3)
-    return model.generate(inputs["input_ids"], max_new_tokens=3, do_sample=False, pad_token_id=0)
 
 
 def _calibration(arch: Arch) -> list[torch.Tensor]:
