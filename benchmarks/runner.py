@@ -66,7 +66,8 @@ def _output(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def memory_probe(path: Path, kind: str, plan: CompressionConfig) -> dict[str, Any]:
-    """Peak resident memory of compress-on-load in a fresh process, above the process's RSS after imports.
+    """Peak resident memory of compress-on-load in a fresh process, above the process's RSS after imports, with every
+    parameter of the loaded model read (so memory-mapped weights count).
 
     Returns ``{"rss_after_imports", "peak_rss", "peak_increment", "dense_fp32_bytes", "peak_over_dense"}``.
     """
@@ -77,6 +78,10 @@ def memory_probe(path: Path, kind: str, plan: CompressionConfig) -> dict[str, An
         f"plan = hf_compress.CompressionConfig.from_json({plan.to_json()!r})\n"
         "with PeakRSS() as rss:\n"
         f"    m = AUTO[{kind!r}].from_pretrained({str(path)!r}, compression_config=plan, dtype=torch.float32)\n"
+        # Weights loaded from safetensors can stay memory-mapped and count as resident only once read: touch every
+        # parameter so the loaded model is fully counted, not only the pages compression happened to read.
+        "    with torch.no_grad():\n"
+        "        touched = sum(float(p.float().sum()) for p in m.parameters())\n"
         "cfg = m.config\n"
         "print(json.dumps({'baseline': rss.baseline, 'peak': rss.peak}))\n"
     )
