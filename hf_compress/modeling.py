@@ -74,7 +74,54 @@ class CompressedModelMixin(CompressedSaveMixin):
                 f"({len(missing)} missing). The weights file is incomplete or does not match config.json's "
                 "compression_config; re-save the compressed model."
             )
+        if getattr(model, "hf_device_map", None):
+            group_offload_hooks(model)
         return (model, info) if want_info else model
+
+
+def compressed_layer_class_names() -> list[str]:
+    """Class names of the registered compressed layers: accelerate's ``preload_module_classes`` for
+    ``load_checkpoint_and_dispatch``/``dispatch_model`` with offloading (see :func:`group_offload_hooks`)."""
+    from .registry import _LAYERS
+
+    return sorted({cls.__name__ for cls in _LAYERS.values()})
+
+
+def group_offload_hooks(model: nn.Module) -> None:
+    """Give every dispatched compressed layer one accelerate hook that places all its tensors (submodules included).
+
+    accelerate hooks each module with direct tensors and onloads/moves them in that module's ``forward``; compressed
+    layers keep factors in ``ParameterList``s that are never called, and a ``TiedEmbeddingHead`` reads its table
+    outside the table's forward, so each such layer is re-hooked as with ``preload_module_classes``. Called by the
+    compressed classes' ``from_pretrained`` when a ``device_map`` was used.
+    """
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from accelerate.utils import PrefixedDataset
+
+    from .registry import _LAYERS
+
+    layer_types = tuple(_LAYERS.values())
+    done: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, layer_types) or any(name.startswith(d + ".") for d in done):
+            continue
+        hooks = [(sub, getattr(sub, "_hf_hook", None)) for sub in module.modules()]
+        aligned = [h for _, h in hooks if isinstance(h, AlignDevicesHook)]
+        own = module.__dict__.get("_hf_hook")
+        if not aligned or len(aligned) != sum(h is not None for _, h in hooks) or (
+                isinstance(own, AlignDevicesHook) and (own.place_submodules or len(aligned) == 1)):
+            continue  # nothing dispatched, other hook kinds, or one hook that already covers every tensor
+        first = next((h for h in aligned if h.offload), aligned[0])
+        for sub, hook in hooks:  # detach without onloading (remove_hook_from_module would restore the weights)
+            if hook is not None:
+                sub.forward = sub.__dict__.pop("_old_forward")
+                del sub._hf_hook
+        weights = None if first.weights_map is None else PrefixedDataset(first.weights_map.dataset, f"{name}.")
+        add_hook_to_module(module, AlignDevicesHook(
+            execution_device=first.execution_device, offload=first.offload, weights_map=weights,
+            offload_buffers=first.offload_buffers, place_submodules=True, skip_keys=first.skip_keys,
+            tied_params_map=first.tied_params_map))
+        done.append(name)
 
 
 def _prefixed(model: nn.Module, layers: dict[str, Any]) -> list[str]:
@@ -210,6 +257,23 @@ def auto_compressed_class(task: str) -> type[_AutoCompressed]:
     raise ValueError(f"hf_compress: unknown task {task!r}; choose from {sorted(TASKS)}.")
 
 
+_LOW_MEMORY_KWARGS = {"dtype", "revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code"}
+
+
+def _low_memory_obstacle(config: PretrainedConfig, plan: Any, calibration: Any, kwargs: dict[str, Any]) -> str:
+    """Why compress-on-load must materialize the dense model first ("" if it need not)."""
+    if plan is None:
+        return "no compression_config was given"
+    if calibration is not None:
+        return "calibration activations need a forward pass of the dense model"
+    if (getattr(config, "compression_config", None) or {}).get("layers"):
+        return "the checkpoint is already compressed"
+    extra = sorted(set(kwargs) - _LOW_MEMORY_KWARGS)
+    if extra:
+        return f"loading kwargs {extra} need transformers' own loader"
+    return ""
+
+
 class _AutoCompressed:
     """``from_pretrained(dense_or_compressed, compression_config=...)``: load, then compress on load."""
 
@@ -224,22 +288,41 @@ class _AutoCompressed:
         pretrained_model_name_or_path: str,
         compression_config: Any = None,
         calibration: Any = None,
+        low_memory: bool | None = None,
         **kwargs: Any,
     ) -> PreTrainedModel:
         """Load a dense or compressed checkpoint; if ``compression_config`` is given, compress it layer by layer.
 
-        Dense weights are loaded once into the compressed class (no second dense copy), then each matched
-        module is replaced and freed. Other kwargs go to ``PreTrainedModel.from_pretrained``.
+        Without calibration (``low_memory=None``, the default, or ``True``) the dense model is never materialized:
+        the model is built on the meta device and each target module's dense tensors are read from the
+        safetensors file(s) just before it is compressed (see :mod:`hf_compress.streaming`). With calibration,
+        ``low_memory=False`` or other loading kwargs (``device_map``, quantization…), the dense weights are loaded
+        once into the compressed class, then each matched module is replaced and freed. Other kwargs go to
+        ``PreTrainedModel.from_pretrained``.
         """
         from .compress import compress
 
         config = kwargs.pop("config", None)
+        hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder",
+                                      "trust_remote_code") if k in kwargs}
         if config is None:
-            hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder",
-                                          "trust_remote_code") if k in kwargs}
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub)
         config = to_compressed_config(config)
         model_class = cls._model_class(config)
+        why_not = _low_memory_obstacle(config, compression_config, calibration, kwargs)
+        if low_memory and why_not:
+            raise ValueError(f"hf_compress: low_memory=True is not possible here: {why_not}.")
+        if low_memory is not False and not why_not:
+            from .streaming import load_compressed_low_memory
+
+            model = load_compressed_low_memory(model_class, pretrained_model_name_or_path, config, compression_config,
+                                               dtype=kwargs.get("dtype"), hub=hub)
+            if model is not None:
+                model.config.compression_config.setdefault("base_model", str(pretrained_model_name_or_path))
+                return model
+            if low_memory:
+                raise ValueError("hf_compress: low_memory=True needs a safetensors checkpoint whose tensor names "
+                                 "cover the model; pass low_memory=False.")
         model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
         model.config.compression_config = dict(model.config.compression_config or {})
         model.config.compression_config.setdefault("base_model", str(pretrained_model_name_or_path))

@@ -102,9 +102,24 @@ class CompressedEmbedding(nn.Module):
                   for s in range(0, self.num_embeddings, 8192)]
         return torch.cat(chunks)
 
+    #: opt-in inference cache for :meth:`logits`: keep the materialized ``[V, d]`` table (a dense copy in memory)
+    #: while grad is off and the parameters are unchanged; off by default so memory stays compressed.
+    cache_table: bool = False
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied-head logits ``hidden [..., d] @ weightᵀ`` -> ``[..., V]``."""
-        return hidden @ self.weight.to(hidden.dtype).T
+        return hidden @ self._logits_table().to(hidden.dtype).T
+
+    def _logits_table(self) -> torch.Tensor:
+        if not self.cache_table or torch.is_grad_enabled():
+            self.__dict__.pop("_table_cache", None)
+            return self.weight
+        key = (self.num_embeddings, *((t.data_ptr(), t._version) for t in [*self.parameters(), *self.buffers()]))
+        cached = self.__dict__.get("_table_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.weight.detach())
+            self.__dict__["_table_cache"] = cached
+        return cached[1]
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
@@ -238,7 +253,12 @@ class TiedEmbeddingHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [..., d]`` -> logits ``[..., V]``."""
-        out = self.embedding.logits(hidden)
+        emb, hook = self.embedding, getattr(self.embedding, "_hf_hook", None)
+        if hook is None:
+            out = emb.logits(hidden)
+        else:  # accelerate placed the table elsewhere or offloaded it: run its hook around the read
+            (moved,), _ = hook.pre_forward(emb, hidden)
+            out = hook.post_forward(emb, emb.logits(moved)).to(hidden.device)
         return out if self.bias is None else out + self.bias
 
     def keep_rows(self, ids: torch.Tensor) -> None:

@@ -1,0 +1,242 @@
+"""Compress-on-load without a dense copy of the model.
+
+``AutoCompressed*.from_pretrained(dense, compression_config=plan)`` without calibration builds the model with its
+parameters on the meta device (``accelerate.init_empty_weights``), then reads each target module's tensors from the
+checkpoint's safetensors file(s) just before compressing it, and the rest of the tensors at the end. Tensors are read
+with plain ``seek``/``read`` (no memory map), so the process holds at most the compressed model, the dense modules
+that stay dense and one dense target at a time: a model larger than RAM can be compressed if its compressed form
+fits. Methods that need calibration activations (a forward pass of the dense model) use the regular path.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# safetensors dtype tags -> torch dtypes
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder")
+
+
+class SafetensorsReader:
+    """Random access to the tensors of one or more ``.safetensors`` files, one tensor read at a time.
+
+    Unlike ``safe_open`` it does not memory-map the files, so tensors read and dropped leave no resident pages.
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        self.index: dict[str, tuple[Path, dict[str, Any], int]] = {}
+        for path in files:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                self.index[key] = (path, info, 8 + size)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        return _DTYPES.get(self.index[key][1]["dtype"])
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor ``key`` (its stored dtype and shape), read from disk into fresh memory."""
+        path, info, base = self.index[key]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"hf_compress: {path.name}: tensor {key!r} has dtype {info['dtype']}, which "
+                             "low-memory loading does not read; pass low_memory=False.")
+        start, end = info["data_offsets"]
+        buf = bytearray(end - start)
+        with open(path, "rb") as f:
+            f.seek(base + start)
+            f.readinto(buf)
+        flat = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+        return flat.view(dtype).reshape(info["shape"])
+
+
+def checkpoint_files(path: str | Path, hub: dict[str, Any]) -> list[Path] | None:
+    """The safetensors file(s) of a local folder or Hub repo (single or sharded), or ``None`` if there are none."""
+    from transformers.utils.hub import cached_file
+
+    def find(name: str) -> Path | None:
+        local = Path(path) / hub.get("subfolder", "") / name
+        if Path(path).is_dir():
+            return local if local.is_file() else None
+        try:
+            got = cached_file(str(path), name, _raise_exceptions_for_missing_entries=False, **hub)
+        except OSError:
+            return None
+        return Path(got) if got else None
+
+    single = find("model.safetensors")
+    if single is not None:
+        return [single]
+    index = find("model.safetensors.index.json")
+    if index is None:
+        return None
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    files = [find(s) for s in shards]
+    return None if any(f is None for f in files) else files  # type: ignore[misc]
+
+
+def _resolve_dtype(dtype: Any, config: Any, reader: SafetensorsReader) -> torch.dtype:
+    """What ``from_pretrained`` would use: an explicit dtype, else (``"auto"``) the config's, else the checkpoint's."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype != "auto":
+        return getattr(torch, dtype)
+    cfg_dtype = getattr(config, "dtype", None)
+    if isinstance(cfg_dtype, str):
+        cfg_dtype = getattr(torch, cfg_dtype, None)
+    if isinstance(cfg_dtype, torch.dtype):
+        return cfg_dtype
+    for key in reader.index:
+        found = reader.dtype(key)
+        if found is not None and found.is_floating_point:
+            return found
+    return torch.get_default_dtype()
+
+
+class _Filler:
+    """Maps each meta parameter of ``model`` to a checkpoint key and fills modules on demand (ties preserved)."""
+
+    def __init__(self, model: nn.Module, reader: SafetensorsReader) -> None:
+        self.model, self.reader = model, reader
+        prefix = getattr(model, "base_model_prefix", "")
+        self.key: dict[str, str] = {}  # canonical parameter name -> checkpoint key
+        self.alias: dict[str, str] = {}  # any parameter name -> canonical name
+        self.group: dict[str, list[str]] = {}  # canonical name -> all names sharing that parameter
+        seen: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            canon = seen.setdefault(id(param), name)
+            self.alias[name] = canon
+            self.group.setdefault(canon, []).append(name)
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        for target, source in tied.items():  # transformers ties these after loading; do it by name here
+            if target in self.alias and source in self.alias and self.alias[target] != self.alias[source]:
+                old, new = self.alias[target], self.alias[source]
+                for n in self.group.pop(old):
+                    self.alias[n] = new
+                    self.group[new].append(n)
+
+        def lookup(name: str) -> str | None:
+            cands = [name, name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else f"{prefix}.{name}"]
+            return next((c for c in cands if c in reader), None)
+
+        self.missing: list[str] = []
+        for canon, names in self.group.items():
+            key = next((k for k in map(lookup, names) if k is not None), None)
+            if key is None:
+                self.missing.append(canon)
+            else:
+                self.key[canon] = key
+        self.buffers = {n: k for n, _ in model.named_buffers() if (k := lookup(n)) is not None}
+
+    def fill(self, prefix: str = "") -> None:
+        """Read every still-empty parameter (and stored buffer) under module ``prefix`` from the checkpoint."""
+        root = self.model.get_submodule(prefix) if prefix else self.model
+        dot = f"{prefix}." if prefix else ""
+        for name, param in list(root.named_parameters(prefix=prefix, remove_duplicate=False)):
+            if not param.is_meta:
+                continue
+            canon = self.alias[name]
+            tensor = self.reader.get(self.key[canon]).to(param.dtype)
+            new = nn.Parameter(tensor, requires_grad=param.requires_grad)
+            for other in self.group[canon]:
+                mod_name, _, attr = other.rpartition(".")
+                try:
+                    owner = self.model.get_submodule(mod_name)
+                except AttributeError:  # replaced by a compressed layer already
+                    continue
+                current = owner._parameters.get(attr)
+                if current is not None and current.is_meta:
+                    owner._parameters[attr] = new
+        for name, key in list(self.buffers.items()):
+            if name.startswith(dot) or not prefix:
+                mod_name, _, attr = name.rpartition(".")
+                try:
+                    owner = self.model.get_submodule(mod_name)
+                except AttributeError:
+                    continue
+                old = owner._buffers.get(attr)
+                if old is not None:
+                    owner._buffers[attr] = self.reader.get(key).to(old.dtype if old.is_floating_point() else None)
+                self.buffers.pop(name)
+
+
+def load_compressed_low_memory(
+    model_class: type, path: str | Path, config: Any, plan: Any, dtype: Any = None,
+    hub: dict[str, Any] | None = None, progress: bool = True,
+) -> nn.Module | None:
+    """Build ``model_class`` on meta, compress each target of ``plan`` as its dense tensors are read, fill the rest.
+
+    Returns ``None`` (the caller then loads normally) if the checkpoint has no safetensors files or its tensor
+    names do not cover the model's parameters (e.g. legacy names transformers renames on load).
+    """
+    from accelerate import init_empty_weights
+    from tqdm.auto import tqdm
+
+    from .compress import CompressionContext, _record, find_targets
+    from .config import CompressionConfig
+    from .registry import get_method
+
+    hub = {k: v for k, v in (hub or {}).items() if k in _HUB_KWARGS}
+    files = checkpoint_files(path, hub)
+    if not files:
+        return None
+    reader = SafetensorsReader(files)
+    torch_dtype = _resolve_dtype(dtype, config, reader)
+    with init_empty_weights(include_buffers=False):
+        model = model_class._from_config(config, dtype=torch_dtype)
+    filler = _Filler(model, reader)
+    if filler.missing:
+        warnings.warn(f"hf_compress: low-memory loading found no checkpoint tensor for {filler.missing[:4]}; "
+                      "loading the dense model first instead.", UserWarning, stacklevel=3)
+        return None
+    plan = CompressionConfig.from_dict(plan) if isinstance(plan, dict) else plan
+    targets = find_targets(model, plan)
+    for pattern in plan.modules:
+        if not any(p == pattern for p, _ in targets.values()):
+            warnings.warn(f"hf_compress: pattern {pattern!r} matched no module of {type(model).__name__}.",
+                          UserWarning, stacklevel=3)
+    states: dict[str, Any] = {}
+    by_method: dict[str, list[str]] = {}
+    for name, (_, cfg) in targets.items():
+        by_method.setdefault(cfg.registry_name, []).append(name)
+    for method_name, names in by_method.items():  # no calibration: prepare hooks read no weights
+        method = get_method(method_name)
+        if method.prepare is not None:
+            states.update(method.prepare(model, {n: targets[n][1] for n in names}, None))
+    with torch.no_grad():
+        for name, (_, cfg) in tqdm(targets.items(), desc="hf_compress (low memory)", disable=not progress):
+            filler.fill(name)
+            module = model.get_submodule(name)
+            ctx = CompressionContext(model=model, name=name, calibration=None, state=states.pop(name, None))
+            new = get_method(cfg.registry_name).compress(module, cfg, ctx)
+            if new is not None and new is not module:
+                model.set_submodule(name, new)
+            del module, new
+    filler.fill()
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"hf_compress: low-memory loading left {left[:4]} unfilled; pass low_memory=False.")
+    _record(model, plan)
+    model.config.name_or_path = str(path)
+    if model.can_generate():
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path, **hub)
+        except OSError:
+            pass
+    return model.eval()
