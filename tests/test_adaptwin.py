@@ -14,7 +14,13 @@ from conftest import ARCHS, tiny_model
 
 import hf_compress
 from hf_compress import CompressionConfig
-from hf_compress.adapters import load_speaker_adapter, lora_config, set_speaker, train_speaker_adapter
+from hf_compress.adapters import (
+    DECODER_TARGETS,
+    load_speaker_adapter,
+    lora_config,
+    set_speaker,
+    train_speaker_adapter,
+)
 from hf_compress.layers.twin_attention import TwinAttention
 from hf_compress.methods.adaptwin import ProductTwinConfig
 
@@ -198,6 +204,44 @@ def test_lora_on_twin_projections_trains_saves_and_switches(tmp_path: Path) -> N
         set_speaker(fresh, "spk9")
     with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
         load_speaker_adapter(fresh, tmp_path / "nope", "x")
+
+
+def test_separate_vo_rank_is_optimal_for_each_product() -> None:
+    model = _with_biases(tiny_model(WHISPER), q_bias=False)
+    dense = copy.deepcopy(model)
+    _compress(model, ProductTwinConfig(rank=3, vo_rank=7), pattern=r"encoder\.layers\.0\.self_attn$")
+    twin, ref = model.model.encoder.layers[0].self_attn, dense.model.encoder.layers[0].self_attn
+    assert (twin.qk_rank, twin.vo_rank) == (3, 7) and twin.v_proj.out_features == 4 * 7
+    qk, vo = _head_products(twin, 4, 4, "out_proj")
+    qk0, vo0 = _head_products(ref, 4, 4, "out_proj")
+    for got, want, r in [(g, w, 3) for g, w in zip(qk, qk0)] + [(g, w, 7) for g, w in zip(vo, vo0)]:
+        torch.testing.assert_close(got, _best(want, r), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="vo_rank"):
+        ProductTwinConfig(rank=2, vo_rank=0)
+
+
+def test_cached_encoder_lora_trains_decoder_only_within_time_limit(tmp_path: Path) -> None:
+    """cache_encoder=True: decoder-side adapter only, trained on frozen encoder outputs; max_seconds stops it."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    from adaptwin_speaker import TinyProcessor
+
+    model = _compress(tiny_model(WHISPER), ProductTwinConfig(rank=6), pattern=r"encoder\.layers\.\d+\.self_attn$")
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(400, generator=g).numpy(), f"say {i}") for i in range(4)]
+    inputs = WHISPER.inputs()
+    before = _logits(model, inputs)
+    cfg = lora_config(r=2, alpha=4, target_modules=DECODER_TARGETS)
+    peft_model, stats = train_speaker_adapter(
+        model, TinyProcessor(), data, "spk0", tmp_path, config=cfg, max_steps=10_000, batch_size=2,
+        learning_rate=5e-2, max_seconds=1.0, cache_encoder=True, warmup_steps=0)
+    assert 1 <= stats["steps"] < 10_000 and stats["encoder_cache_seconds"] <= stats["seconds"]
+    names = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A.spk0")]
+    assert names and all(".decoder." in n for n in names)
+    assert any("encoder_attn.k_proj" in n for n in names)
+    assert not torch.allclose(_logits(peft_model, inputs), before)  # the adapter was trained
+    with pytest.raises(ValueError, match="DECODER_TARGETS"):
+        train_speaker_adapter(peft_model, TinyProcessor(), data, "spk1", tmp_path, config=lora_config(r=2, alpha=4),
+                              max_steps=1, cache_encoder=True)
 
 
 def test_bad_inputs_have_clear_errors() -> None:

@@ -1,16 +1,22 @@
-"""AdaPTwin suite: ``python -m benchmarks suite adaptwin [--settings 20 30] [--steps N] [--n-train N] …``.
+"""AdaPTwin suite: ``python -m benchmarks suite adaptwin [--settings 20 30 45] [--compare] [--smollm] …``.
 
-Whisper tiny.en, product-twin compression of the encoder self-attention (``ProductTwinConfig``), then one PEFT
-LoRA adapter per espeak-ng voice (``hf_compress.adapters``, ``Seq2SeqTrainer``). WER per voice for: dense,
-compressed, compressed + that voice's LoRA, compressed + another voice's LoRA (the next voice in the list);
-LoRA training seconds per voice. Settings (encoder parameter reduction; attention is only 28.8 % of the encoder,
-so the twin alone cannot reach 30 %):
+Whisper (tiny.en by default): product-twin compression of the encoder self-attention (``ProductTwinConfig``,
+whitened) plus whitened SVD of the encoder FFN (fc1/fc2) for the rest of the encoder parameter reduction, then one
+PEFT LoRA adapter per espeak-ng voice (``hf_compress.adapters``, ``Seq2SeqTrainer``). WER per voice for: dense,
+compressed, compressed + that voice's LoRA, compressed + another voice's LoRA (the next voice in the list); LoRA
+wall seconds per voice (encoder caching included).
 
-- ``20``: twin rank 20/64 per head on every encoder self-attention, whitened (≈ −19.8 % encoder parameters);
-  ``20-plain``: the same without whitening; ``20-separate-svd``: separate whitened SVDs of q/k/v/out at equal
-  parameters (rank 60 each). These two: compressed WER only (no LoRA).
-- ``twin-r<rank>``: twin at that rank, whitened, compressed WER only (a rank sweep point).
-- ``30``: twin rank 16/64 plus whitened SVD of the encoder fc1/fc2 at the rank that brings the encoder to ≈ −30 %.
+Settings ``<pct>`` (encoder parameter reduction): twin ranks QK 16 / VO 48 of 64 per head on every encoder
+self-attention (attention is only 28.8 % of tiny.en's encoder; in a measured sweep the VO product was the more
+sensitive one and FFN SVD cheaper than going below these ranks), fc1/fc2 SVD rank chosen to reach ``pct`` %.
+LoRA: decoder-side adapters (self-, cross-attention q/k/v/out, fc1/fc2) trained on encoder outputs cached once per
+utterance with the frozen compressed encoder (``cache_encoder=True``): backpropagating through the 1500-frame
+encoder costs ~10x more per step on this CPU. Training stops after ``--train-seconds``.
+
+``--compare``: product twin vs separate SVD of q/k/v/out at equal parameters (encoder attention −50 %: twin rank
+32/32 vs SVD rank 96 of each projection; plain and whitened), compressed WER. ``--smollm``: SmolLM2-135M
+perplexity at −20 % attention parameters: VO twin rank 38 (RoPE: no QK twin) vs separate SVD of q_proj and
+o_proj at rank 211 (equal parameters), plain and whitened.
 """
 
 from __future__ import annotations
@@ -25,14 +31,16 @@ import torch
 
 import hf_compress
 from hf_compress import CompressionConfig, LowRankConfig
-from hf_compress.adapters import lora_config, train_speaker_adapter
+from hf_compress.adapters import DECODER_TARGETS, lora_config, train_speaker_adapter
 from hf_compress.methods.adaptwin import ProductTwinConfig
 
-from .. import asr, harness, speech, zoo
+from .. import asr, data, harness, metrics, speech, zoo
 
 ENC_ATTN = r"model\.encoder\.layers\.\d+\.self_attn$"
+ENC_PROJ = r"model\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj$"
 ENC_FFN = r"model\.encoder\.layers\.\d+\.fc(1|2)$"
 MAX_NEW_TOKENS = 48
+QK_RANK, VO_RANK = 16, 48
 
 
 def encoder_params(model: torch.nn.Module) -> int:
@@ -40,33 +48,21 @@ def encoder_params(model: torch.nn.Module) -> int:
 
 
 def plan_for(setting: str, model: torch.nn.Module) -> tuple[CompressionConfig, dict[str, Any]]:
-    """The compression plan of a setting and its description (whitened with calibration unless ``-plain``)."""
-    if setting == "20":
-        return CompressionConfig(modules={ENC_ATTN: ProductTwinConfig(rank=20, whiten=True)}), {"twin_rank": 20}
-    if setting == "20-plain":
-        return CompressionConfig(modules={ENC_ATTN: ProductTwinConfig(rank=20)}), {"twin_rank": 20, "whiten": False}
-    if setting == "30":
-        total, d_model, ffn = encoder_params(model), model.config.d_model, model.config.encoder_ffn_dim
-        layers, twin_rank = model.config.encoder_layers, 16
-        attn_cut = layers * 4 * d_model * d_model * (1 - twin_rank / 64)
-        per_ffn = (0.30 * total - attn_cut) / (2 * layers)  # parameters each fc must lose
-        rank = int((d_model * ffn - per_ffn) // (d_model + ffn))
-        plan = CompressionConfig(modules={ENC_ATTN: ProductTwinConfig(rank=twin_rank, whiten=True),
-                                          ENC_FFN: LowRankConfig(rank=rank, method="whitened")})
-        return plan, {"twin_rank": twin_rank, "ffn_svd_rank": rank}
-    if setting == "20-separate-svd":
-        plan = CompressionConfig(modules={ENC_ATTN[:-1] + r"\.(q|k|v|out)_proj$": LowRankConfig(rank=60,
-                                                                                             method="whitened")})
-        return plan, {"svd_rank": 60, "whiten": True}
-    if setting.startswith("twin-r") and setting[6:].isdigit():  # compressed-only rank sweep point
-        rank = int(setting[6:])
-        return CompressionConfig(modules={ENC_ATTN: ProductTwinConfig(rank=rank, whiten=True)}), {"twin_rank": rank}
-    raise ValueError(f"adaptwin suite: unknown setting {setting!r}; use 20, 20-plain, 30, 20-separate-svd or "
-                     "twin-r<rank> (e.g. twin-r48, compressed WER only).")
-
-
-def wer_by_voice(model: Any, processor: Any, sets: dict[str, Any]) -> dict[str, float]:
-    return with_mean({f"wer_{v}": _wer(model, processor, s["test"]) for v, s in sets.items()})
+    """Plan of an encoder-reduction setting ``"<pct>"``: whitened twin (QK_RANK, VO_RANK) + whitened FFN SVD."""
+    if not setting.isdigit() or not 0 < int(setting) < 90:
+        raise ValueError(f"adaptwin suite: setting {setting!r} must be an encoder reduction in percent, e.g. 30.")
+    cfg = model.config
+    d, ffn, layers, heads = cfg.d_model, cfg.encoder_ffn_dim, cfg.encoder_layers, cfg.encoder_attention_heads
+    head_dim = d // heads
+    attn_cut = layers * 2 * heads * d * (2 * head_dim - QK_RANK - VO_RANK)
+    per_ffn = (int(setting) / 100 * encoder_params(model) - attn_cut) / (2 * layers)  # each fc must lose this
+    mods: dict[str, Any] = {ENC_ATTN: ProductTwinConfig(rank=QK_RANK, vo_rank=VO_RANK, whiten=True)}
+    info: dict[str, Any] = {"twin_qk_rank": QK_RANK, "twin_vo_rank": VO_RANK, "whiten": True}
+    if per_ffn > 0:
+        rank = int((d * ffn - per_ffn) // (d + ffn))
+        mods[ENC_FFN] = LowRankConfig(rank=rank, method="whitened")
+        info["ffn_svd_rank"] = rank
+    return CompressionConfig(modules=mods), info
 
 
 def with_mean(quality: dict[str, Any]) -> dict[str, Any]:
@@ -79,6 +75,10 @@ def _wer(model: Any, processor: Any, utterances: list[Any]) -> float:
     return round(asr.wer(model, processor, utterances, max_new_tokens=MAX_NEW_TOKENS)["wer"], 4)
 
 
+def wer_by_voice(model: Any, processor: Any, sets: dict[str, Any]) -> dict[str, float]:
+    return with_mean({f"wer_{v}": _wer(model, processor, s["test"]) for v, s in sets.items()})
+
+
 def calibration_batches(model: Any, processor: Any, sets: dict[str, Any], per_voice: int) -> list[dict[str, Any]]:
     """``per_voice`` train utterances of every voice as ``{input_features, decoder_input_ids}`` batches."""
     start = torch.tensor([[model.config.decoder_start_token_id]])
@@ -87,79 +87,161 @@ def calibration_batches(model: Any, processor: Any, sets: dict[str, Any], per_vo
              "decoder_input_ids": start} for s in sets.values() for u in s["train"][:per_voice]]
 
 
+def _size(model: Any, dense_params: int) -> dict[str, Any]:
+    enc = encoder_params(model)
+    return {"params": sum(p.numel() for p in model.parameters()), "encoder_params": enc,
+            "encoder_reduction": round(1 - enc / dense_params, 4)}
+
+
+def _compressed(dense: Any, plan: CompressionConfig, calib: Any, info: dict[str, Any]) -> Any:
+    model = copy.deepcopy(dense)
+    t0 = time.perf_counter()
+    hf_compress.compress(model, plan, calibration=calib, progress=False)
+    info["compress_s"] = round(time.perf_counter() - t0, 2)
+    return model
+
+
+def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, sets: dict[str, Any], calib: Any,
+                setting: str, dense_rec: dict[str, Any] | None, budget: dict[str, Any]) -> None:
+    """Compressed WER, then one LoRA per voice: own- and other-voice WER; saved after each record."""
+    plan, info = plan_for(setting, dense)
+    model = _compressed(dense, plan, calib, info)
+    size = _size(model, encoder_params(dense))
+    quality = wer_by_voice(model, processor, sets)
+    bench.record(args.model, "product_twin", {"setting": setting, **info, "lora": None, "budget": budget},
+                 quality=quality, size=size, dense=dense_rec)
+    bench.save(args.out)
+    print(f"[adaptwin] {setting}: {size} compressed {quality}", flush=True)
+    train_s: dict[str, float] = {}
+    stats_by_voice: dict[str, Any] = {}
+    peft_model: Any = model
+    with tempfile.TemporaryDirectory() as tmp:
+        for voice in args.voices:
+            peft_model, stats = train_speaker_adapter(
+                peft_model, processor, sets[voice]["train"], voice.replace("+", "_"), tmp,
+                config=lora_config(r=args.lora_r, alpha=2 * args.lora_r, target_modules=DECODER_TARGETS),
+                max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                max_seconds=args.train_seconds, cache_encoder=True, lr_scheduler="constant_with_warmup", warmup_steps=3)
+            train_s[voice] = stats["seconds"]
+            stats_by_voice[voice] = {k: v for k, v in stats.items() if k != "path"}
+            print(f"[adaptwin] {setting}: LoRA {voice}: {stats}", flush=True)
+        own, other = {}, {}
+        for i, voice in enumerate(args.voices):
+            donor = args.voices[(i + 1) % len(args.voices)]
+            peft_model.set_adapter(voice.replace("+", "_"))
+            own[f"wer_{voice}"] = _wer(peft_model, processor, sets[voice]["test"])
+            peft_model.set_adapter(donor.replace("+", "_"))
+            other[f"wer_{voice}"] = _wer(peft_model, processor, sets[voice]["test"])
+            other[f"donor_{voice}"] = donor
+    lora = {"budget": budget, "train_seconds": train_s, "train_stats": stats_by_voice}
+    for method, q in (("product_twin+own-lora", own), ("product_twin+other-lora", other)):
+        bench.record(args.model, method, {"setting": setting, **info, **lora}, quality=with_mean(q), size=size,
+                     dense=dense_rec)
+    path = bench.save(args.out)
+    print(f"[adaptwin] {setting}: own {own} other {other}; wrote {path}", flush=True)
+
+
+def run_compare(bench: harness.Bench, args: Any, dense: Any, processor: Any, sets: dict[str, Any], calib: Any,
+                dense_rec: dict[str, Any] | None) -> None:
+    """Twin (32/32) vs separate SVD (rank 96) of the encoder attention at equal parameters, plain and whitened."""
+    for whiten in args.compare_whiten:
+        for method, plan in (
+                ("compare-product_twin", {ENC_ATTN: ProductTwinConfig(rank=32, whiten=bool(whiten))}),
+                ("compare-separate-svd", {ENC_PROJ: LowRankConfig(rank=96, method="whitened" if whiten else "svd")})):
+            info: dict[str, Any] = {"setting": "attn-50", "whiten": bool(whiten),
+                                    **({"twin_rank": 32} if "twin" in method else {"svd_rank": 96})}
+            model = _compressed(dense, CompressionConfig(modules=plan), calib if whiten else None, info)
+            size = _size(model, encoder_params(dense))
+            size["encoder_attention_params"] = sum(p.numel() for n, p in model.model.encoder.named_parameters()
+                                                   if ".self_attn." in n and n.endswith("weight"))
+            quality = wer_by_voice(model, processor, sets)
+            bench.record(args.model, method, info, quality=quality, size=size, dense=dense_rec)
+            bench.save(args.out)
+            print(f"[adaptwin] compare {method} whiten={whiten}: {size} {quality}", flush=True)
+
+
+def run_smollm(bench: harness.Bench, args: Any) -> None:
+    """SmolLM2-135M perplexity at −20 % attention parameters: VO twin vs separate SVD (q_proj, o_proj)."""
+    model, tok = zoo.load("smollm2-135m")
+    model.eval()
+    b = harness.BUDGETS["default"]
+    text = data.eval_text()
+
+    def ppl(m: Any) -> dict[str, Any]:
+        r = metrics.perplexity(m, tok, text, max_tokens=b["ppl_tokens"], window=b["ppl_window"],
+                               stride=b["ppl_stride"])
+        return {"ppl": r["ppl"], "ppl_tokens": r.get("tokens"), "ppl_window": b["ppl_window"]}
+
+    def attn_params(m: Any) -> int:
+        return sum(p.numel() for n, p in m.named_parameters() if ".self_attn." in n)
+
+    dense_attn = attn_params(model)
+    size = {"params": sum(p.numel() for p in model.parameters()), "attention_params": dense_attn}
+    dense_rec = bench.record("smollm2-135m", "dense", {"setting": "attn-20"}, quality=ppl(model), size=size)
+    bench.save(args.out)
+    calib = data.calibration_batches(tok, n_samples=8, seq_len=256)
+    for whiten in (False, True):
+        for method, plan in (
+                ("smollm-product_twin-vo", {r"self_attn$": ProductTwinConfig(rank=38, parts="vo", whiten=whiten)}),
+                ("smollm-separate-svd", {r"self_attn\.(q|o)_proj$": LowRankConfig(
+                    rank=211, method="whitened" if whiten else "svd")})):
+            info: dict[str, Any] = {"setting": "attn-20", "whiten": bool(whiten),
+                                    **({"vo_rank": 38} if "twin" in method else {"svd_rank": 211})}
+            m = _compressed(model, CompressionConfig(modules=plan), calib if whiten else None, info)
+            size = {"params": sum(p.numel() for p in m.parameters()), "attention_params": attn_params(m),
+                    "attention_reduction": round(1 - attn_params(m) / dense_attn, 4)}
+            bench.record("smollm2-135m", method, info, quality=ppl(m), size=size, dense=dense_rec)
+            bench.save(args.out)
+            print(f"[adaptwin] smollm {method} whiten={whiten}: {size} {bench.records[-1]['quality']}", flush=True)
+            del m
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks suite adaptwin", description=__doc__)
-    parser.add_argument("--settings", nargs="+", default=["20", "30"])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks suite adaptwin", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="whisper-tiny.en")
+    parser.add_argument("--settings", nargs="*", default=["20", "30", "45"])
+    parser.add_argument("--compare", action="store_true", help="twin vs separate SVD at equal parameters")
+    parser.add_argument("--compare-whiten", nargs="+", type=int, default=[0, 1], help="--compare: 0 plain, 1 whitened")
+    parser.add_argument("--smollm", action="store_true", help="SmolLM2-135M perplexity, twin vs separate SVD")
     parser.add_argument("--voices", nargs="+", default=["en-us", "en-gb", "en-us+f3"])
-    parser.add_argument("--n-per-voice", type=int, default=60, help="sentences per voice (1/3 test, rest train)")
-    parser.add_argument("--n-train", type=int, default=40, help="train utterances used per voice")
-    parser.add_argument("--n-test", type=int, default=20, help="test utterances per voice")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--n-per-voice", type=int, default=300, help="sentences per voice (1/3 test, rest train)")
+    parser.add_argument("--n-train", type=int, default=200, help="train utterances used per voice")
+    parser.add_argument("--n-test", type=int, default=30, help="test utterances per voice")
+    parser.add_argument("--steps", type=int, default=2000, help="LoRA step cap (--train-seconds usually binds)")
+    parser.add_argument("--train-seconds", type=float, default=240.0, help="LoRA training wall time per voice")
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--calib-per-voice", type=int, default=3, help="train utterances per voice for whitening")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--calib-per-voice", type=int, default=2, help="train utterances per voice for whitening")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense WER (another process measures it)")
+    parser.add_argument("--description", default="", help="appended to the JSON description (e.g. reductions)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    torch.set_num_threads(2)
-    full = speech.speech_set(tuple(args.voices), args.n_per_voice)
-    sets = {v: {"train": s["train"][: args.n_train], "test": s["test"][: args.n_test]} for v, s in full.items()}
-    bench = harness.Bench("adaptwin", description=__doc__.splitlines()[0])
-    budget = {"n_train": args.n_train, "n_test": args.n_test, "steps": args.steps, "batch_size": args.batch_size,
-              "lr": args.lr, "lora_r": args.lora_r, "lora_targets": ["q_proj", "v_proj"], "voices": args.voices,
-              "torch_threads": 2}
-    dense, processor = zoo.load("whisper-tiny.en")
-    dense.eval()
-    dense_params = encoder_params(dense)
-    dense_rec = bench.record("whisper-tiny.en", "dense", {"budget": budget},
-                             quality=wer_by_voice(dense, processor, sets),
-                             size={"params": sum(p.numel() for p in dense.parameters()),
-                                   "encoder_params": dense_params})
-    bench.save(args.out)
-    calib = calibration_batches(dense, processor, sets, args.calib_per_voice)
-    budget["calibration_utterances"] = len(calib)
-    for setting in args.settings:
-        model = copy.deepcopy(dense)
-        plan, info = plan_for(setting, model)
-        t0 = time.perf_counter()
-        hf_compress.compress(model, plan, calibration=calib, progress=False)
-        info["compress_s"] = round(time.perf_counter() - t0, 2)
-        enc = encoder_params(model)
-        size = {"params": sum(p.numel() for p in model.parameters()), "encoder_params": enc,
-                "encoder_reduction": round(1 - enc / dense_params, 4)}
-        method = {"20-separate-svd": "separate-svd", "20-plain": "product_twin-plain"}.get(setting, "product_twin")
-        if setting.startswith("twin-r"):
-            method = "product_twin-no-lora"
-        quality = wer_by_voice(model, processor, sets)
-        bench.record("whisper-tiny.en", method, {"setting": setting, **info, "lora": None, "budget": budget},
-                     quality=quality, size=size, dense=dense_rec)
-        bench.save(args.out)
-        if method != "product_twin":
-            continue
-        train_s: dict[str, float] = {}
-        peft_model: Any = model
-        with tempfile.TemporaryDirectory() as tmp:
-            for voice in args.voices:
-                peft_model, stats = train_speaker_adapter(
-                    peft_model, processor, sets[voice]["train"], voice.replace("+", "_"), tmp,
-                    config=lora_config(r=args.lora_r, alpha=2 * args.lora_r), max_steps=args.steps,
-                    batch_size=args.batch_size, learning_rate=args.lr)
-                train_s[voice] = stats["seconds"]
-                print(f"[adaptwin] {setting}: LoRA {voice}: {stats}", flush=True)
-            own, other = {}, {}
-            for i, voice in enumerate(args.voices):
-                donor = args.voices[(i + 1) % len(args.voices)]
-                peft_model.set_adapter(voice.replace("+", "_"))
-                own[f"wer_{voice}"] = _wer(peft_model, processor, sets[voice]["test"])
-                peft_model.set_adapter(donor.replace("+", "_"))
-                other[f"wer_{voice}"] = _wer(peft_model, processor, sets[voice]["test"])
-                other[f"donor_{voice}"] = donor
-        lora = {"budget": budget, "train_seconds": train_s}
-        bench.record("whisper-tiny.en", "product_twin+own-lora", {"setting": setting, **info, **lora},
-                     quality=with_mean(own), size=size, dense=dense_rec)
-        bench.record("whisper-tiny.en", "product_twin+other-lora", {"setting": setting, **info, **lora},
-                     quality=with_mean(other), size=size, dense=dense_rec)
-        path = bench.save(args.out)
-        print(f"[adaptwin] {setting}: compressed {quality} own {own} other {other}; wrote {path}", flush=True)
+    torch.set_num_threads(1)
+    bench = harness.Bench("adaptwin", description=(__doc__.splitlines()[0] + " " + args.description).strip())
+    if args.settings or args.compare:
+        full = speech.speech_set(tuple(args.voices), args.n_per_voice)
+        sets = {v: {"train": s["train"][: args.n_train], "test": s["test"][: args.n_test]} for v, s in full.items()}
+        budget = {"n_train": len(next(iter(sets.values()))["train"]), "n_test": args.n_test,
+                  "max_steps": args.steps, "train_seconds": args.train_seconds, "batch_size": args.batch_size,
+                  "lr": args.lr, "lora_r": args.lora_r, "lora_targets": DECODER_TARGETS, "cache_encoder": True,
+                  "voices": args.voices, "torch_threads": 1}
+        dense, processor = zoo.load(args.model)
+        dense.eval()
+        dense_rec = None
+        if not args.no_dense:
+            dense_rec = bench.record(args.model, "dense", {"budget": budget},
+                                     quality=wer_by_voice(dense, processor, sets),
+                                     size=_size(dense, encoder_params(dense)))
+            bench.save(args.out)
+        calib = calibration_batches(dense, processor, sets, args.calib_per_voice)
+        budget["calibration_utterances"] = len(calib)
+        for setting in args.settings:
+            run_setting(bench, args, dense, processor, sets, calib, setting, dense_rec, budget)
+        if args.compare:
+            run_compare(bench, args, dense, processor, sets, calib, dense_rec)
+    if args.smollm:
+        run_smollm(bench, args)
     return 0

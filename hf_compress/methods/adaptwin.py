@@ -42,7 +42,8 @@ class ProductTwinConfig(MethodConfig):
 
     Give exactly one size: ``rank`` (per head, both products), ``rank_ratio`` (fraction of ``head_dim``;
     ``1.0`` keeps full head rank and is exact) or ``energy`` (per layer and product, the smallest rank keeping
-    that share of ``Σσ²`` for every head group). ``parts``: ``"auto"`` (QK and VO; VO only on RoPE models),
+    that share of ``Σσ²`` for every head group); ``vo_rank`` optionally sets the VO rank apart. ``parts``:
+    ``"auto"`` (QK and VO; VO only on RoPE models),
     ``"qk_vo"``, ``"qk"`` or ``"vo"``. ``whiten=True`` (needs ``compress(..., calibration=batches)``) truncates
     ``Lxᵀ M_QK Ly`` and ``Lyᵀ M_VO`` (``L Lᵀ`` = input covariance ``XᵀX/N``): the optimal rank for the expected
     score/output error on those inputs instead of the plain Frobenius norm. Targets: ``WhisperAttention``
@@ -58,6 +59,8 @@ class ProductTwinConfig(MethodConfig):
     parts: str = field(default="auto", metadata={"help": f"products to compress, one of {_PARTS}"})
     whiten: bool = field(default=False, metadata={"help": "truncate in the basis of calibration input covariances"})
     damping: float = field(default=0.01, metadata={"help": "whiten: ridge λ·mean(diag) added to XᵀX/N"})
+    vo_rank: int | None = field(default=None, metadata={"help": "per-head VO rank overriding the size for M_VO "
+                                                                "(M_VO is usually the more sensitive product)"})
 
     def __post_init__(self) -> None:
         sizes = [k for k in ("rank", "rank_ratio", "energy") if getattr(self, k) is not None]
@@ -70,6 +73,9 @@ class ProductTwinConfig(MethodConfig):
             value = getattr(self, key)
             if value is not None and not 0.0 < float(value) <= 1.0:
                 raise ValueError(f"hf_compress: ProductTwinConfig.{key} must be in (0, 1], got {value!r}.")
+        if self.vo_rank is not None and (not isinstance(self.vo_rank, int) or isinstance(self.vo_rank, bool)
+                                         or self.vo_rank < 1):
+            raise ValueError(f"hf_compress: ProductTwinConfig.vo_rank must be a positive int, got {self.vo_rank!r}.")
         if self.damping < 0:
             raise ValueError(f"hf_compress: ProductTwinConfig.damping must be >= 0, got {self.damping!r}.")
         if self.parts not in _PARTS:
@@ -240,10 +246,10 @@ def compress_product_twin(module: nn.Module, config: ProductTwinConfig, ctx: Com
         q_bias, k_bias = None if qb is None else qb.reshape(-1), None  # key bias: softmax-invariant, dropped
     if "vo" in parts:
         spectra = None
-        if config.energy is not None:
+        if config.energy is not None and config.vo_rank is None:
             spectra = [product_svd(v[g].T, torch.cat([o[:, h].T for h in range(g * groups, (g + 1) * groups)],
                                                      dim=1))[1] for g in range(kv_heads)]
-        r_vo = _checked(config.rank_for(d, spectra), d, ctx.name)
+        r_vo = _checked(config.vo_rank or config.rank_for(d, spectra), d, ctx.name)
         vb = None if v_bias is None else v_bias.reshape(kv_heads, d)
         v, o, o_bias = vo_twin(v, o, vb, o_bias, r_vo)
         if ly is not None:
