@@ -14,9 +14,11 @@ own sensitivity metric also uses news text, so the reported perplexity is on tex
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,12 @@ from .. import data, harness, metrics, zoo
 LLAMA_LINEAR = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
 LLAMA_ATTN = r"self_attn\.(q|k|v|o)_proj$"
 LLAMA_MLP = r"mlp\.(gate|up|down)_proj$"
+# BERT (MiniLM-L6): every encoder linear; attention = Q/K/V + attention output, MLP = intermediate + output.
+BERT_LINEAR = (r"encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)"
+               r"|intermediate\.dense|output\.dense)$")
+BERT_ATTN = r"encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)$"
+BERT_MLP = r"encoder\.layer\.\d+\.(intermediate|output)\.dense$"
+PATTERNS = {"smollm2-135m": (LLAMA_LINEAR, LLAMA_ATTN, LLAMA_MLP), "minilm-l6": (BERT_LINEAR, BERT_ATTN, BERT_MLP)}
 
 
 def _linears(model: torch.nn.Module, pattern: str) -> list[tuple[str, int, int]]:
@@ -55,11 +63,12 @@ def uniform_ratio(model: torch.nn.Module, pattern: str, cut: float) -> float:
     return lo
 
 
-def plan_for(method: str, rho: float) -> CompressionConfig:
+def plan_for(method: str, rho: float, model: str = "smollm2-135m") -> CompressionConfig:
+    linear, attn, mlp = PATTERNS[model]
     if method == "tucker":
-        return CompressionConfig(modules={LLAMA_ATTN: LowRankConfig(method="tucker", rank_ratio=rho),
-                                          LLAMA_MLP: LowRankConfig(method="svd", rank_ratio=rho)})
-    return CompressionConfig(modules={LLAMA_LINEAR: LowRankConfig(method=method, rank_ratio=rho)})
+        return CompressionConfig(modules={attn: LowRankConfig(method="tucker", rank_ratio=rho),
+                                          mlp: LowRankConfig(method="svd", rank_ratio=rho)})
+    return CompressionConfig(modules={linear: LowRankConfig(method=method, rank_ratio=rho)})
 
 
 def _measure(bench: harness.Bench, name: str, model: Any, tok: Any, kind: str, budget: str, method: str,
@@ -81,20 +90,34 @@ def _forward_s(model: Any, kind: str, budget: str) -> dict[str, float]:
     return {"forward_s": metrics.forward_latency(model, {"input_ids": ids}, repeats=3, warmup=1)["median_s"]}
 
 
-def run_methods(bench: harness.Bench, budget: str, cuts: list[float], methods: list[str], n_calib: int) -> None:
-    """One spectrum per layer and method (calibrated once), truncated per cut: the layers ``compress()`` builds."""
+def _calibration(name: str, tok: Any, n: int, seq: int) -> list[torch.Tensor]:
+    """News windows ``[1, seq]``; encoders get ``[CLS] … [SEP]`` windows like their evaluation inputs."""
+    if name == "minilm-l6":
+        from .subspace import calibration
+        return calibration(tok, n, seq)
+    return data.calibration_batches(tok, n, seq)
+
+
+def run_methods(bench: harness.Bench, budget: str, cuts: list[float], methods: list[str], n_calib: int,
+                name: str = "smollm2-135m", seq: int = 256, label: str = "") -> None:
+    """One spectrum per layer and method (calibrated once), truncated per cut: the layers ``compress()`` builds.
+
+    ``label`` is appended to the method names of the records (e.g. ``"-calib64"`` for a calibration-size check).
+    """
     from hf_compress.methods import lowrank as lr
     from hf_compress.sweep import LayerSwapper
 
-    name, kind = "smollm2-135m", "causal-lm"
+    linear = PATTERNS[name][0]
     model, tok = zoo.load(name)
+    kind = harness.model_kind(model)
     q = harness.quality(model, tok, kind, budget=budget)
     dense = bench.record(name, "dense", {}, quality=q, size={"params": metrics.param_count(model)},
-                         latency=_forward_s(model, kind, budget))
+                         latency=_forward_s(model, kind, budget), extra={"source_run": label or "methods"})
     print(f"[lowrank] dense {dense}", flush=True)
-    calib = data.calibration_batches(tok, n_calib, 256)
-    rhos = {cut: uniform_ratio(model, LLAMA_LINEAR, cut) for cut in cuts}
-    names = [n for n, _, _ in _linears(model, LLAMA_LINEAR)]
+    bench.save()
+    calib = _calibration(name, tok, n_calib, seq)
+    rhos = {cut: uniform_ratio(model, linear, cut) for cut in cuts}
+    names = [n for n, _, _ in _linears(model, linear)]
     lr.CALIBRATION_CHUNK_BYTES = 2 * 2**30  # one calibration pass (SmolLM2: ~0.8 GB of float64 covariances)
     for method in methods:
         start = time.perf_counter()
@@ -106,20 +129,20 @@ def run_methods(bench: harness.Bench, budget: str, cuts: list[float], methods: l
         if method in ("whitened", "asvd"):
             prep["calibration"] = dict(lr.CALIBRATION_REPORT)
         for cut, rho in rhos.items():
-            plan = plan_for(method, rho)
+            plan = plan_for(method, rho, name)
             assignment = {n: plan.method_for(n)[1] for n in names}
             start = time.perf_counter()
             undo = swapper.apply(assignment)
             setting = {"target_cut": cut, "rank_ratio": round(rho, 4), "plan": plan.to_dict(),
                        "layers": "tucker attention + svd mlp" if method == "tucker" else "attention+mlp",
-                       "calibration": f"{len(calib)}x256 news tokens" if method in ("whitened", "asvd") else None}
-            extra = {**prep, "build_s": round(time.perf_counter() - start, 1)}
+                       "calibration": f"{len(calib)}x{seq} news tokens" if method in ("whitened", "asvd") else None}
+            extra = {**prep, "build_s": round(time.perf_counter() - start, 1), "source_run": label or "methods"}
             q = harness.quality(model, tok, kind, budget=budget)
             size = {"params": metrics.param_count(model)}
             extra["params_cut"] = 1 - size["params"] / dense["size"]["params"]
-            rec = bench.record(name, method, setting, quality=q, size=size, latency=_forward_s(model, kind, budget),
-                               extra=extra, dense=dense)
-            print(f"[lowrank] {method} cut={cut}: ppl={q['ppl']:.3f} params_cut={extra['params_cut']:.4f} "
+            rec = bench.record(name, method + label, setting, quality=q, size=size,
+                               latency=_forward_s(model, kind, budget), extra=extra, dense=dense)
+            print(f"[lowrank] {name} {method}{label} cut={cut}: {q} params_cut={extra['params_cut']:.4f} "
                   f"ratios={rec['ratios']}", flush=True)
             swapper.restore(undo)
             bench.save()
@@ -224,17 +247,29 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sizes", type=float, nargs="+", default=[0.25, 0.5], help="sweep rank_ratio candidates")
     p.add_argument("--damping", type=float, default=0.0, help="whitened: ridge on XᵀX/N (sweep)")
     p.add_argument("--keep", type=float, default=0.91, help="sweep parameter budget (fraction kept)")
+    p.add_argument("--methods-model", choices=list(PATTERNS), default="smollm2-135m", help="model of --part methods")
+    p.add_argument("--seq", type=int, default=256, help="calibration window length (tokens)")
+    p.add_argument("--label", default="", help="suffix of the method names of this run's records (e.g. -calib64)")
+    p.add_argument("--append", action="store_true", help="keep the records already in the results JSON")
+    p.add_argument("--note", default="", help="appended to the description (which run made which rows)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (latency is measured with these)")
     p.add_argument("--out", help="results JSON (default benchmarks/results/lowrank.json)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)  # 1: LAPACK on a shared, oversubscribed CPU thrashes with more
-    bench = harness.Bench("lowrank", budget=args.budget, description=__doc__.split("\n\n")[1])
-    if args.out:
-        bench_save = bench.save
-        bench.save = lambda path=None: bench_save(args.out)  # type: ignore[method-assign]
+    path = Path(args.out) if args.out else harness.RESULTS_DIR / "lowrank.json"
+    kept = json.loads(path.read_text()) if args.append and path.exists() else None
+    description = kept["description"] if kept else __doc__.split("\n\n")[1]
+    bench = harness.Bench("lowrank", budget=args.budget, description=f"{description} {args.note}".strip())
+    if kept:
+        if kept.get("budget", {}).keys() - {args.budget}:
+            raise ValueError(f"lowrank suite: --append needs the kept records' budget {list(kept['budget'])}.")
+        bench.records = list(kept["records"])
+    bench_save = bench.save
+    bench.save = lambda out=None: bench_save(path)  # type: ignore[method-assign]
     if args.part in ("methods", "all"):
-        run_methods(bench, args.budget, args.cuts, args.methods, args.n_calib)
+        run_methods(bench, args.budget, args.cuts, args.methods, args.n_calib, args.methods_model, args.seq,
+                    args.label)
     if args.part in ("sweep", "all"):
         run_sweep(bench, args.budget, args.sweep_models, args.keep, args.n_calib, args.sizes, args.damping)
     print(bench.save())

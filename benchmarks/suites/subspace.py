@@ -60,6 +60,32 @@ def head_latency(model: Any, rows: int) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
+def paired_lookup(vocab: int, dim: int, rows: int, f: int, tokens: int = 4096, rounds: int = 15) -> dict[str, Any]:
+    """Lookup seconds of a dense ``nn.Embedding [V, d]`` and a context :class:`SubspaceEmbedding` of the same
+    shape (``f`` tables of ``rows`` rows, random distinct codes), timed **interleaved** (lookup cost depends on
+    shapes and dtypes, not on the values). Ids ``[8, tokens/8]``; medians over ``rounds``."""
+    from hf_compress.layers.subspace import SubspaceEmbedding, code_dtype, split_widths
+
+    g = torch.Generator().manual_seed(0)
+    dense = torch.nn.Embedding(vocab, dim)
+    sub = SubspaceEmbedding(vocab, dim, rows, widths=split_widths(dim, f), assignment="context")
+    sub.codes = torch.randint(0, rows, (vocab, f), generator=g).to(code_dtype(rows))
+    ids = torch.randint(0, vocab, (8, tokens // 8), generator=g)
+    times: dict[str, list[float]] = {"dense": [], "subspace": []}
+    for layer in (dense, sub):
+        layer(ids)
+    for _ in range(rounds):
+        for name, layer in (("dense", dense), ("subspace", sub)):
+            t = time.perf_counter()
+            layer(ids)
+            times[name].append(time.perf_counter() - t)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"dense_lookup_s": med["dense"], "subspace_lookup_s": med["subspace"],
+            "lookup_ratio": med["subspace"] / med["dense"], "shape": [vocab, dim], "num_rows": rows,
+            "num_subspaces": f, "tokens": tokens, "rounds": rounds}
+
+
 def calibration(tok: Any, n_samples: int, seq_len: int) -> list[torch.Tensor]:
     """News-text windows ``[1, seq_len]``; encoders get ``[CLS] … [SEP]`` like their inputs at evaluation."""
     cls, sep = getattr(tok, "cls_token_id", None), getattr(tok, "sep_token_id", None)
@@ -98,7 +124,7 @@ def measure(bench: harness.Bench, name: str, model: Any, tok: Any, kind: str, me
     if kind == "causal-lm":
         for rows in (1, 256):
             latency.update(head_latency(model, rows))
-    extra = {**extra, "eval_s": round(time.time() - t, 1)}
+    extra = {**extra, "eval_s": round(time.time() - t, 1), "budget": budget}
     if dense is not None:
         extra["reload_exact"] = reload_exact(model, kind)
         extra["embedding_params_removed"] = 1 - size[f"params_{emb_name}"] / dense["size"][f"params_{emb_name}"]
@@ -120,6 +146,7 @@ def run_model(bench: harness.Bench, name: str, settings: list[tuple[int, str]], 
     kind = harness.model_kind(model)
     emb_name = EMBED[name].rsplit(".", 1)[-1]
     dense = measure(bench, name, model, tok, kind, "dense", {}, None, args.budget, {})
+    bench.save(args.out)
     lm = kind == "causal-lm"
     batches = calibration(tok, args.lm_samples if lm else args.samples, args.lm_seq if lm else args.seq)
     steps = args.lm_steps if lm else args.steps
@@ -133,8 +160,11 @@ def run_model(bench: harness.Bench, name: str, settings: list[tuple[int, str]], 
         compress_s = round(time.time() - t, 1)
         emb = student.get_submodule(EMBED[name])
         setting = {"num_subspaces": f, "assignment": assignment, "num_rows": emb.num_rows, "param_fraction": fraction}
+        paired = paired_lookup(emb.num_embeddings, emb.embedding_dim, emb.num_rows, f) if assignment == "context" \
+            else None  # interleaved with a dense table of the same shape (less noisy than lookup_s ratios)
         measure(bench, name, student, tok, kind, f"{assignment}-f{f}-init", setting, dense, args.budget,
-                {"compress_s": compress_s, "distilled": False})
+                {"compress_s": compress_s, "distilled": False, "paired_lookup": paired})
+        bench.save(args.out)  # a cut-off run keeps the training-free row
         if steps > 0:
             info = distill(student, model, batches, steps=steps, lr=args.lm_lr if lm else args.lr,
                            batch_size=args.lm_batch if lm else args.batch, progress=not args.no_progress)
@@ -150,6 +180,21 @@ def _parse(items: list[str]) -> list[tuple[int, str]]:
     return [(int(item.split(":")[0]), item.split(":")[1]) for item in items]
 
 
+QUICK = {"samples": 16, "steps": 10, "lm_samples": 4, "lm_steps": 4, "lm_seq": 128}  # unless given explicitly
+
+
+def _save(save: Any, path: Path, kept: dict[str, Any] | None) -> Path:
+    """``save(path)`` (``Bench.save``); with ``kept`` (the document the kept records came from), the budgets
+    and wall times of both runs are listed."""
+    out = save(path)
+    if kept is not None:
+        doc = json.loads(out.read_text())
+        doc["budget"] = {**kept.get("budget", {}), **doc["budget"]}
+        doc["wall_s"] = {"kept_records": kept.get("wall_s"), "this_run": doc["wall_s"]}
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+    return out
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks suite subspace", description=__doc__)
     parser.add_argument("--budget", default="default", choices=list(harness.BUDGETS))
@@ -159,14 +204,14 @@ def main(argv: list[str]) -> int:
                         "the f = 2, 3 grid")
     parser.add_argument("--lm-fraction", type=float, default=0.05, help="causal LMs: n = fraction * V")
     parser.add_argument("--lm-settings", nargs="+", default=["8:context"], help="f:assignment for causal LMs")
-    parser.add_argument("--samples", type=int, default=128, help="encoder calibration windows")
+    parser.add_argument("--samples", type=int, default=None, help="encoder calibration windows (128; quick 16)")
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=80, help="encoder distillation steps (0: none)")
+    parser.add_argument("--steps", type=int, default=None, help="encoder distillation steps (80; quick 10; 0: none)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--lm-samples", type=int, default=48)
-    parser.add_argument("--lm-seq", type=int, default=128)
-    parser.add_argument("--lm-steps", type=int, default=12)
+    parser.add_argument("--lm-samples", type=int, default=None, help="causal-LM calibration windows (48; quick 4)")
+    parser.add_argument("--lm-seq", type=int, default=None, help="(128)")
+    parser.add_argument("--lm-steps", type=int, default=None, help="causal-LM distillation steps (12; quick 4)")
     parser.add_argument("--lm-batch", type=int, default=2)
     parser.add_argument("--lm-lr", type=float, default=1e-3)
     parser.add_argument("--kmeans-iters", type=int, default=15)
@@ -174,16 +219,41 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/subspace.json)")
-    parser.add_argument("--append", action="store_true", help="keep the records already in the results JSON")
+    parser.add_argument("--append", action="store_true", help="keep the records of other models already in the "
+                        "results JSON (their budget is listed next to this run's)")
+    parser.add_argument("--paired-lookup-only", action="store_true", help="only time dense vs subspace lookup "
+                        "interleaved (shape-matched layers, --lm-settings/--lm-fraction) for each --models entry")
+    parser.add_argument("--note", default="", help="appended to the description (which run made which rows)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)  # shared CPUs: oversubscribed OpenMP threads are far slower than one
-    if args.budget == "quick":
-        args.samples, args.steps, args.lm_samples, args.lm_steps, args.lm_seq = 16, 10, 4, 4, 128
-    bench = harness.Bench("subspace", budget=args.budget, description=__doc__.splitlines()[0])
+    full = {"samples": 128, "steps": 80, "lm_samples": 48, "lm_steps": 12, "lm_seq": 128}
+    for key, value in (QUICK if args.budget == "quick" else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     path = Path(args.out) if args.out else harness.RESULTS_DIR / "subspace.json"
-    if args.append and path.exists():
-        bench.records = [r for r in json.loads(path.read_text())["records"] if r["model"] not in args.models]
-    for name in args.models:
+    kept = json.loads(path.read_text()) if args.append and path.exists() else None
+    description = kept["description"] if kept else __doc__.splitlines()[0]
+    bench = harness.Bench("subspace", budget=args.budget, description=f"{description} {args.note}".strip())
+    if kept:
+        bench.records = [r for r in kept["records"] if args.paired_lookup_only or r["model"] not in args.models]
+    plain_save = bench.save
+    bench.save = lambda out=None: _save(plain_save, path, kept)  # type: ignore[method-assign]
+    for name in args.models if args.paired_lookup_only else []:
+        cfg = json.loads((Path(zoo.resolve(name)) / "config.json").read_text())
+        cfg = cfg.get("text_config", cfg)
+        vocab, dim = cfg["vocab_size"], cfg["hidden_size"]
+        fraction = args.fraction if name == "minilm-l6" else args.lm_fraction
+        for f, _ in _parse(args.lm_settings):  # stored codes (context); modulo computes its codes instead
+            rows = max(1, int(fraction * vocab))
+            res = paired_lookup(vocab, dim, rows, f)
+            bench.record(name, f"lookup-paired-context-f{f}", {"num_subspaces": f, "num_rows": rows,
+                                                                "param_fraction": fraction},
+                         latency={"lookup_s": res["subspace_lookup_s"], "dense_lookup_s": res["dense_lookup_s"]},
+                         extra={**res, "budget": args.budget, "note": "interleaved lookup timing of shape-matched "
+                                "layers (random codes; lookup cost does not depend on values)"})
+            print(f"[subspace] {name} paired lookup {res}", flush=True)
+            bench.save(args.out)
+    for name in [] if args.paired_lookup_only else args.models:
         if name == "minilm-l6":
             settings = [(f, a) for f in (2, 3) for a in ("modulo", "context")] + _parse(args.extra_settings)
         else:
