@@ -47,6 +47,9 @@ def plot_file(path: Path) -> Path | None:
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=method)
             ax.set_xlabel(xlabel)
+            ys = [r["quality"].get(name) for r in recs if isinstance(r["quality"].get(name), (int, float))]
+            if name == "ppl" and ys and min(ys) > 0 and max(ys) / min(ys) > 20:
+                ax.set_yscale("log")  # perplexities span orders of magnitude; a linear axis hides the good ones
             ax.set_ylabel(f"{name} ({'lower' if lower else 'higher'} is better)")
             ax.set_title(f"{model}: {name} vs {xlabel}")
             ax.grid(alpha=0.3)

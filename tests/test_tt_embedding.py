@@ -206,3 +206,19 @@ def test_non_embedding_target_rejected() -> None:
     with pytest.raises(TypeError, match=r"compresses nn\.Embedding token tables only"):
         hf_compress.compress(tiny_model(arch), CompressionConfig(modules={"q_proj": TTEmbeddingConfig()}),
                              progress=False)
+
+
+def test_logits_table_cache_is_exact_and_invalidated() -> None:
+    w = torch.randn(300, 60, generator=torch.Generator().manual_seed(0))
+    layer = build_embedding(w, TTEmbeddingConfig(format="per_token", shape=[3, 4, 5], ranks=[2, 3]))
+    h = torch.randn(4, 60, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = layer.logits(h)
+        layer.cache_table = True
+        assert torch.equal(layer.logits(h), plain) and "_table_cache" in layer.__dict__
+        layer.set_rows(torch.tensor([5]), torch.randn(1, 60, generator=torch.Generator().manual_seed(2)))
+        changed = layer.logits(h)
+    assert not torch.equal(changed[:, 5], plain[:, 5]) and torch.equal(changed[:, 6], plain[:, 6])
+    assert torch.equal(changed, h @ layer.weight.T)
+    layer(torch.tensor([1]))
+    assert layer.logits(h).requires_grad and "_table_cache" not in layer.__dict__  # no cache while training

@@ -1,12 +1,15 @@
-"""Tensor-train embeddings (issue #4): dense vs per-token TT (paper), adaptive TT (ours), whole-matrix SVD.
+"""Tensor-train embeddings (issue #4): dense vs per-token TT (paper), adaptive TT (ours), TT-matrix, whole-matrix SVD.
 
-``python -m benchmarks suite tt_embedding [--models ...] [--budget quick] [--wer-utterances N]``
+``python -m benchmarks suite tt_embedding [--models ...] [--budget quick] [--formats ...] [--ratios ...]
+[--extras all|none|only] [--wer-utterances N] [--note TEXT] [--out PATH]``; ``--merge A.json B.json ...`` joins runs.
 
 Per model, in one run: the dense model, then every (format, compression) setting compresses only the token
-embedding (tied heads read the compressed table, ``tied_head="compressed"``; one extra ``tied_head="dense"`` row at
-2x for tied models). Recorded: embedding relative reconstruction error, TT-SVD time, quality (perplexity / encoder
-scores / WER via ``harness.quality``), params and disk bytes, embedding lookup latency (8 x 512 ids) vs dense,
-forward latency and decode tokens/s. Token frequencies for the adaptive format come from the calibration text only.
+embedding (tied heads read the compressed table, ``tied_head="compressed"``), plus extra rows: TT-matrix at 2x, and
+on tied models every format at 2x with ``tied_head="dense"`` (head untied, dense copy: more parameters in total).
+Recorded: embedding relative reconstruction error, compress (TT-SVD) time, quality (perplexity / encoder scores /
+WER via ``harness.quality``), params and disk bytes, embedding lookup latency (8 x 512 ids) and forward latency /
+decode tokens/s, each measured interleaved with the dense model (``extra`` holds the paired ratios). Token
+frequencies for the adaptive format come from the calibration text only.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import re
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,9 +28,11 @@ import torch
 from .. import data, harness, zoo
 
 MODELS = ["smollm2-135m", "gemma3-270m", "minilm-l6", "whisper-tiny.en"]
-RATIOS = {"default": [1.5, 2.0, 3.0], "quick": [2.0]}
+RATIOS = [1.5, 2.0, 3.0]
 FORMATS = ["per_token", "adaptive", "svd"]
-EXTRA = [("tt_matrix", 2.0, "compressed"), ("adaptive", 2.0, "dense")]  # (format, ratio, tied_head)
+# (format, ratio, tied_head): the TT-matrix format, and every format with the tied head kept untied dense.
+EXTRA = [("tt_matrix", 2.0, "compressed"), ("adaptive", 2.0, "dense"), ("per_token", 2.0, "dense"),
+         ("svd", 2.0, "dense")]
 
 
 def embedding_name(model: Any) -> str:
@@ -35,30 +41,25 @@ def embedding_name(model: Any) -> str:
 
 
 @torch.inference_mode()
-def lookup_latency(module: Any, vocab: int, repeats: int = 7) -> float:
-    """Median seconds of one embedding lookup of a fixed ``[8, 512]`` batch of ids."""
+def paired_lookup(modules: dict[str, Any], vocab: int, rounds: int = 7) -> dict[str, float]:
+    """Median seconds of one embedding lookup of a fixed ``[8, 512]`` batch of ids, per module, interleaved."""
     ids = torch.randint(0, vocab, (8, 512), generator=torch.Generator().manual_seed(0))
-    module(ids)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    for module in modules.values():
         module(ids)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for _ in range(rounds):
+        for name, module in modules.items():
+            start = time.perf_counter()
+            module(ids)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def measure(model: Any, tok: Any, kind: str, budget: str, emb_name: str, voices: Any) -> dict[str, Any]:
-    quality = harness.quality(model, tok, kind, budget=budget, voices=voices)
-    size = harness.size(model, (emb_name,))
-    latency = harness.latency(model, kind, budget=budget)
-    latency["lookup_8x512_s"] = lookup_latency(model.get_submodule(emb_name), model.config.vocab_size)
-    return {"quality": quality, "size": size, "latency": latency}
-
-
-def run_model(bench: harness.Bench, name: str, budget: str, wer_utterances: int | None, out: str | None) -> None:
+def run_model(bench: harness.Bench, name: str, args: argparse.Namespace) -> None:
     from hf_compress import CompressionConfig, compress
     from hf_compress.methods.tt_embedding import TTEmbeddingConfig
 
+    budget, out = args.budget, args.out
     model, tok = zoo.load(name)
     kind = harness.model_kind(model)
     text_tok = getattr(tok, "tokenizer", tok)
@@ -67,18 +68,33 @@ def run_model(bench: harness.Bench, name: str, budget: str, wer_utterances: int 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = head is not None and head.weight.data_ptr() == model.get_submodule(emb_name).weight.data_ptr()
     calibration = data.calibration_batches(text_tok, n_samples=128, seq_len=512)
-    if wer_utterances is not None:
-        harness.BUDGETS[budget]["wer_utterances"] = wer_utterances  # written into the JSON's "budget"
-    voices = None
+    if args.wer_utterances is not None:
+        harness.BUDGETS[budget]["wer_utterances"] = args.wer_utterances  # written into the JSON's "budget"
     print(f"[tt_embedding] {name}: {emb_name} {list(weight.shape)} tied={tied}", file=sys.stderr, flush=True)
-    dense = measure(model, tok, kind, budget, emb_name, voices)
-    dense_rec = bench.record(name, "dense", {"embedding": emb_name, "vocab": weight.shape[0], "dim": weight.shape[1],
-                                             "tied": tied}, **dense)
-    settings = [(f, r, "compressed") for f in FORMATS for r in RATIOS[budget]]
-    settings += [(f, r, h) for f, r, h in EXTRA if (h == "compressed" or tied) and budget == "default"]
-    for fmt, ratio, head in settings:
+    dense_setting = {"embedding": emb_name, "vocab": weight.shape[0], "dim": weight.shape[1], "tied": tied}
+    if args.dense_from:  # reuse the dense record of an earlier run with the same budget (deterministic quality)
+        import json
+
+        doc = json.loads(Path(args.dense_from).read_text())
+        old = next(r for r in doc["records"] if r["model"] == name and r["method"] == "dense")
+        dense_rec = bench.record(name, "dense", {**dense_setting, "copied_from_run": doc["created"]},
+                                 quality=old["quality"], size=old["size"], latency=old["latency"])
+    else:
+        dense_latency = harness.latency(model, kind, budget=budget)
+        dense_latency["lookup_8x512_s"] = paired_lookup({"dense": model.get_submodule(emb_name)},
+                                                        weight.shape[0])["dense"]
+        dense_rec = bench.record(name, "dense", dense_setting, quality=harness.quality(model, tok, kind, budget=budget),
+                                 size=harness.size(model, (emb_name,)), latency=dense_latency)
+    bench.save(out)
+    settings = [] if args.extras == "only" else [(f, r, "compressed") for f in args.formats for r in args.ratios]
+    if args.extras != "none":
+        extra = EXTRA if not args.extra_rows else [(f, float(r), h) for f, r, h in
+                                                   (row.split(":") for row in args.extra_rows)]
+        settings += [(f, r, h) for f, r, h in extra if h == "compressed" or tied]
+    settings.sort(key=lambda s: abs(s[1] - 2.0))  # the 2x rows (the goal's) first, so a cut-off run still has them
+    for fmt, ratio, head_mode in settings:
         m = copy.deepcopy(model)
-        cfg = TTEmbeddingConfig(format=fmt, compression=ratio, tied_head=head)
+        cfg = TTEmbeddingConfig(format=fmt, compression=ratio, tied_head=head_mode)
         start = time.perf_counter()
         compress(m, CompressionConfig(modules={re.escape(emb_name) + "$": cfg}), calibration=calibration,
                  progress=False)
@@ -87,38 +103,128 @@ def run_model(bench: harness.Bench, name: str, budget: str, wer_utterances: int 
         with torch.no_grad():
             rel_err = float((layer.weight - weight).norm() / weight.norm())
         emb_params = sum(p.numel() for p in layer.parameters())
-        got = measure(m, tok, kind, budget, emb_name, voices)
-        rec = bench.record(name, f"tt_{fmt}" + ("" if head == "compressed" else "_densehead"),
-                           {"format": fmt, "compression": ratio, "tied_head": head, "layer": layer.spec()},
-                           extra={"embedding_rel_error": rel_err, "compress_s": seconds,
-                                  "embedding_compression": weight.numel() / emb_params,
-                                  "lookup_ratio_vs_dense": got["latency"]["lookup_8x512_s"]
-                                  / dense["latency"]["lookup_8x512_s"]},
-                           dense=dense_rec, **got)
-        print(f"[tt_embedding] {name} {fmt} x{ratio} head={head}: err={rel_err:.3f} t={seconds:.1f}s "
+        layer.cache_table = True  # quality only: tied-head logits reuse one materialized table (same numbers)
+        quality = harness.quality(m, tok, kind, budget=budget)
+        layer.cache_table = False
+        layer.__dict__.pop("_table_cache", None)
+        extra = {"embedding_rel_error": rel_err, "compress_s": seconds,
+                 "embedding_compression": weight.numel() / emb_params}
+        lookup = paired_lookup({"dense": model.get_submodule(emb_name), "tt": layer}, weight.shape[0])
+        extra["lookup_ratio_vs_dense"] = lookup["tt"] / lookup["dense"]
+        latency = {"lookup_8x512_s": lookup["tt"]}
+        lat: dict[str, dict[str, float]] = {}
+        if fmt not in args.skip_latency:
+            lat = harness.paired_latency({"dense": model, "tt": m}, kind, budget=budget)
+            latency.update(lat["tt"])
+            extra["forward_ratio_vs_dense_paired"] = lat["tt"]["forward_s"] / lat["dense"]["forward_s"]
+        if "decode_tokens_per_s" in lat.get("tt", {}):
+            extra["decode_tokens_per_s_dense_paired"] = lat["dense"]["decode_tokens_per_s"]
+            extra["decode_ratio_vs_dense_paired"] = (lat["tt"]["decode_tokens_per_s"]
+                                                     / lat["dense"]["decode_tokens_per_s"])
+        rec = bench.record(name, f"tt_{fmt}" + ("" if head_mode == "compressed" else "_densehead"),
+                           {"format": fmt, "compression": ratio, "tied_head": head_mode, "layer": layer.spec()},
+                           quality=quality, size=harness.size(m, (emb_name,)), latency=latency, extra=extra,
+                           dense=dense_rec)
+        print(f"[tt_embedding] {name} {fmt} x{ratio} head={head_mode}: err={rel_err:.3f} t={seconds:.1f}s "
               f"q={rec['quality']}", file=sys.stderr, flush=True)
-        del m
+        del m, layer
         bench.save(out)
+
+
+def time_tt_svd(bench: harness.Bench, name: str, threads: int, out: str | None, repeats: int = 3) -> None:
+    """Wall time of the paper's per-token TT-SVD (batched, one SVD per mode) of ``name``'s whole token table at
+    1.5/2/3x with ``threads`` torch threads; the 1-minute load average is recorded beside it (shared machine)."""
+    import os
+
+    from hf_compress.methods.tt_embedding import TTEmbeddingConfig, build_embedding
+
+    model, _ = zoo.load(name)
+    weight = model.get_input_embeddings().weight.detach().clone()
+    del model
+    torch.set_num_threads(threads)
+    for ratio in RATIOS:
+        cfg = TTEmbeddingConfig(format="per_token", compression=ratio)
+        times, load = [], []
+        for _ in range(repeats):
+            load.append(os.getloadavg()[0])
+            start = time.perf_counter()
+            layer = build_embedding(weight, cfg)
+            times.append(time.perf_counter() - start)
+        bench.record(name, "tt_svd_time", {"format": "per_token", "compression": ratio, "layer": layer.spec(),
+                                           "vocab": weight.shape[0], "dim": weight.shape[1]},
+                     extra={"compress_s": min(times), "compress_s_all": times, "torch_threads": threads,
+                            "load_avg_1min": load, "goal_s": 10.0, "goal_met": min(times) <= 10.0})
+        print(f"[tt_embedding] TT-SVD {name} x{ratio}: {times} s (load {load})", file=sys.stderr, flush=True)
+        bench.save(out)
+
+
+def merge(paths: list[str], out: str | None, notes: list[str]) -> Path:
+    """Concatenate the records of several runs of this suite into one file; every record gets ``"run"`` (its
+    source run's ``created`` stamp; dense records copied by ``--dense-from`` are dropped as duplicates), and the
+    description lists each run's budget, time and note."""
+    import json
+
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    lines, records, budgets = [__doc__.strip().splitlines()[0], "Merged runs (record['run'] names the run):"], [], {}
+    for i, doc in enumerate(docs):
+        note = notes[i] if i < len(notes) else ""
+        models = sorted({r["model"] for r in doc["records"]})
+        budget = next(iter(doc.get("budget", {})), "?")
+        lines.append(f"- run {doc['created']} ({budget} budget, {doc.get('wall_s')} s, models {models}): {note}")
+        budgets[doc["created"]] = doc.get("budget")
+        records += [{**r, "run": doc["created"]} for r in doc["records"]
+                    if "copied_from_run" not in r.get("setting", {})]  # a copied dense record is already there
+    merged = {**docs[-1], "description": "\n".join(lines), "budget": budgets, "records": records,
+              "wall_s": sum(d.get("wall_s", 0) for d in docs)}
+    target = Path(out) if out else harness.RESULTS_DIR / "tt_embedding.json"
+    target.write_text(json.dumps(merged, indent=2) + "\n")
+    return target
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks suite tt_embedding", description=__doc__)
     parser.add_argument("--models", nargs="+", default=MODELS, choices=list(zoo.ZOO))
     parser.add_argument("--budget", default="default", choices=list(harness.BUDGETS))
+    parser.add_argument("--formats", nargs="*", default=FORMATS, help="main grid formats")
+    parser.add_argument("--ratios", nargs="+", type=float, default=RATIOS, help="main grid compression ratios")
+    parser.add_argument("--extras", default="all", choices=["all", "none", "only"],
+                        help="the extra rows (TT-matrix 2x; dense-head 2x on tied models): with/without/only them")
+    parser.add_argument("--extra-rows", nargs="+", default=None, metavar="FORMAT:RATIO:HEAD",
+                        help="replace the extra rows, in this order (e.g. adaptive:2:dense tt_matrix:2:compressed)")
+    parser.add_argument("--dense-from", default=None, metavar="JSON",
+                        help="take the dense record from this earlier run of the suite (same budget) instead of "
+                             "measuring it again; latency ratios stay paired within this run")
+    parser.add_argument("--skip-latency", nargs="*", default=[], metavar="FORMAT",
+                        help="formats whose rows skip the forward/decode latency (the lookup latency is kept)")
     parser.add_argument("--wer-utterances", type=int, default=None,
                         help="Whisper: test utterances per voice (default: the budget's; recorded in the JSON)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPUs are shared)")
+    parser.add_argument("--note", default="", help="appended to the JSON description (e.g. a stated reduction)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/tt_embedding.json)")
+    parser.add_argument("--time-tt-svd", action="store_true",
+                        help="instead of running: time the per-token TT-SVD of the first model's table (--threads)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="instead of running: merge these result files (in order) into --out")
+    parser.add_argument("--merge-notes", nargs="*", default=[], help="one note per merged file")
     args = parser.parse_args(argv)
+    if args.merge:
+        print(merge(args.merge, args.out, args.merge_notes))
+        return 0
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    bench = harness.Bench("tt_embedding", args.budget, description=__doc__.strip().splitlines()[0])
-    out = args.out
+    description = __doc__.strip().splitlines()[0] + (f" {args.note}" if args.note else "")
+    bench = harness.Bench("tt_embedding", args.budget, description=description)
     failed = []
+    if args.time_tt_svd:
+        time_tt_svd(bench, args.models[0], args.threads, args.out)
+        print(bench.save(args.out))
+        return 0
     for name in args.models:
         try:
-            run_model(bench, name, args.budget, args.wer_utterances, out)
+            run_model(bench, name, args)
         except Exception as err:
             failed.append(name)
             bench.record(name, "error", extra={"error": f"{type(err).__name__}: {err}"[:500]})
             print(f"[tt_embedding] {name} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        print(bench.save(out), flush=True)
+        print(bench.save(args.out), flush=True)
     return 1 if failed else 0

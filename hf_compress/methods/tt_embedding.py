@@ -205,7 +205,10 @@ def adaptive_factors(weight: torch.Tensor, budget: float, counts: torch.Tensor |
     """
     v, d = weight.shape
     w = weight.detach().to(torch.float32)
-    gram = w.double().T @ w.double()
+    gram = torch.zeros(d, d, dtype=torch.float64, device=w.device)
+    for start in range(0, v, 16384):  # in chunks: a float64 copy of a 262k-row table would be 1.3 GB
+        chunk = w[start:start + 16384].double()
+        gram += chunk.T @ chunk
     _, evecs = torch.linalg.eigh(gram)
     basis_full = evecs.flip(1).T.to(torch.float32)  # [d, d], rows = right singular vectors by decreasing σ
     coeff = w @ basis_full.T  # [V, d]
@@ -214,10 +217,10 @@ def adaptive_factors(weight: torch.Tensor, budget: float, counts: torch.Tensor |
         return (basis_full[:r].to(weight.dtype), [coeff[:, :r].to(weight.dtype).contiguous()],
                 torch.zeros(v, dtype=torch.int32), torch.arange(v, dtype=torch.int32))
     ladder = sorted({max(min_rank, min(d, round(d / 2 ** (i / 2)))) for i in range(40)}, reverse=True)
-    energy = coeff.pow(2)
-    total = energy.sum(1)
-    csum = energy.cumsum(1)  # [V, d]
+    csum = coeff.pow(2).cumsum_(1)  # [V, d] energy kept by the first r coefficients
+    total = csum[:, -1]
     tails = torch.stack([total - csum[:, r - 1] for r in ladder], 1).clamp_min(0).double()  # [V, K]
+    del csum
     weights = torch.ones(v, dtype=torch.float64) if counts is None else counts.double() + smoothing
     dist = weights[:, None] * tails
     rk = torch.tensor(ladder, dtype=torch.float64)
