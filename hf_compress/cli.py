@@ -11,7 +11,8 @@ EXAMPLES = """examples:
   hf-compress compress HuggingFaceTB/SmolLM2-135M --config plan.json --out smollm2-compressed
   hf-compress compress ./dense-model --method low_rank --rank-ratio 0.5 --pattern 'self_attn\\.(q|k|v|o)_proj$' \\
       --out out
-  hf-compress compress ./dense-model --budget 0.8 --out out         # searched whitened low-rank plan
+  hf-compress compress ./dense-model --budget 0.6 --out out         # searched mixed plan, 60% of the bytes
+  hf-compress compress ./dense-model --budget 0.6 --calib-text news.txt --methods jlcm tt_embedding --out out
   hf-compress eval out --metric ppl --text my_eval.txt
   hf-compress card out
   hf-compress push out me/smollm2-compressed
@@ -74,10 +75,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     config = transformers.AutoConfig.from_pretrained(args.model)
     task = args.task or default_task(config)
     model = auto_compressed_class(task).from_pretrained(args.model, dtype=_dtype(args.dtype))
-    calibration = None
     if plan is None:
-        plan, calibration = _auto_low_rank_plan(model, args.budget)
-    compress(model, plan, calibration=calibration)
+        model = _mixed_plan(model, args)
+    else:
+        compress(model, plan)
     out = Path(args.out)
     model.save_pretrained(out)
     _save_preprocessor(args.model, out)
@@ -86,26 +87,42 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _auto_low_rank_plan(model: Any, budget: float) -> tuple[Any, list[Any]]:
-    """``--budget``: a whitened low-rank plan keeping ``budget`` of the parameters, searched by :func:`sweep` over
-    every linear layer type (grouped by module name, the output head excluded), scored by output error on random
-    inputs. Mixed-method planning is not available yet: use ``--config`` for TT/JLCM/subspace/product-twin plans."""
-    import re
-
+def _mixed_plan(model: Any, args: argparse.Namespace) -> Any:
+    """``--budget``: a mixed-method plan keeping ``budget`` of the dense bytes, searched by
+    :func:`hf_compress.plan` from measured per-group sensitivity (TT embeddings, product twins, whitened low-rank,
+    codebooks), scored on held-out batches: perplexity of ``--calib-text`` windows, or output error vs the dense
+    model on random inputs. Prints the sensitivity table and returns the compressed model."""
     from . import sweep as sw
+    from .planning import plan
 
-    if not 0.0 < budget < 1.0:
-        raise CLIError(f"--budget must be a fraction of the parameters to keep in (0, 1), got {budget}")
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if sw._is_linear(m) and m is not head})
-    if not leaves:
-        raise CLIError(f"{type(model).__name__} has no linear layers to plan over")
-    batches = sw.random_batches(model, 4, 32, seed=1)
-    result = sw.sweep(model, [re.escape(leaf) for leaf in leaves], [0.25, 0.5, 0.75],
-                      calibration=batches, eval_fn=sw.output_error_fn(model, batches), budget={"params": budget},
-                      method="whitened", progress=False)
+    if not 0.0 < args.budget < 1.0:
+        raise CLIError(f"--budget must be a fraction of the dense model's bytes to keep in (0, 1), got {args.budget}")
+    eval_fn = None
+    if args.calib_text:
+        import transformers
+
+        if not Path(args.calib_text).is_file():
+            raise CLIError(f"--calib-text file {args.calib_text} does not exist")
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError) as err:
+            raise CLIError(f"--calib-text needs a tokenizer in {args.model}: {err}") from err
+        text = Path(args.calib_text)
+        batches = sw.text_batches(tok, text.read_text(), args.n_batches, args.seq_len)
+        if len(batches) < 2:
+            raise CLIError(f"--calib-text {text} is too short: need at least 2 windows of {args.seq_len} tokens")
+        fit, held = batches[: -max(1, len(batches) // 4)], batches[-max(1, len(batches) // 4):]
+    else:
+        fit = sw.random_batches(model, args.n_batches, args.seq_len, seed=1)
+        held = sw.random_batches(model, max(1, args.n_batches // 4), args.seq_len, seed=2)
+        eval_fn = sw.output_error_fn(model, held)
+    result = plan(model, {"size": args.budget}, fit, eval_batches=held, eval_fn=eval_fn, methods=args.methods,
+                  keep_model=True, progress=True)
     print(result.format_table())
-    return result.config, batches
+    if args.plan_out:
+        result.to_json(args.plan_out)
+        print(f"wrote plan and table {args.plan_out}")
+    return result.model
 
 
 def _dtype(name: str | None) -> Any:
@@ -221,7 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-ratio", type=float)
     p.add_argument("--param", action="append", help="extra method parameter KEY=VALUE (JSON value)")
     p.add_argument("--budget", type=float,
-                   help="fraction of parameters to keep: searches a whitened low-rank plan with `sweep` (auto plan)")
+                   help="fraction of the dense bytes (floats at 2 bytes) to keep: searches a mixed-method plan with "
+                        "hf_compress.plan from measured per-module sensitivity and prints its table")
+    p.add_argument("--methods", nargs="+", help="--budget: only these methods (e.g. low_rank jlcm tt_embedding "
+                                                "product_twin); default all")
+    p.add_argument("--calib-text", help="--budget: text file for calibration and held-out perplexity (default: random "
+                                        "inputs scored by output error)")
+    p.add_argument("--n-batches", type=int, default=8, help="--budget: calibration windows")
+    p.add_argument("--seq-len", type=int, default=64, help="--budget: tokens per calibration window")
+    p.add_argument("--plan-out", help="--budget: also write the plan, table and search path as JSON")
     p.add_argument("--task", help="head: causal-lm, speech-seq2seq, base, masked-lm, sequence-classification")
     p.add_argument("--dtype", default="float32", help="load dtype (float32, bfloat16, float16, auto)")
     p.set_defaults(func=cmd_compress)

@@ -14,6 +14,7 @@ import transformers
 from conftest import ARCHS, tiny_model
 
 from hf_compress import cli
+from hf_compress.planning import model_bytes
 
 LLAMA = ARCHS[0]
 
@@ -109,14 +110,47 @@ def test_eval_perplexity_on_a_text_file(dense: Path, tmp_path: Path) -> None:
     assert 1.0 < ppl < 1000 and torch.isfinite(torch.tensor(ppl))
 
 
-def test_compress_with_budget_searches_a_plan_meeting_it(dense: Path, tmp_path: Path) -> None:
-    proc = _run("compress", str(dense), "--budget", "0.8", "--out", str(tmp_path / "out"))
+def test_compress_with_budget_low_rank_only(dense: Path, tmp_path: Path) -> None:
+    proc = _run("compress", str(dense), "--budget", "0.8", "--methods", "low_rank", "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    dense_n = sum(p.numel() for p in tiny_model(LLAMA).parameters())
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert sum(p.numel() for p in again.parameters()) <= 0.8 * dense_n
+    assert model_bytes(again) <= 0.8 * model_bytes(tiny_model(LLAMA))
     plan = json.loads((tmp_path / "out" / "config.json").read_text())["compression_config"]
     assert {m["method"] for m in plan["modules"].values()} == {"whitened"}
+    assert "<==" in proc.stdout and "dense:" in proc.stdout  # the explained table
+
+
+def test_compress_with_budget_mixes_methods_when_one_cannot_reach_it(dense: Path, tmp_path: Path) -> None:
+    # on this tiny model codebooks alone keep >= 0.27 of the bytes and TT embeddings alone >= 0.93: 0.25 needs both
+    out, table = tmp_path / "out", tmp_path / "plan.json"
+    proc = _run("compress", str(dense), "--budget", "0.25", "--methods", "jlcm", "tt_embedding", "--out", str(out),
+                "--plan-out", str(table))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model_bytes(again) <= 0.25 * model_bytes(tiny_model(LLAMA))
+    plan = json.loads((out / "config.json").read_text())["compression_config"]
+    assert {m["type"] for m in plan["modules"].values()} == {"jlcm", "tt_embedding"}
+    doc = json.loads(table.read_text())
+    assert doc["methods"] == ["jlcm", "tt_embedding"] and doc["result"]["bytes_ratio"] <= 0.25
+    assert "tt_embedding:adaptive" in proc.stdout and "jlcm:kmeans:3b" in proc.stdout
+    inputs = LLAMA.inputs()
+    with torch.no_grad():
+        assert torch.isfinite(again(**inputs).logits).all()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--budget", "0.02", "--methods", "low_rank"], "out of reach"),
+        (["--budget", "0.5", "--methods", "nope"], "unknown method(s) ['nope']"),
+        (["--budget", "0.5", "--calib-text", "/does/not/exist.txt"], "does not exist"),
+    ],
+)
+def test_compress_with_budget_failures(dense: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    proc = _run("compress", str(dense), "--out", str(tmp_path / "out"), *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "hf-compress: error:" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_compress_with_budget_out_of_range_fails(dense: Path, tmp_path: Path) -> None:
