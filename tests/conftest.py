@@ -111,3 +111,17 @@ def short_generate(model: torch.nn.Module, arch: Arch, inputs: dict[str, Any]) -
     if arch.name == "whisper":
         return model.generate(inputs["input_features"], max_new_tokens=3)
     return model.generate(inputs["input_ids"], max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def run_save_reload(model: torch.nn.Module, arch: Arch, path: Any) -> tuple[Any, dict[str, Any], torch.Tensor]:
+    """Forward (finite), ``generate`` where the family generates, save to ``path`` as safetensors only, reload with
+    the architecture's Auto class. Returns ``(reloaded, inputs, logits before saving)``."""
+    inputs = arch.inputs()
+    logits = model_output(model, inputs)
+    assert torch.isfinite(logits).all()
+    if arch.generates:
+        assert short_generate(model, arch, inputs).shape[0] == 2
+    model.save_pretrained(path)
+    assert (path / "model.safetensors").exists()
+    assert not [p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
+    return arch.auto_class.from_pretrained(path), inputs, logits

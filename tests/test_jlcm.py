@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ARCHS, Arch, tiny_model
 from conftest import model_output as _out
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import hf_compress
 from hf_compress import CompressionConfig
@@ -230,3 +230,90 @@ def test_bits_per_weight_derives_bits_and_vector_dim() -> None:
     cfg = CodebookConfig(bits_per_weight=0.75)
     assert (cfg.bits, cfg.vector_dim) == (3, 4)
     assert CodebookConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ---- blockwise scales and offsets (block_size) -----------------------------------------------------------------
+def test_block_rtn_is_asymmetric_round_to_nearest_per_block() -> None:
+    """With ``block_size=B`` and a uniform codebook, ``rtn`` is exactly asymmetric RTN with groups of B columns."""
+    out, inn, block, bits = 12, 64, 16, 3
+    w = torch.randn(out, inn, generator=torch.Generator().manual_seed(3))
+    layer, _ = codebook_from_dense(w, None, CodebookConfig(bits=bits, method="rtn", block_size=block, n_groups=1))
+    wb = w.view(out, -1, block)
+    lo = wb.amin(-1, keepdim=True).half().float()
+    scale = (wb.amax(-1, keepdim=True) - lo).half().float()
+    q = torch.round((wb - lo) / scale * ((1 << bits) - 1)).clamp(0, (1 << bits) - 1)
+    assert layer.scales.shape == layer.offsets.shape == (out, inn // block)
+    levels = layer.codebooks[0, :, 0].float()  # the uniform grid 0, 1/7, ..., 1 rounded to fp16
+    torch.testing.assert_close(levels, torch.linspace(0, 1, 1 << bits), rtol=0, atol=1e-3)
+    codes = layer.codes().long().view(out, -1, block)  # one group: sorted rows are the original rows
+    same = codes == q.long()
+    assert same.float().mean() > 0.99  # (only exact ties can flip, the levels being fp16)
+    torch.testing.assert_close(layer._dequantize(torch.float32).view(out, -1, block)[same],
+                               (levels[codes] * scale + lo)[same], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("bits", "d", "block"), [(3, 1, 16), (5, 2, 32), (4, 1, 64)])
+def test_block_disk_bytes_and_reload(bits: int, d: int, block: int, tmp_path: Path) -> None:
+    out, inn = 20, 64
+    w = torch.randn(out, inn, generator=torch.Generator().manual_seed(bits))
+    cfg = CodebookConfig(bits=bits, vector_dim=d, n_groups=2, block_size=block, method="kmeans")
+    layer, _ = codebook_from_dense(w, None, cfg)
+    n_blocks = out * inn // block
+    expected = {"indices": -(-out * inn // d * bits // 8), "perm": -(-out * perm_bits(out) // 8),
+                "codebooks": 2 * (1 << bits) * d * 2, "scales": n_blocks * 2, "offsets": n_blocks * 2}
+    assert layer.storage_bytes() == expected
+    assert {k: -(-v // 8) for k, v in layer_bits(layer).items()} == expected
+    path = tmp_path / "layer.safetensors"
+    save_file(dict(layer.state_dict()), str(path))
+    header = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert path.stat().st_size == 8 + header + sum(expected.values())
+    again = CodebookLinear.from_spec(layer.spec())
+    again.load_state_dict(load_file(str(path)))
+    x = torch.randn(3, inn)
+    assert torch.equal(again(x), layer(x))
+
+
+@pytest.mark.parametrize("block", [None, 32])
+def test_kmeans_never_worse_than_rtn_on_weight_error(block: int | None) -> None:
+    """k-means starts at the RTN grid and Lloyd steps are monotone: its weight error is at most RTN's."""
+    w, _ = _correlated_layer(2)
+    w[3, 5] = 12.0  # an outlier stretches the uniform grid
+    err = {}
+    for method in ("rtn", "kmeans"):
+        layer, _ = codebook_from_dense(w, None, CodebookConfig(bits=3, group_size=8, method=method, block_size=block))
+        err[method] = float((layer.weight.detach().float() - w).pow(2).sum())
+    assert err["kmeans"] < err["rtn"], err
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_block_jlcm_beats_kmeans_beats_rtn(seed: int) -> None:
+    w, sigma = _correlated_layer(seed)
+    losses = {}
+    for method in ("rtn", "kmeans", "jlcm"):
+        cfg = CodebookConfig(bits=3, group_size=16, block_size=32, method=method, steps=8)
+        layer, _ = codebook_from_dense(w, None, cfg, sigma)
+        losses[method] = _loss(layer, w, sigma)
+    assert losses["jlcm"] < losses["kmeans"] < losses["rtn"], losses
+
+
+def test_block_compress_save_reload(tmp_path: Path) -> None:
+    arch = ARCHS[0]
+    model = tiny_model(arch)
+    inputs = arch.inputs()
+    plan = CompressionConfig(modules={arch.mlp_pattern: CodebookConfig(bits=3, block_size=16, steps=2)})
+    hf_compress.compress(model, plan, calibration=_calibration(arch), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, CodebookLinear)]
+    assert layers and all(m.block_size == 16 and m.offsets is not None for m in layers)
+    logits = _out(model, inputs)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(_out(arch.auto_class.from_pretrained(tmp_path), inputs), logits)
+    assert "offsets" in {n.rsplit(".", 1)[-1] for n in mark_codebooks_trainable(model)}
+
+
+def test_bad_block_size_rejected() -> None:
+    with pytest.raises(ValueError, match=r"block_size 3 must be a multiple of vector_dim 2"):
+        CodebookConfig(bits=4, vector_dim=2, block_size=3)
+    with pytest.raises(ValueError, match=r"block_size must be a positive int"):
+        CodebookConfig(block_size=0)
+    with pytest.raises(ValueError, match=r"block_size 24 must divide in_features 64"):
+        codebook_from_dense(torch.randn(8, 64), None, CodebookConfig(bits=2, method="rtn", block_size=24))

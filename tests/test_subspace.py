@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import ARCHS, EMBED, Arch, tiny_model
+from conftest import ARCHS, EMBED, Arch, run_save_reload, tiny_model
 from conftest import model_output as _out
 from conftest import short_generate as _generate
 
@@ -40,15 +40,7 @@ def test_compress_generate_save_reload_exact(arch: Arch, assignment: str, f: int
     if arch.name in TIED:
         head = model.get_output_embeddings()
         assert isinstance(head, TiedEmbeddingHead) and head.embedding is emb
-    inputs = arch.inputs()
-    logits = _out(model, inputs)
-    assert torch.isfinite(logits).all()
-    if arch.generates:
-        assert _generate(model, arch, inputs).shape[0] == 2
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists()
-    assert not [p for p in tmp_path.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
-    again = arch.auto_class.from_pretrained(tmp_path)
+    again, inputs, logits = run_save_reload(model, arch, tmp_path)
     emb2 = again.get_input_embeddings()
     assert type(emb2) is SubspaceEmbedding and torch.equal(emb2.all_codes(), emb.all_codes())
     assert torch.equal(_out(again, inputs), logits)

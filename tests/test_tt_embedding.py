@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, EMBED, Arch, tiny_model
+from conftest import ARCHS, EMBED, Arch, run_save_reload, tiny_model
 from conftest import model_output as _out
 from conftest import short_generate as _generate
 
@@ -41,15 +41,7 @@ def test_compress_generate_save_reload_exact(arch: Arch, fmt: str, tmp_path: Pat
     assert sum(p.numel() for p in emb.parameters()) <= v * d / 2
     if arch.name in TIED:
         assert isinstance(model.get_output_embeddings(), TiedEmbeddingHead)
-    inputs = arch.inputs()
-    logits = _out(model, inputs)
-    assert torch.isfinite(logits).all()
-    if arch.generates:
-        assert _generate(model, arch, inputs).shape[0] == 2
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists()
-    assert not [p for p in tmp_path.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
-    again = arch.auto_class.from_pretrained(tmp_path)
+    again, inputs, logits = run_save_reload(model, arch, tmp_path)
     assert type(again.get_input_embeddings()) is type(emb)
     assert torch.equal(_out(again, inputs), logits)
     if arch.generates:
