@@ -1,17 +1,21 @@
 """JLCM suite: quality vs bits for round-to-nearest, plain k-means and JLCM codebooks, one run per model.
 
-``python -m benchmarks suite jlcm [--models smollm2-135m minilm-l6] [--bits 3 2] [--budget quick]``
+``python -m benchmarks suite jlcm [--schedule smollm2-135m:3,2 minilm-l6:3] [--budget quick] [--block-size 192]``
 
 Every compressed setting quantizes *all* linear layers of the transformer blocks (embeddings and the tied LM head
 stay dense) with the same storage layout for the three methods (``CodebookConfig.layout``: balanced row groups of
-similar neurons, one fp16 codebook per group, packed indices), so the methods cost exactly the same bytes. The
-input covariances ``XᵀX/n`` of every layer are collected once per model from the dense model on the calibration
-text (disjoint from the evaluation text) and reused across bit widths.
+``--group-size`` similar neurons, one fp16 codebook per group, packed indices, and with ``--block-size B`` an fp16
+scale and offset per (row, block of B input columns)), so the methods cost exactly the same bytes. With blocks,
+``rtn`` is exactly asymmetric round-to-nearest with groups of B (uniform codebook on each block's [min, max]).
+The input covariances ``XᵀX/n`` of every layer are collected once per model from the dense model on the
+calibration text (disjoint from the evaluation text) and reused across bit widths. The ``--schedule`` runs the
+most important settings first (each model is loaded and calibrated once and kept), saving after every setting.
 
 SmolLM2 quirk: the zoo weights are dequantized Q4_1 GGUF (a 4-bit grid per block of 32 inputs, each block with its
-own scale and minimum). Our codebooks are shared by a group of whole rows (all input blocks, ≥ 2 rows), so a
-16-entry codebook cannot reproduce the hundreds of distinct values of a group: 4 bits is *not* lossless here
-(checked: the per-layer output error at 4 bits is reported as ``layer_loss`` and is > 0).
+own scale and minimum). The default block of 192 columns spans six Q4_1 blocks with (in general) six different
+scales and minima, and one affine map per block with one 16-entry codebook per 32-row group cannot reproduce six
+different grids, so 4 bits is *not* lossless here (blocks of 32, aligned with the grid, would make 4-bit RTN
+exact). The per-layer output error at 4 bits is reported as ``layer_loss`` and is > 0.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ MODELS = {  # zoo name -> pattern matching every linear layer of the transformer
     "whisper-tiny.en": r"layers\.\d+\.(self_attn|encoder_attn)\.(q|k|v|out)_proj$|layers\.\d+\.fc(1|2)$",
 }
 METHODS = ("rtn", "kmeans", "jlcm")
+# most important settings first: the goal bits (3) on every model, then the rest of the bits-per-weight curve
+SCHEDULE = ("smollm2-135m:3", "whisper-tiny.en:3", "minilm-l6:3", "smollm2-135m:2,4,2.5", "whisper-tiny.en:2,4")
 
 
 def _calibration(name: str, kind: str, tok: Any, n: int, seq: int) -> list[Any]:
@@ -86,31 +92,46 @@ def _fp16_disk(model: torch.nn.Module) -> int:
         return metrics.disk_bytes(tmp)["weights"]
 
 
-def run_model(name: str, bits: list[float], methods: list[str], args: argparse.Namespace, bench: Any) -> None:
-    import hf_compress
-    from benchmarks import harness, metrics, zoo
-    from benchmarks.runner import _reload_class
+def _model_state(name: str, args: argparse.Namespace, bench: Any, states: dict[str, dict]) -> dict[str, Any]:
+    """Load ``name`` once: dense model, tokenizer, dense record (measured and saved) and calibration covariances."""
+    if name in states:
+        return states[name]
+    from benchmarks import harness, zoo
     from hf_compress.calibration import input_covariances
     from hf_compress.compress import find_targets
-    from hf_compress.methods.jlcm import CodebookConfig, reuse_covariances
+    from hf_compress.methods.jlcm import CodebookConfig
 
     kind = zoo.ZOO[name].kind
     dense_model, tok = zoo.load(name)
     print(f"[jlcm] {name}: dense", flush=True)
-    dense = bench.record(name, "dense", quality=harness.quality(dense_model, tok, kind, args.budget),
+    dense = bench.record(name, "dense", quality=_quality(dense_model, tok, kind, args),
                          size={**harness.size(dense_model), "disk_bytes_fp16": _fp16_disk(dense_model)},
                          latency=harness.latency(dense_model, kind, args.budget))
     bench.save(args.out)
-    pattern = MODELS[name]
-    probe = _plan(pattern, CodebookConfig(bits=3, method="rtn"))
-    names = list(find_targets(dense_model, probe))
+    names = list(find_targets(dense_model, _plan(MODELS[name], CodebookConfig(bits=3, method="rtn"))))
     calib = _calibration(name, kind, tok, args.calib_samples, args.calib_len)
     t0 = time.perf_counter()
     sigmas = {n: s.float() for n, s in input_covariances(dense_model, names, calib).items()}
-    calib_s = time.perf_counter() - t0
+    states[name] = {"kind": kind, "dense_model": dense_model, "tok": tok, "dense": dense, "calib": calib,
+                    "sigmas": sigmas, "calib_s": time.perf_counter() - t0}
+    return states[name]
+
+
+def run_model(name: str, bits: list[float], methods: list[str], args: argparse.Namespace, bench: Any,
+              states: dict[str, dict]) -> None:
+    import hf_compress
+    from benchmarks import harness, metrics
+    from benchmarks.runner import _reload_class
+    from hf_compress.methods.jlcm import CodebookConfig, reuse_covariances
+
+    st = _model_state(name, args, bench, states)
+    kind, dense_model, tok, dense = st["kind"], st["dense_model"], st["tok"], st["dense"]
+    calib, sigmas, calib_s = st["calib"], st["sigmas"], st["calib_s"]
+    pattern = MODELS[name]
     for bpw in bits:
         for method in methods:
-            cfg = CodebookConfig(bits_per_weight=bpw, method=method, steps=args.steps, kmeans_iters=args.kmeans_iters)
+            cfg = CodebookConfig(bits_per_weight=bpw, method=method, steps=args.steps, kmeans_iters=args.kmeans_iters,
+                                 block_size=args.block_size or None, group_size=args.group_size)
             print(f"[jlcm] {name}: {method} {bpw} bits/weight", flush=True)
             model = copy.deepcopy(dense_model)
             t0 = time.perf_counter()
@@ -130,7 +151,8 @@ def run_model(name: str, bits: list[float], methods: list[str], args: argparse.N
                 if method == "jlcm":
                     extra["reload_identical"] = _reload_identical(model, _reload_class(kind).from_pretrained(tmp),
                                                                   calib[0])
-            if method == "jlcm" and bpw == bits[0]:
+            if method == "jlcm" and not st.get("lookup_done"):
+                st["lookup_done"] = True
                 extra["latency_lookup_mode"] = _lookup_latency(model, kind, args.budget)
             disk16 = _fp16_disk(model)  # the rest of the model (embeddings, norms, biases) in fp16 too
             size = {"params": metrics.param_count(model), "disk_bytes": disk, "disk_bytes_fp16": disk16,
@@ -138,11 +160,18 @@ def run_model(name: str, bits: list[float], methods: list[str], args: argparse.N
                     "quantized_linears_bytes": extra["bpw_effective"] * extra["quantized_weights"] / 8,
                     "quantized_linears_fp16_bytes": 2 * extra["quantized_weights"]}
             bench.record(name, method, setting={"bits_per_weight": bpw, **cfg.to_dict()},
-                         quality=harness.quality(model, tok, kind, args.budget), size=size, latency=lat,
+                         quality=_quality(model, tok, kind, args), size=size, latency=lat,
                          extra=extra, dense=dense)
             bench.save(args.out)
             del model
             gc.collect()
+
+
+def _quality(model: torch.nn.Module, tok: Any, kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import harness
+
+    voices = tuple(args.voices) if args.voices and kind == "speech-seq2seq" else None
+    return harness.quality(model, tok, kind, args.budget, voices=voices)
 
 
 def _plan(pattern: str, cfg: Any) -> Any:
@@ -180,30 +209,52 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks suite jlcm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--bits", nargs="+", type=float, default=[3.0, 2.0, 2.5, 4.0])
+    parser.add_argument("--schedule", nargs="+", default=list(SCHEDULE),
+                        help="model:bits,bits,... phases in run order (models are loaded and calibrated once)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--budget", default="default", choices=["default", "quick"])
     parser.add_argument("--steps", type=int, default=6, help="JLCM joint optimization steps per layer")
     parser.add_argument("--kmeans-iters", type=int, default=10)
+    parser.add_argument("--block-size", type=int, default=192, help="input columns per scale/offset block (0: none)")
+    parser.add_argument("--group-size", type=int, default=32, help="rows per codebook (neuron group)")
+    parser.add_argument("--wer-utterances", type=int, default=None,
+                        help="override the budget's test utterances per voice for Whisper")
+    parser.add_argument("--voices", nargs="+", default=None, help="Whisper test voices (default: all)")
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--all-latency", action="store_true", help="measure latency for every method, not only JLCM")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/jlcm.json)")
     args = parser.parse_args(argv)
+    if args.wer_utterances:  # a derived, stated budget: same as --budget except the WER utterances per voice
+        from benchmarks import harness
+
+        derived = f"{args.budget}+wer{args.wer_utterances}"
+        harness.BUDGETS[derived] = {**harness.BUDGETS[args.budget], "wer_utterances": args.wer_utterances}
+        args.budget = derived
+    phases = []
+    for item in args.schedule:
+        name, _, bits = item.partition(":")
+        if name not in MODELS or not bits:
+            raise SystemExit(f"jlcm suite: bad --schedule item {item!r}; use model:bits[,bits] with model in "
+                             f"{list(MODELS)}")
+        phases.append((name, [float(b) for b in bits.split(",")]))
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # shared CPUs
     bench = Bench("jlcm", budget=args.budget, description=(
         f"JLCM vs RTN vs k-means codebooks on all block linear layers; steps={args.steps}, kmeans_iters="
-        f"{args.kmeans_iters}, calibration {args.calib_samples}x{args.calib_len} (news text / speech train split). "
-        "SmolLM2 weights are dequantized Q4_1 (4-bit grid per 32-input block); codebooks here span whole rows of "
-        "a group, so 4 bits is not lossless. bits_per_weight counts index bits; extra.bpw_effective adds fp16 "
-        "codebooks and the row permutation."))
-    for name in args.models:
+        f"{args.kmeans_iters}, calibration {args.calib_samples}x{args.calib_len} (news text / speech train split); "
+        f"codebook per {args.group_size} similar rows, fp16 scale+offset per (row, {args.block_size} input columns)"
+        " (rtn = asymmetric round-to-nearest with that group). SmolLM2 weights are dequantized Q4_1 (4-bit grid "
+        f"per 32-input block); a {args.block_size}-column block spans several Q4_1 blocks, so 4 bits is not "
+        "lossless. bits_per_weight counts index bits; extra.bpw_effective adds fp16 codebooks, scales, offsets and "
+        f"the row permutation. Schedule: {' '.join(args.schedule)}."))
+    states: dict[str, dict] = {}
+    for name, bits in phases:
         try:
-            run_model(name, args.bits, args.methods, args, bench)
+            run_model(name, bits, args.methods, args, bench, states)
         except Exception as err:  # one model failing (e.g. Whisper zoo entry unfinished) must not lose the rest
             print(f"[jlcm] {name} skipped: {type(err).__name__}: {err}", flush=True)
-            bench.record(name, "skipped", extra={"error": f"{type(err).__name__}: {err}"})
+            bench.record(name, "skipped", setting={"bits": bits}, extra={"error": f"{type(err).__name__}: {err}"})
         bench.save(args.out)
     print(bench.save(args.out))
     return 0

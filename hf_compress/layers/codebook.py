@@ -6,6 +6,11 @@ Layout (``G`` row groups, ``K`` codewords of ``d`` weights each, ``b`` index bit
   group sizes are balanced (``out // G`` rows, the first ``out % G`` groups one more), so they need no storage;
 * ``W_sorted[r, j·d:(j+1)·d] = scales[g(r)] · codebooks[book(r), codes[r, j]]`` with ``book(r) = g(r)`` (one
   codebook per group) or ``0`` (one shared codebook, a scale per group);
+* with ``block_size = B > 0`` (blocks of ``B`` input columns, like "g128" quantization) every (sorted row, block)
+  instead gets an fp16 scale and offset, ``scales, offsets [out, in/B]``:
+  ``W_sorted[r, j·d:(j+1)·d] = scales[r, jd//B] · codebooks[book(r), codes[r, j]] + offsets[r, jd//B]`` (the
+  codebooks then live in the normalized ``[0, 1]`` range of a block; a uniform codebook is exactly asymmetric
+  round-to-nearest with groups of ``B``);
 * ``codes [out, in/d]`` are packed into ``ceil(out·in/d·b / 8)`` bytes (``indices``, uint8), ``perm`` into
   ``ceil(out·ceil(log2 out) / 8)`` bytes; both are persistent buffers, so safetensors stores them as is.
 
@@ -44,7 +49,7 @@ def group_sizes(out_features: int, n_groups: int) -> torch.Tensor:
 
 
 def _check_layout(in_features: int, out_features: int, bits: int, vector_dim: int, codebook_size: int,
-                  n_groups: int) -> None:
+                  n_groups: int, block_size: int = 0) -> None:
     who = f"CodebookLinear({in_features}->{out_features})"
     if not isinstance(bits, int) or not 1 <= bits <= 16:
         raise ValueError(f"hf_compress: {who}: bits must be an int in 1..16, got {bits!r}.")
@@ -56,6 +61,9 @@ def _check_layout(in_features: int, out_features: int, bits: int, vector_dim: in
         raise ValueError(f"hf_compress: {who}: codebook_size {codebook_size} must be in [2, 2**bits = {1 << bits}].")
     if not 1 <= n_groups <= out_features:
         raise ValueError(f"hf_compress: {who}: n_groups {n_groups} must be in [1, out_features = {out_features}].")
+    if block_size and (block_size < 0 or in_features % block_size or block_size % vector_dim):
+        raise ValueError(f"hf_compress: {who}: block_size {block_size} must divide in_features {in_features} and be a "
+                         f"multiple of vector_dim {vector_dim}.")
     smallest = (out_features // n_groups) * (in_features // vector_dim)
     if codebook_size > smallest:
         raise ValueError(
@@ -69,7 +77,8 @@ class CodebookLinear(nn.Module):
     """``y = x Wᵀ + b`` with ``W`` stored as packed codebook indices (see the module docstring for the layout).
 
     Tensors: ``indices`` uint8 ``[ceil(out·in/d·bits/8)]``, ``perm`` uint8 ``[ceil(out·pbits/8)]``,
-    ``codebooks`` ``[G or 1, K, d]`` (fp16 by default, trainable), ``scales`` ``[G]``, ``bias`` ``[out]``.
+    ``codebooks`` ``[G or 1, K, d]`` (fp16 by default, trainable), ``scales`` ``[G]`` (or ``[out, in/B]`` with
+    ``offsets [out, in/B]`` when ``block_size = B > 0``), ``bias`` ``[out]``.
     """
 
     layer_type = "codebook_linear"
@@ -77,13 +86,14 @@ class CodebookLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, vector_dim: int = 1,
                  codebook_size: int | None = None, n_groups: int = 1, shared_codebook: bool = False,
                  bias: bool = True, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = torch.float16) -> None:
+                 dtype: torch.dtype | None = torch.float16, block_size: int = 0) -> None:
         super().__init__()
         codebook_size = (1 << bits) if codebook_size is None else codebook_size
-        _check_layout(in_features, out_features, bits, vector_dim, codebook_size, n_groups)
+        block_size = block_size or 0
+        _check_layout(in_features, out_features, bits, vector_dim, codebook_size, n_groups, block_size)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.vector_dim, self.codebook_size = bits, vector_dim, codebook_size
-        self.n_groups, self.shared_codebook = n_groups, shared_codebook
+        self.n_groups, self.shared_codebook, self.block_size = n_groups, shared_codebook, block_size
         self.mode = "cached"
         n_codes = out_features * in_features // vector_dim
         books = 1 if shared_codebook else n_groups
@@ -92,7 +102,9 @@ class CodebookLinear(nn.Module):
             "perm", torch.zeros(packed_nbytes(out_features, perm_bits(out_features)), dtype=torch.uint8, device=device)
         )
         self.codebooks = nn.Parameter(torch.zeros(books, codebook_size, vector_dim, device=device, dtype=dtype))
-        self.scales = nn.Parameter(torch.ones(n_groups, device=device, dtype=dtype))
+        scale_shape = (out_features, in_features // block_size) if block_size else (n_groups,)
+        self.scales = nn.Parameter(torch.ones(scale_shape, device=device, dtype=dtype))
+        self.offsets = nn.Parameter(torch.zeros(scale_shape, device=device, dtype=dtype)) if block_size else None
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None  # default dtype
         self._codes_cache: tuple[Any, torch.Tensor, torch.Tensor] | None = None
         self._weight_cache: tuple[Any, torch.Tensor] | None = None
@@ -100,20 +112,26 @@ class CodebookLinear(nn.Module):
     # ---- building -------------------------------------------------------------------------------------------
     @classmethod
     def from_codes(cls, codes: torch.Tensor, perm: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-                   bias: torch.Tensor | None, bits: int, dtype: torch.dtype = torch.float16) -> CodebookLinear:
+                   bias: torch.Tensor | None, bits: int, dtype: torch.dtype = torch.float16,
+                   offsets: torch.Tensor | None = None, n_groups: int | None = None) -> CodebookLinear:
         """Build from ``codes [out, in/d]`` (rows in group order), ``perm [out]`` (original row of each sorted row),
-        ``codebooks [G or 1, K, d]``, ``scales [G]`` and ``bias [out]``."""
+        ``codebooks [G or 1, K, d]``, ``scales [G]`` and ``bias [out]``; or, blockwise, ``scales`` and ``offsets``
+        ``[out, in/B]`` (sorted rows) with ``n_groups`` row groups."""
         out_features, n_vec = codes.shape
         books, k, d = codebooks.shape
-        layer = cls(n_vec * d, out_features, bits, d, k, scales.numel(), books == 1 and scales.numel() > 1,
-                    bias is not None, dtype=dtype)
-        if books not in (1, scales.numel()):
+        block = 0 if offsets is None else n_vec * d // scales.shape[1]
+        groups = scales.numel() if offsets is None else (n_groups or books)
+        layer = cls(n_vec * d, out_features, bits, d, k, groups, books == 1 and groups > 1,
+                    bias is not None, dtype=dtype, block_size=block)
+        if books not in (1, groups):
             raise ValueError("hf_compress: CodebookLinear.from_codes: codebooks must number 1 or one per group.")
         with torch.no_grad():
             layer.indices.copy_(pack_bits(codes, bits))
             layer.perm.copy_(pack_bits(perm, perm_bits(out_features)))
             layer.codebooks.copy_(codebooks)
             layer.scales.copy_(scales)
+            if offsets is not None:
+                layer.offsets.copy_(offsets)
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer
@@ -147,7 +165,11 @@ class CodebookLinear(nn.Module):
         groups = self.row_groups()
         books = torch.zeros_like(groups) if self.codebooks.shape[0] == 1 else groups
         w = self.codebooks.to(dtype)[books[:, None], codes]  # [out, in/d, d]
-        w = w.reshape(self.out_features, self.in_features) * self.scales.to(dtype)[groups][:, None]
+        if self.block_size:
+            w = w.reshape(self.out_features, -1, self.block_size) * self.scales.to(dtype)[:, :, None]
+            w = (w + self.offsets.to(dtype)[:, :, None]).reshape(self.out_features, self.in_features)
+        else:
+            w = w.reshape(self.out_features, self.in_features) * self.scales.to(dtype)[groups][:, None]
         return w[inv]
 
     @property
@@ -161,10 +183,12 @@ class CodebookLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         trainable = self.codebooks.requires_grad or self.scales.requires_grad
+        trainable |= self.offsets is not None and self.offsets.requires_grad
         if self.mode == "lookup" or (trainable and torch.is_grad_enabled()):
             self._weight_cache = None
             return F.linear(x, self._dequantize(x.dtype), bias)
-        key = (_key(self.codebooks), _key(self.scales), _key(self.indices), _key(self.perm), x.dtype, x.device)
+        key = (_key(self.codebooks), _key(self.scales), _key(self.indices), _key(self.perm), x.dtype, x.device,
+               None if self.offsets is None else _key(self.offsets))
         if self._weight_cache is None or self._weight_cache[0] != key:
             with torch.no_grad():
                 self._weight_cache = (key, self._dequantize(x.dtype).detach())
@@ -181,12 +205,13 @@ class CodebookLinear(nn.Module):
     def spec(self) -> dict[str, Any]:
         return {"type": self.layer_type, "in_features": self.in_features, "out_features": self.out_features,
                 "bits": self.bits, "vector_dim": self.vector_dim, "codebook_size": self.codebook_size,
-                "n_groups": self.n_groups, "shared_codebook": self.shared_codebook, "bias": self.bias is not None}
+                "n_groups": self.n_groups, "shared_codebook": self.shared_codebook, "bias": self.bias is not None,
+                "block_size": self.block_size}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> CodebookLinear:
         return cls(spec["in_features"], spec["out_features"], spec["bits"], spec["vector_dim"], spec["codebook_size"],
-                   spec["n_groups"], spec["shared_codebook"], spec["bias"])
+                   spec["n_groups"], spec["shared_codebook"], spec["bias"], block_size=spec.get("block_size", 0))
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self.clear_cache()
@@ -195,12 +220,13 @@ class CodebookLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"vector_dim={self.vector_dim}, codebook_size={self.codebook_size}, n_groups={self.n_groups}, "
-                f"shared_codebook={self.shared_codebook}, mode={self.mode!r}")
+                f"shared_codebook={self.shared_codebook}, block_size={self.block_size}, mode={self.mode!r}")
 
 
 # ---- building codebooks (used by hf_compress.methods.jlcm) ------------------------------------------------------
 def nearest(points: torch.Tensor, centers: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-    """``argmin_k Σ_c h_c (points − centers_k)_c²`` for ``points [R, N, d]``, ``centers [R, K, d]`` → ``[R, N]``."""
+    """``argmin_k Σ_c h_c (points − centers_k)_c²`` for ``points [R, N, d]``, ``centers [R, K, d]`` → ``[R, N]``
+    (``h`` broadcastable to ``[R, N, d]``)."""
     r, n, d = points.shape
     if d == 1:  # scalar: the weighting does not change the nearest codeword; binary search on midpoints
         sorted_c, order = centers[..., 0].sort(-1)
@@ -210,7 +236,8 @@ def nearest(points: torch.Tensor, centers: torch.Tensor, h: torch.Tensor | None 
     step = max(1, (1 << 23) // max(1, n * centers.shape[1] * d))
     for i in range(0, r, step):
         diff = points[i:i + step, :, None, :] - centers[i:i + step, None, :, :]  # [r, n, K, d]
-        diff = diff.square_() if h is None else diff.square_().mul_(h.expand(diff.shape[0], -1, -1)[:, :, None, :])
+        hh = None if h is None else (h[i:i + step] if h.shape[0] == r else h).expand(diff.shape[0], n, d)
+        diff = diff.square_() if hh is None else diff.square_().mul_(hh[:, :, None, :])
         out[i:i + step] = diff.sum(-1).argmin(-1)
     return out
 
@@ -236,30 +263,86 @@ def kmeans_codebooks(points: torch.Tensor, row_book: torch.Tensor, books: int, k
                       seed: int, h: torch.Tensor | None = None) -> torch.Tensor:
     """Lloyd k-means of each codebook's vectors (``points [out, n_vec, d]``): ``[books, k, d]``.
 
-    ``h [1, n_vec, d]`` (optional) weights each coordinate in distances and means (activation-aware k-means)."""
+    Initialized at the round-to-nearest grid (:func:`rtn_codebooks`), so the (``h``-weighted) squared error never
+    exceeds round-to-nearest's: both Lloyd steps are monotone from there. ``h`` (optional, broadcastable to
+    ``[out, n_vec, d]``, e.g. ``diag Σ`` per coordinate or a block scale² per vector) weights distances and
+    means. ``seed`` is kept for API stability (the init is deterministic)."""
     d = points.shape[-1]
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.empty(books, k, d)
-    for b in range(books):
-        mine = points[row_book == b].reshape(-1, d)
-        if d == 1:
-            centers[b, :, 0] = torch.quantile(mine[:, 0], (torch.arange(k) + 0.5) / k)
-        else:
-            centers[b] = mine[torch.randperm(mine.shape[0], generator=g)[:k]]
+    centers = rtn_codebooks(points, row_book, books, k)
     for _ in range(iters):
         codes = nearest(points, centers[row_book], h)
         flat = (row_book[:, None] * k + codes).reshape(-1)
-        hw = torch.ones_like(points) if h is None else h.expand_as(points)
+        hw = torch.ones_like(points) if h is None else h.expand_as(points).float()
         sums = torch.zeros(books * k, d).index_add_(0, flat, (hw * points).reshape(-1, d))
         counts = torch.zeros(books * k, d).index_add_(0, flat, hw.reshape(-1, d))
         centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers.reshape(-1, d)).view(books, k, d)
     return centers
 
 
+_QUANTILES = torch.tensor([0.02, 0.1, 0.25, 0.5, 0.75, 0.9, 0.98])
+
+
+def _balanced_assign(dist: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+    """Rows ``[n]`` → groups, each row as close as possible to its center, group g taking exactly ``caps[g]``."""
+    labels = torch.full((dist.shape[0],), -1, dtype=torch.long)
+    caps = caps.clone()
+    while (labels < 0).any():
+        un = (labels < 0).nonzero().squeeze(1)
+        dd = dist[un].masked_fill((caps == 0)[None, :], float("inf"))
+        best, choice = dd.min(1)
+        order = torch.argsort(best, stable=True)
+        order = order[torch.argsort(choice[order], stable=True)]
+        ch = choice[order]
+        counts = torch.bincount(ch, minlength=caps.numel())
+        start = torch.cumsum(counts, 0) - counts
+        accept = torch.arange(ch.numel()) - start[ch] < caps[ch]
+        labels[un[order[accept]]] = ch[accept]
+        caps -= torch.bincount(ch[accept], minlength=caps.numel())
+    return labels
+
+
+def similar_row_groups(weight: torch.Tensor, n_groups: int, iters: int = 8) -> torch.Tensor:
+    """``perm [out]``: rows in ``n_groups`` contiguous balanced groups (balanced k-means on row quantiles)."""
+    feats = torch.quantile(weight.float(), _QUANTILES, dim=1).T  # [out, 7]
+    feats = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-12)
+    caps = group_sizes(weight.shape[0], n_groups)
+    # init: chunks along the leading principal direction
+    first = torch.linalg.svd(feats, full_matrices=False)[2][0]
+    labels = torch.repeat_interleave(torch.arange(n_groups), caps)[torch.argsort(torch.argsort(feats @ first))]
+    for _ in range(iters):
+        centers = torch.zeros(n_groups, feats.shape[1]).index_add_(0, labels, feats) / caps[:, None]
+        new = _balanced_assign(torch.cdist(feats, centers), caps)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return torch.argsort(labels, stable=True)
+
+
+def refit_affine(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, block: int,
+                  s_old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, block) ``argmin_{s,o} Σ_j h_j (s q_j + o − w_j)²`` for ``w [out, in]``, codeword values
+    ``q [out, n_vec, d]``, weights ``h [1, n_vec, d]``; returned fp16-rounded and expanded to ``[out, n_vec]``.
+    Blocks whose fit is degenerate or not positive keep their scale ``s_old [out, n_vec]`` (offset refit)."""
+    out = w.shape[0]
+    d = q.shape[-1]
+    qb, wb = q.reshape(out, -1, block), w.reshape(out, -1, block)
+    hb = h.reshape(1, -1, block).expand_as(qb)
+    sh, sq, sw = hb.sum(-1), (hb * qb).sum(-1), (hb * wb).sum(-1)
+    sqq, sqw = (hb * qb * qb).sum(-1), (hb * qb * wb).sum(-1)
+    det = sh * sqq - sq * sq
+    ok = det > 1e-12 * sh * sqq.clamp_min(1e-30)
+    d_ = q.shape[-1]
+    s = (sh * sqw - sq * sw) / det.where(ok, torch.ones_like(det))
+    s = torch.where(ok & (s > 1e-6), s, s_old[:, :: block // d_])
+    o = (sw - s * sq) / sh.clamp_min(1e-30)
+    s, o = s.half().float(), o.half().float()
+    rep_ = block // d
+    return s.repeat_interleave(rep_, 1), o.repeat_interleave(rep_, 1)
+
+
 def gather_rows(row_centers: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """``row_centers [R, K, d]`` indexed by ``codes [R, N]`` → ``[R, N, d]``."""
     return torch.gather(row_centers, 1, codes[:, :, None].expand(-1, -1, row_centers.shape[-1]))
-
 
 
 def _key(t: torch.Tensor) -> tuple[int, int]:

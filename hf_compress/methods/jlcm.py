@@ -7,10 +7,15 @@ Per linear layer ``W [out, in]`` (``d`` weights per index, ``K = codebook_size``
    balanced k-means on these features (capacity-constrained assignment) gives ``G`` groups of similar rows,
    which are reordered to be contiguous (the permutation is stored bit-packed). Each group gets its own codebook,
    or (``shared_codebook=True``) one codebook is shared and each group gets a scale (the group's RMS).
-2. **Initialization** (``method="kmeans"`` stops here): per codebook, Lloyd k-means of the weight vectors
-   (quantile init for ``d=1``, random points otherwise). ``method="rtn"`` uses instead a uniform grid
-   (min..max of the group per coordinate, a product grid for ``d>1``) with round-to-nearest mapping: the same
-   storage, so all three baselines cost exactly the same bytes.
+   **Blocks** (``block_size=B``, finer grouping like "g128"): every (row, block of ``B`` input columns) also
+   gets an fp16 affine map, offset = block min and scale = max − min, and the codebooks quantize the normalized
+   values in ``[0, 1]``; ``Ŵ = s·C[I] + o``. Costs ``32/B`` bits per weight and removes the per-block range
+   differences (outliers only stretch their own block).
+2. **Initialization** (``method="kmeans"`` stops here): per codebook, Lloyd k-means of the weight vectors,
+   started at the uniform grid and weighting each vector by its block scale² (so it minimizes the weight-space
+   squared error and can never end above round-to-nearest's). ``method="rtn"`` is that uniform grid (min..max of
+   the group per coordinate, a product grid for ``d>1``) with round-to-nearest mapping: with blocks, exactly
+   asymmetric RTN with groups of ``B``. Same storage, so all three methods cost exactly the same bytes.
 3. **Joint optimization** (``method="jlcm"``, ``steps`` iterations). The loss is the layer's output
    reconstruction error on calibration activations ``X`` (dense model inputs, collected once by the ``prepare``
    hook with :func:`hf_compress.calibration.input_covariances`, so layers are independent):
@@ -32,16 +37,19 @@ Per linear layer ``W [out, in]`` (``d`` weights per index, ``K = codebook_size``
      one-hot mapping, ``s⟨∂L/∂Ŵ, C_k⟩`` (``mapping_update="ste"``, kept for ablation), is linear in the codeword
      and always favours the farthest codeword along the gradient. Moves interact through ``Σ``, so only the
      fraction ``f`` with the best predicted change is applied (a trust region): a step that lowers ``L`` is
-     accepted and doubles ``f`` (max 1), a rejected one divides it by 4.
+     accepted and doubles ``f`` (max 1), a rejected one divides it by 4;
+   * **affine step** (blocks only, between the two): per (row, block), the ``diag Σ``-weighted least-squares
+     scale and offset for the current codeword values, kept only if ``L`` drops.
 
-   Initialization for JLCM is the better (on ``L``) of plain k-means and k-means weighted by ``diag Σ``. Both
+   Initialization for JLCM is the better (on ``L``) of plain k-means and k-means weighted by ``diag Σ``. All
    steps never increase ``L``, so JLCM never ends worse than its initialization.
-4. **Storage**: codes packed into ``bits`` bits, codebooks and scales fp16 (:class:`CodebookLinear`).
+4. **Storage**: codes packed into ``bits`` bits, codebooks, scales (and offsets) fp16 (:class:`CodebookLinear`).
 
-Bits per weight: ``bits / d`` for the indices, plus codebooks (``books·K·d·16``), scales (``G·16``) and the
-permutation (``out·ceil(log2 out)``) per layer: :func:`layer_bits` gives the exact count. A target
-``bits_per_weight`` picks the smallest ``d`` in (1, 2, 4, 8) with ``bits_per_weight·d`` an integer. The default
-group size is the smallest that keeps the codebooks within ``max_overhead`` of the index bits.
+Bits per weight: ``bits / d`` for the indices, plus codebooks (``books·K·d·16``), scales (``G·16``, or
+``out·in/B·16`` and as many offsets with blocks) and the permutation (``out·ceil(log2 out)``) per layer:
+:func:`layer_bits` gives the exact count. A target ``bits_per_weight`` picks the smallest ``d`` in (1, 2, 4, 8)
+with ``bits_per_weight·d`` an integer. The default group size is the smallest that keeps the codebooks within
+``max_overhead`` of the index bits.
 
 Fine-tuning: :func:`mark_codebooks_trainable` leaves only codebooks (and optionally scales, norms, biases)
 trainable, indices stay fixed; train with ``transformers.Trainer`` as usual.
@@ -69,14 +77,15 @@ from ..layers.codebook import (
     kmeans_codebooks,
     nearest,
     perm_bits,
+    refit_affine,
     rtn_codebooks,
+    similar_row_groups,
 )
 from ..layers.common import linear_weight_and_bias
 from ..registry import register_method
 
 METHODS = ("jlcm", "kmeans", "rtn")
 UPDATES = ("proximal", "ste")
-_QUANTILES = torch.tensor([0.02, 0.1, 0.25, 0.5, 0.75, 0.9, 0.98])
 
 
 @dataclass
@@ -93,6 +102,8 @@ class CodebookConfig(MethodConfig):
     group_size: int | None = field(default=None, metadata={"help": "rows per group (default: from max_overhead)"})
     n_groups: int | None = field(default=None, metadata={"help": "row groups per layer (overrides group_size)"})
     shared_codebook: bool = field(default=False, metadata={"help": "one codebook per layer, a scale per group"})
+    block_size: int | None = field(default=None, metadata={"help": "input columns per block (e.g. 128): each "
+                                                                    "(row, block) gets an fp16 scale and offset"})
     max_overhead: float = field(default=0.05, metadata={"help": "codebook bits / index bits, for the default groups"})
     method: str = field(default="jlcm", metadata={"help": f"one of {METHODS}"})
     steps: int = field(default=30, metadata={"help": "joint optimization steps (jlcm)"})
@@ -127,10 +138,13 @@ class CodebookConfig(MethodConfig):
         if self.codebook_size is not None and not 2 <= self.codebook_size <= 1 << self.bits:
             raise ValueError(f"hf_compress: CodebookConfig.codebook_size must be in [2, 2**bits = {1 << self.bits}], "
                              f"got {self.codebook_size!r}.")
-        for name in ("group_size", "n_groups"):
+        for name in ("group_size", "n_groups", "block_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"hf_compress: CodebookConfig.{name} must be a positive int, got {value!r}.")
+        if self.block_size is not None and self.block_size % self.vector_dim:
+            raise ValueError(f"hf_compress: CodebookConfig.block_size {self.block_size} must be a multiple of "
+                             f"vector_dim {self.vector_dim}.")
         if self.method not in METHODS:
             raise ValueError(f"hf_compress: CodebookConfig.method must be one of {METHODS}, got {self.method!r}.")
         if self.mapping_update not in UPDATES:
@@ -152,41 +166,25 @@ class CodebookConfig(MethodConfig):
         elif self.group_size is not None:
             groups = max(1, round(out_features / self.group_size))
         elif self.shared_codebook:
-            groups = max(1, out_features // 8)
+            groups = 1 if self.block_size else max(1, out_features // 8)
         else:
             rows = math.ceil(k * d * 16 / (self.max_overhead * self.bits * in_features / d))
             groups = max(1, out_features // rows)
         return {"bits": self.bits, "vector_dim": d, "codebook_size": k, "n_groups": groups,
-                "shared_codebook": self.shared_codebook}
+                "shared_codebook": self.shared_codebook, "block_size": self.block_size or 0}
 
 
 def layer_bits(layer: CodebookLinear) -> dict[str, int]:
-    """Exact stored bits of a layer at fp16 codebooks/scales: indices, permutation, codebooks, scales."""
+    """Exact stored bits of a layer at fp16 codebooks/scales: indices, permutation, codebooks, scales (+ offsets)."""
     n_codes = layer.out_features * layer.in_features // layer.vector_dim
-    return {"indices": n_codes * layer.bits, "perm": layer.out_features * perm_bits(layer.out_features),
-            "codebooks": layer.codebooks.numel() * 16, "scales": layer.scales.numel() * 16}
+    out = {"indices": n_codes * layer.bits, "perm": layer.out_features * perm_bits(layer.out_features),
+           "codebooks": layer.codebooks.numel() * 16, "scales": layer.scales.numel() * 16}
+    if layer.offsets is not None:
+        out["offsets"] = layer.offsets.numel() * 16
+    return out
 
 
 # ---- grouping ----------------------------------------------------------------------------------------------------
-def _balanced_assign(dist: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
-    """Rows ``[n]`` → groups, each row as close as possible to its center, group g taking exactly ``caps[g]``."""
-    labels = torch.full((dist.shape[0],), -1, dtype=torch.long)
-    caps = caps.clone()
-    while (labels < 0).any():
-        un = (labels < 0).nonzero().squeeze(1)
-        dd = dist[un].masked_fill((caps == 0)[None, :], float("inf"))
-        best, choice = dd.min(1)
-        order = torch.argsort(best, stable=True)
-        order = order[torch.argsort(choice[order], stable=True)]
-        ch = choice[order]
-        counts = torch.bincount(ch, minlength=caps.numel())
-        start = torch.cumsum(counts, 0) - counts
-        accept = torch.arange(ch.numel()) - start[ch] < caps[ch]
-        labels[un[order[accept]]] = ch[accept]
-        caps -= torch.bincount(ch[accept], minlength=caps.numel())
-    return labels
-
-
 _CACHE: dict[tuple, torch.Tensor] = {}
 
 
@@ -209,35 +207,23 @@ def group_rows(weight: torch.Tensor, n_groups: int, iters: int = 8) -> torch.Ten
     out = weight.shape[0]
     if n_groups == 1:
         return torch.arange(out)
-    return _cached(("group", n_groups, iters), (weight,), lambda: _group_rows(weight, n_groups, iters))
+    return _cached(("group", n_groups, iters), (weight,), lambda: similar_row_groups(weight, n_groups, iters))
 
 
-def _group_rows(weight: torch.Tensor, n_groups: int, iters: int) -> torch.Tensor:
-    feats = torch.quantile(weight.float(), _QUANTILES, dim=1).T  # [out, 7]
-    feats = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-12)
-    caps = group_sizes(weight.shape[0], n_groups)
-    # init: chunks along the leading principal direction
-    first = torch.linalg.svd(feats, full_matrices=False)[2][0]
-    labels = torch.repeat_interleave(torch.arange(n_groups), caps)[torch.argsort(torch.argsort(feats @ first))]
-    for _ in range(iters):
-        centers = torch.zeros(n_groups, feats.shape[1]).index_add_(0, labels, feats) / caps[:, None]
-        new = _balanced_assign(torch.cdist(feats, centers), caps)
-        if torch.equal(new, labels):
-            break
-        labels = new
-    return torch.argsort(labels, stable=True)
-
-
-def _jlcm(w: torch.Tensor, sigma: torch.Tensor, centers: torch.Tensor, codes: torch.Tensor, s_row: torch.Tensor,
-          row_book: torch.Tensor, steps: int, update: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Joint codebook + proximal mapping optimization of ``tr(E Σ Eᵀ)`` (module docstring, step 3)."""
+def _jlcm(w: torch.Tensor, sigma: torch.Tensor, centers: torch.Tensor, codes: torch.Tensor, s_map: torch.Tensor,
+          o_map: torch.Tensor, row_book: torch.Tensor, steps: int, update: str,
+          block: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Joint codebook + proximal mapping (+ blockwise affine) optimization of ``tr(E Σ Eᵀ)`` (module docstring,
+    step 3). ``s_map, o_map [out, n_vec]``: scale and offset of every weight vector. Returns the new centers, codes,
+    ``s_map``, ``o_map`` and statistics."""
     out, inn = w.shape
     books, k, d = centers.shape
     h = torch.diagonal(sigma).reshape(1, inn // d, d)  # [1, n_vec, d]
-    s3 = s_row[:, None, None]
+    s3, o3 = s_map[:, :, None], o_map[:, :, None]
 
-    def decode(c: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        return (c[row_book[:, None], i].reshape(out, inn)) * s_row[:, None]
+    def decode(c: torch.Tensor, i: torch.Tensor, offset: bool = True) -> torch.Tensor:
+        vals = c[row_book[:, None], i] * s3
+        return (vals + o3 if offset else vals).reshape(out, inn)
 
     def loss(w_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         es = (w_hat - w) @ sigma
@@ -254,17 +240,24 @@ def _jlcm(w: torch.Tensor, sigma: torch.Tensor, centers: torch.Tensor, codes: to
         grad = torch.zeros(books * k, d).index_add_(0, flat, (2 * es.view(out, -1, d) * s3).reshape(-1, d))
         curv = torch.zeros(books * k, d).index_add_(0, flat, (2 * s3 ** 2 * h).expand(out, -1, d).reshape(-1, d))
         direction = (grad / curv.clamp_min(1e-30)).view(books, k, d)
-        dw = decode(direction, codes)
+        dw = decode(direction, codes, offset=False)
         dws = dw @ sigma
         num, den = (es * dw).sum(), (dw * dws).sum()
         if den > 0:
             alpha = num / den
             centers, w_hat, es = centers - alpha * direction, w_hat - alpha * dw, es - alpha * dws
             cur = cur - num * alpha
+        if block:  # affine step: per-block diag(Σ)-weighted least squares of (scale, offset), kept if L drops
+            cand_s, cand_o = refit_affine(w, centers[row_book[:, None], codes], h, block, s3[:, :, 0])
+            s_new, o_new = cand_s[:, :, None], cand_o[:, :, None]
+            cand = ((centers[row_book[:, None], codes] * s_new) + o_new).reshape(out, inn)
+            new, new_es = loss(cand)
+            if new < cur:
+                s3, o3, w_hat, es, cur = s_new, o_new, cand, new_es, new
         # mapping step: proximal proposal, then keep the `frac` most promising moves (adaptive)
         grad_w = 2 * es.view(out, -1, d)
         row_centers = centers[row_book]  # [out, k, d]
-        cur_vals = w_hat.view(out, -1, d) / s3
+        cur_vals = (w_hat.view(out, -1, d) - o3) / s3
         if update == "proximal":
             new_codes = nearest(cur_vals - grad_w / (2 * s3 * h), row_centers, h)
         else:  # straight-through gradient of the one-hot mapping: argmin_k s<g, C_k>
@@ -289,19 +282,22 @@ def _jlcm(w: torch.Tensor, sigma: torch.Tensor, centers: torch.Tensor, codes: to
             frac = min(1.0, frac * 2)
         else:
             frac /= 4
-    return centers, codes, {"loss_init": start, "loss_final": float(cur) / norm, "accepted": accepted,
-                            "history": history}
+    return centers, codes, s3[:, :, 0], o3[:, :, 0], {"loss_init": start, "loss_final": float(cur) / norm,
+                                                      "accepted": accepted, "history": history}
 
 
-def _decode(centers: torch.Tensor, codes: torch.Tensor, s_row: torch.Tensor, row_book: torch.Tensor) -> torch.Tensor:
-    """``Ŵ [out, in]`` (sorted rows) from ``centers [books, K, d]``, ``codes [out, n_vec]``, ``s_row [out]``."""
-    return centers[row_book[:, None], codes].reshape(codes.shape[0], -1) * s_row[:, None]
+def _decode(centers: torch.Tensor, codes: torch.Tensor, s_map: torch.Tensor, o_map: torch.Tensor,
+            row_book: torch.Tensor) -> torch.Tensor:
+    """``Ŵ [out, in]`` (sorted rows) from ``centers [books, K, d]``, ``codes [out, n_vec]``, ``s_map, o_map
+    [out, n_vec]``."""
+    vals = centers[row_book[:, None], codes] * s_map[:, :, None] + o_map[:, :, None]
+    return vals.reshape(codes.shape[0], -1)
 
 
 def _output_loss(w: torch.Tensor, sigma: torch.Tensor, centers: torch.Tensor, codes: torch.Tensor,
-                 s_row: torch.Tensor, row_book: torch.Tensor) -> float:
+                 s_map: torch.Tensor, o_map: torch.Tensor, row_book: torch.Tensor) -> float:
     """``tr(E Σ Eᵀ)`` for ``E = Ŵ − W``."""
-    e = _decode(centers, codes, s_row, row_book) - w
+    e = _decode(centers, codes, s_map, o_map, row_book) - w
     return float((e * (e @ sigma)).sum())
 
 
@@ -318,21 +314,31 @@ def codebook_from_dense(weight: torch.Tensor, bias: torch.Tensor | None, config:
     row_group = torch.repeat_interleave(torch.arange(groups), group_sizes(out, groups))
     books = 1 if lay["shared_codebook"] else groups
     row_book = torch.zeros_like(row_group) if books == 1 else row_group
-    if lay["shared_codebook"]:
-        rms = torch.zeros(groups).index_add_(0, row_group, w_s.pow(2).mean(1)) / group_sizes(out, groups)
-        scales = rms.sqrt().clamp_min(1e-8).half().float()
+    block, n_vec = lay["block_size"], inn // d
+    offsets = None
+    if block:  # (row, block) affine map onto [0, 1]: offset = min, scale = max - min (fp16)
+        wb = w_s.view(out, inn // block, block)
+        offsets = wb.amin(-1).half().float()
+        scales = (wb.amax(-1) - offsets).clamp_min(1e-6).half().float()
+        s_map, o_map = scales.repeat_interleave(block // d, 1), offsets.repeat_interleave(block // d, 1)
     else:
-        scales = torch.ones(groups)
-    s_row = scales[row_group]
-    points = (w_s / s_row[:, None]).view(out, inn // d, d)
+        if lay["shared_codebook"]:
+            rms = torch.zeros(groups).index_add_(0, row_group, w_s.pow(2).mean(1)) / group_sizes(out, groups)
+            scales = rms.sqrt().clamp_min(1e-8).half().float()
+        else:
+            scales = torch.ones(groups)
+        s_map, o_map = scales[row_group][:, None].expand(out, n_vec), torch.zeros(out, n_vec)
+    points = ((w_s.view(out, n_vec, d) - o_map[:, :, None]) / s_map[:, :, None])
+    # k-means weights each vector by its scale², so its error is the weight-space squared error
+    pw = s_map[:, :, None].square() if block else None
     if config.method == "jlcm" and sigma is None:
         raise ValueError(f"hf_compress: {who}: JLCM needs calibration batches (compress(..., calibration=...)); "
                          "or use method='kmeans' / 'rtn'.")
     if config.method == "rtn":
         centers = rtn_codebooks(points, row_book, books, k)
     else:
-        centers = _cached(("kmeans", books, k, config.kmeans_iters, config.seed), (points, row_book),
-                          lambda: kmeans_codebooks(points, row_book, books, k, config.kmeans_iters, config.seed))
+        centers = _cached(("kmeans", books, k, config.kmeans_iters, block), (points, row_book, s_map),
+                          lambda: kmeans_codebooks(points, row_book, books, k, config.kmeans_iters, config.seed, pw))
     centers = centers.half().float()
     codes = nearest(points, centers[row_book])
     stats: dict[str, Any] = {}
@@ -341,15 +347,19 @@ def codebook_from_dense(weight: torch.Tensor, bias: torch.Tensor | None, config:
         sig = sig + config.damping * torch.diagonal(sig).mean().clamp_min(1e-12) * torch.eye(inn)
         # second init: k-means weighted by the input second moments diag(Σ); start from the better of the two
         hdiag = torch.diagonal(sig).reshape(1, inn // d, d)
-        alt = kmeans_codebooks(points, row_book, books, k, config.kmeans_iters, config.seed, hdiag).half().float()
-        alt_codes = nearest(points, alt[row_book], hdiag)
-        if _output_loss(w_s, sig, alt, alt_codes, s_row, row_book) < _output_loss(w_s, sig, centers, codes, s_row,
-                                                                                   row_book):
+        hw = hdiag if pw is None else hdiag * pw
+        alt = kmeans_codebooks(points, row_book, books, k, config.kmeans_iters, config.seed, hw).half().float()
+        alt_codes = nearest(points, alt[row_book], hw)
+        if _output_loss(w_s, sig, alt, alt_codes, s_map, o_map, row_book) < _output_loss(
+                w_s, sig, centers, codes, s_map, o_map, row_book):
             centers, codes = alt, alt_codes
-        centers, codes, stats = _jlcm(w_s, sig, centers, codes, s_row, row_book, config.steps, config.mapping_update)
+        centers, codes, s_map, o_map, stats = _jlcm(w_s, sig, centers, codes, s_map, o_map, row_book, config.steps,
+                                                    config.mapping_update, block)
         centers = centers.half().float()
+        if block:
+            scales, offsets = s_map[:, ::block // d].contiguous(), o_map[:, ::block // d].contiguous()
     layer = CodebookLinear.from_codes(codes, perm, centers, scales, None if bias is None else bias.detach(),
-                                      lay["bits"])
+                                      lay["bits"], offsets=offsets, n_groups=groups)
     return layer, stats
 
 
@@ -396,7 +406,7 @@ def mark_codebooks_trainable(model: nn.Module, scales: bool = True, norms: bool 
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        keep = leaf == "codebooks" or (scales and leaf == "scales" and isinstance(owner, CodebookLinear))
+        keep = leaf == "codebooks" or (scales and leaf in ("scales", "offsets") and isinstance(owner, CodebookLinear))
         keep |= norms and "norm" in type(owner).__name__.lower()
         keep |= biases and leaf == "bias"
         p.requires_grad_(keep)
