@@ -289,3 +289,16 @@ from .speech import Utterance, load_audio, news_sentences, speech_set  # noqa: E
 __all__ = ["Utterance", "cache_dir", "calibration_batches", "calibration_text", "encode_plain", "eval_text",
            "gensim_file", "gensim_text", "lee50", "load_audio", "news_sentences", "polarity", "simlex999", "speech_set",
            "strip_wiki_markup", "tokenizer_bos", "wordsim353"]
+
+
+def speech_calibration_batches(processor: Any, utterances: list[Any], seq_len: int) -> list[dict[str, torch.Tensor]]:
+    """Whisper calibration batches from speech *train* utterances: one ``{"input_features": [1, mels, 3000],
+    "decoder_input_ids": [1, <= seq_len]}`` (the reference transcript) per utterance."""
+    from . import speech
+
+    out = []
+    for u in utterances:
+        feats = processor.feature_extractor(speech.load_audio(u.path), sampling_rate=16000, return_tensors="pt")
+        ids = processor.tokenizer(u.text, return_tensors="pt")["input_ids"][:, :seq_len]
+        out.append({"input_features": feats.input_features, "decoder_input_ids": ids})
+    return out

@@ -17,13 +17,11 @@ the fp16/bf16 a checkpoint ships in), integer / packed tensors at their own widt
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,14 +42,14 @@ from .planning_space import (
     sequence_nll_fn,
     target,
 )
-from .sweep import LayerSwapper
+from .sweep import JsonResult, LayerSwapper
 
 __all__ = ["KINDS", "Group", "PlanResult", "default_candidates", "default_quality_fn", "find_groups", "label",
            "model_bytes", "plan", "sequence_nll_fn"]
 
 
 @dataclass
-class PlanResult:
+class PlanResult(JsonResult):
     """``config``: the plan; ``table``: one measured row per (group, candidate); ``path``: greedy steps with
     predicted quality; ``dense`` / ``result``: ``{"bytes", "quality"}`` of the dense model and of the chosen plan
     (measured); ``chosen``: group -> candidate label; ``model``: the compressed copy (if ``keep_model``)."""
@@ -75,12 +73,6 @@ class PlanResult:
         return {"budget": self.budget, "dense": self.dense, "result": self.result, "chosen": self.chosen,
                 "methods": self.methods, "config": self.config.to_dict(), "table": self.table, "path": self.path,
                 "groups": self.groups}
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
 
     def format_table(self) -> str:
         """The measured sensitivity table, the choice per group, and the plan's measured totals, as text."""

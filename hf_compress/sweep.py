@@ -31,8 +31,21 @@ from .methods.lowrank import LowRankConfig, calibration_statistics, layer_spectr
 from .registry import get_method
 
 
+class JsonResult:
+    """``to_json(path=None)``: the result's ``to_dict()`` as indented JSON, also written to ``path`` if given."""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+
 @dataclass
-class SweepResult:
+class SweepResult(JsonResult):
     """``table``: one row per (group, size) with the measured quality change; ``path``: the greedy steps with
     predicted quality; ``pareto``: evaluated points ``{params, quality, latency_s, pareto}``; ``config``: the plan."""
 
@@ -48,11 +61,6 @@ class SweepResult:
         return {"dense": self.dense, "chosen": self.chosen, "config": self.config.to_dict(), "table": self.table,
                 "path": self.path, "pareto": self.pareto, "groups": self.groups}
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
 
     def format_table(self) -> str:
         """The sensitivity table as aligned text (group, size, params saved, quality, delta)."""

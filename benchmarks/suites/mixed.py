@@ -60,16 +60,9 @@ def _calibration(kind: str, tok: Any, n: int, seq: int) -> list[Any]:
 
     if kind != "speech-seq2seq":
         return data.calibration_batches(tok, n_samples=n, seq_len=seq)
-    from benchmarks import speech
-
     voices = list(data.speech_set().values())
     utts = [voices[i % len(voices)]["train"][i] for i in range(n)]
-    out = []
-    for u in utts:
-        feats = tok.feature_extractor(speech.load_audio(u.path), sampling_rate=16000, return_tensors="pt")
-        ids = tok.tokenizer(u.text, return_tensors="pt")["input_ids"][:, :seq]
-        out.append({"input_features": feats.input_features, "decoder_input_ids": ids})
-    return out
+    return data.speech_calibration_batches(tok, utts, seq)
 
 
 def _measure(model: Any, tok: Any, kind: str, args: argparse.Namespace) -> tuple[dict, dict]:
