@@ -13,12 +13,12 @@ base), reloads adapter and merged model with plain transformers + PEFT and check
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from _common import calibration_text, eval_text, resolve
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import hf_compress
@@ -27,25 +27,12 @@ from hf_compress import CompressionConfig, LowRankConfig
 PROJECTIONS = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
 
 
-def resolve(name: str) -> str:
-    """A folder or Hub id as is; a ``benchmarks.zoo`` name as its local folder."""
-    if Path(name).is_dir() or "/" in name:
-        return name
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks package
-    from benchmarks import zoo
-
-    return str(zoo.resolve(name))
-
-
 def texts(path: str | None) -> tuple[str, str]:
     """(training text, held-out text): ``path`` split 90/10, or the benchmark calibration / evaluation texts."""
     if path:
         text = Path(path).read_text()
         return text[: int(0.9 * len(text))], text[int(0.9 * len(text)):]
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks import data
-
-    return data.calibration_text(), data.eval_text()
+    return calibration_text(), eval_text()
 
 
 def chunks(tok: Any, text: str, seq_len: int, limit: int) -> list[dict[str, torch.Tensor]]:

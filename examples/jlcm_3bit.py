@@ -12,12 +12,12 @@ that the saved model reloads with plain transformers to identical logits.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from _common import calibration_text, load_causal_lm, token_windows
 
 import hf_compress
 from hf_compress import CodebookConfig, CompressionConfig
@@ -26,31 +26,11 @@ from hf_compress.layers.codebook import CodebookLinear
 LINEARS = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$"
 
 
-def load(name: str) -> tuple[Any, Any]:
-    """(causal LM, tokenizer) from a folder or Hub id, or from ``benchmarks.zoo`` for a zoo name."""
-    if Path(name).is_dir() or "/" in name:
-        return (transformers.AutoModelForCausalLM.from_pretrained(name).eval(),
-                transformers.AutoTokenizer.from_pretrained(name))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks package
-    from benchmarks import zoo
-
-    return zoo.load(name)
-
-
 def windows(tok: Any, path: str | None, n: int, seq_len: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``n`` calibration windows ``[1, seq_len]`` and one held-out window ``[1, seq_len]`` (after them)."""
-    if path:
-        text = Path(path).read_text()
-    else:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from benchmarks import data
-
-        text = data.calibration_text()
-    ids = torch.tensor(tok(text)["input_ids"])
-    if ids.numel() < (n + 1) * seq_len:
-        raise SystemExit(f"the text has {ids.numel()} tokens; need (n_samples + 1) * seq_len = {(n + 1) * seq_len}")
-    chunks = ids[: (n + 1) * seq_len].view(n + 1, 1, seq_len)
-    return list(chunks[:n]), chunks[n]
+    text = Path(path).read_text() if path else calibration_text()
+    chunks = token_windows(tok, text, n + 1, seq_len, need="(n_samples + 1) * seq_len")
+    return chunks[:n], chunks[n]
 
 
 @torch.inference_mode()
@@ -70,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    model, tok = load(args.model)
+    model, tok = load_causal_lm(args.model)
     calibration, held_out = windows(tok, args.text, args.n_samples, args.seq_len)
     dense_loss = loss(model, held_out)
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

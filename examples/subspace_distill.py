@@ -15,42 +15,21 @@ from __future__ import annotations
 import argparse
 import copy
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from _common import calibration_text, load_causal_lm, token_windows
 
 import hf_compress
 from hf_compress import CompressionConfig, SubspaceEmbeddingConfig
 from hf_compress.methods.subspace import distill
 
 
-def load(name: str) -> tuple[Any, Any]:
-    """(causal LM, tokenizer) from a folder or Hub id, or from ``benchmarks.zoo`` for a zoo name."""
-    if Path(name).is_dir() or "/" in name:
-        return (transformers.AutoModelForCausalLM.from_pretrained(name).eval(),
-                transformers.AutoTokenizer.from_pretrained(name))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks package
-    from benchmarks import zoo
-
-    return zoo.load(name)
-
-
 def windows(tok: Any, path: str | None, n: int, seq_len: int) -> list[torch.Tensor]:
     """``n`` consecutive windows ``[1, seq_len]`` of token ids from ``path`` (default: the calibration text)."""
-    if path:
-        text = Path(path).read_text()
-    else:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from benchmarks import data
-
-        text = data.calibration_text()
-    ids = torch.tensor(tok(text)["input_ids"])
-    if ids.numel() < n * seq_len:
-        raise SystemExit(f"the text has {ids.numel()} tokens; need n_samples * seq_len = {n * seq_len}")
-    return list(ids[: n * seq_len].view(n, 1, seq_len))
+    return token_windows(tok, Path(path).read_text() if path else calibration_text(), n, seq_len)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    teacher, tok = load(args.model)
+    teacher, tok = load_causal_lm(args.model)
     student = copy.deepcopy(teacher)
     batches = windows(tok, args.text, args.n_samples, args.seq_len)
     embed = next(n for n, m in student.named_modules() if m is student.get_input_embeddings())

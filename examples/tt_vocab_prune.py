@@ -14,36 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from _common import eval_text, load_causal_lm
 
 import hf_compress
 from hf_compress import CompressionConfig, TTEmbeddingConfig
 from hf_compress.vocab import keep_tokens
 
 
-def load(name: str) -> tuple[Any, Any]:
-    """(causal LM, tokenizer) from a folder or Hub id, or from ``benchmarks.zoo`` for a zoo name."""
-    if Path(name).is_dir() or "/" in name:
-        return (transformers.AutoModelForCausalLM.from_pretrained(name).eval(),
-                transformers.AutoTokenizer.from_pretrained(name))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks package
-    from benchmarks import zoo
-
-    return zoo.load(name)
-
-
 def read_text(path: str | None, max_chars: int) -> str:
-    if path:
-        return Path(path).read_text()[:max_chars]
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks import data
-
-    return data.eval_text()[:max_chars]
+    return (Path(path).read_text() if path else eval_text())[:max_chars]
 
 
 def with_merge_parts(tok: Any, ids: set[int]) -> set[int]:
@@ -73,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    model, tok = load(args.model)
+    model, tok = load_causal_lm(args.model)
     text = read_text(args.text, args.max_chars)
     ids = torch.tensor([tok(text)["input_ids"]])  # [1, T]
     embed = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
