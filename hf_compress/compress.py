@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,7 @@ def compress(
     config: CompressionConfig | dict[str, Any],
     calibration: Iterable[Any] | None = None,
     progress: bool = True,
+    before_target: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Compress ``model`` in place following ``config`` and return it.
 
@@ -71,6 +72,8 @@ def compress(
         config: the plan, or its ``to_dict()`` form.
         calibration: model input batches for methods that need activations (see each method's docs).
         progress: show a tqdm bar over the modules.
+        before_target: called with each target's name just before it is compressed (the streamed
+            compress-on-load of :mod:`hf_compress.streaming` reads that module's dense weights there).
     """
     if isinstance(config, dict):
         config = CompressionConfig.from_dict(config)
@@ -103,6 +106,8 @@ def compress(
     with torch.no_grad():
         for name, (_, cfg) in tqdm(targets.items(), desc="hf_compress", disable=not progress or not targets):
             method = get_method(cfg.registry_name)
+            if before_target is not None:
+                before_target(name)
             module = model.get_submodule(name)
             ctx = CompressionContext(model=model, name=name, calibration=calibration, state=states.pop(name, None))
             new = method.compress(module, cfg, ctx)

@@ -257,7 +257,8 @@ def auto_compressed_class(task: str) -> type[_AutoCompressed]:
     raise ValueError(f"hf_compress: unknown task {task!r}; choose from {sorted(TASKS)}.")
 
 
-_LOW_MEMORY_KWARGS = {"dtype", "revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code"}
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
+_LOW_MEMORY_KWARGS = {"dtype", *_HUB_KWARGS}  # what the streamed load (hf_compress.streaming) understands
 
 
 def _low_memory_obstacle(config: PretrainedConfig, plan: Any, calibration: Any, kwargs: dict[str, Any]) -> str:
@@ -303,8 +304,7 @@ class _AutoCompressed:
         from .compress import compress
 
         config = kwargs.pop("config", None)
-        hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder",
-                                      "trust_remote_code") if k in kwargs}
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         if config is None:
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub)
         config = to_compressed_config(config)

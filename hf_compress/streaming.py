@@ -23,7 +23,6 @@ _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder")
 
 
 class SafetensorsReader:
@@ -184,13 +183,10 @@ def load_compressed_low_memory(
     names do not cover the model's parameters (e.g. legacy names transformers renames on load).
     """
     from accelerate import init_empty_weights
-    from tqdm.auto import tqdm
 
-    from .compress import CompressionContext, _record, find_targets
-    from .config import CompressionConfig
-    from .registry import get_method
+    from .compress import compress
 
-    hub = {k: v for k, v in (hub or {}).items() if k in _HUB_KWARGS}
+    hub = {k: v for k, v in (hub or {}).items() if k != "trust_remote_code"}  # file lookup kwargs only
     files = checkpoint_files(path, hub)
     if not files:
         return None
@@ -203,34 +199,11 @@ def load_compressed_low_memory(
         warnings.warn(f"hf_compress: low-memory loading found no checkpoint tensor for {filler.missing[:4]}; "
                       "loading the dense model first instead.", UserWarning, stacklevel=3)
         return None
-    plan = CompressionConfig.from_dict(plan) if isinstance(plan, dict) else plan
-    targets = find_targets(model, plan)
-    for pattern in plan.modules:
-        if not any(p == pattern for p, _ in targets.values()):
-            warnings.warn(f"hf_compress: pattern {pattern!r} matched no module of {type(model).__name__}.",
-                          UserWarning, stacklevel=3)
-    states: dict[str, Any] = {}
-    by_method: dict[str, list[str]] = {}
-    for name, (_, cfg) in targets.items():
-        by_method.setdefault(cfg.registry_name, []).append(name)
-    for method_name, names in by_method.items():  # no calibration: prepare hooks read no weights
-        method = get_method(method_name)
-        if method.prepare is not None:
-            states.update(method.prepare(model, {n: targets[n][1] for n in names}, None))
-    with torch.no_grad():
-        for name, (_, cfg) in tqdm(targets.items(), desc="hf_compress (low memory)", disable=not progress):
-            filler.fill(name)
-            module = model.get_submodule(name)
-            ctx = CompressionContext(model=model, name=name, calibration=None, state=states.pop(name, None))
-            new = get_method(cfg.registry_name).compress(module, cfg, ctx)
-            if new is not None and new is not module:
-                model.set_submodule(name, new)
-            del module, new
+    compress(model, plan, calibration=None, progress=progress, before_target=filler.fill)
     filler.fill()
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise ValueError(f"hf_compress: low-memory loading left {left[:4]} unfilled; pass low_memory=False.")
-    _record(model, plan)
     model.config.name_or_path = str(path)
     if model.can_generate():
         from transformers import GenerationConfig

@@ -195,7 +195,7 @@ def test_low_memory_never_holds_the_dense_model(tmp_path: Path, monkeypatch: pyt
 
         return dataclasses.replace(method, compress=compress)
 
-    monkeypatch.setattr("hf_compress.registry.get_method", spy_get)
+    monkeypatch.setattr(sys.modules["hf_compress.compress"], "get_method", spy_get)  # the name compress() calls
     model = hf_compress.AutoCompressedModelForCausalLM.from_pretrained(tmp_path / "dense", compression_config=plan)
     total = sum(p.numel() for p in tiny_model(LLAMA).parameters())
     assert len(seen) == 1 + 2 * 7
