@@ -115,14 +115,18 @@ def find_groups(model: nn.Module) -> dict[str, Group]:
 
 def default_candidates(kind: str, calibrated: bool = True) -> list[MethodConfig]:
     """Candidate settings per group kind (``embedding``, ``attention``, ``linear``); calibrated variants need
-    calibration batches (``calibrated=False`` gives data-free ones). Codebooks use the k-means initialization of
-    JLCM (fast); pass ``CodebookConfig(method="jlcm", ...)`` in ``plan(candidates=...)`` for the joint optimization."""
+    calibration batches (``calibrated=False`` gives data-free ones). Calibrated codebooks are JLCM's k-means
+    initialization + one GPTQ-style error-feedback mapping, without the joint steps (about 1 s per 1536x576 layer on a
+    CPU); data-free ones are plain k-means. Pass ``CodebookConfig(method="jlcm", steps=...)`` in
+    ``plan(candidates=...)`` for the full joint optimization."""
     from .methods.adaptwin import ProductTwinConfig
     from .methods.jlcm import CodebookConfig
     from .methods.tt_embedding import TTEmbeddingConfig
 
     lowrank = "whitened" if calibrated else "svd"
-    codebook = {"method": "kmeans", "kmeans_iters": 8}  # joint JLCM steps cost ~5 s per 1536x576 layer on a CPU
+    codebook: dict[str, Any] = {"method": "kmeans", "kmeans_iters": 8}
+    if calibrated:
+        codebook.update(method="jlcm", steps=0, error_feedback=1)
     if kind == "embedding":
         return [TTEmbeddingConfig(format="adaptive", compression=c) for c in (1.5, 2.0, 4.0)]
     linear = [LowRankConfig(method=lowrank, rank_ratio=0.5), CodebookConfig(bits=4, **codebook),

@@ -115,16 +115,19 @@ class LayerSwapper:
     """Builds compressed replacements (reusing cached spectra) and swaps them in and out of ``model``."""
 
     def __init__(self, model: nn.Module, names: list[str], configs: list[LowRankConfig], calibration: Any) -> None:
-        self.model, self.spectra = model, {}
+        self.model, self.spectra, self.energy = model, {}, {}  # energy: each layer's full Σ s² (before truncation)
         calibrated = [c for c in configs if c.method in ("whitened", "asvd")]
         if calibrated:
             cfg = calibrated[0]
             for name, stat in calibration_statistics(model, dict.fromkeys(names, cfg), calibration):
-                self.spectra[name] = self._keep(layer_spectrum(model.get_submodule(name), cfg, stat, name), configs)
+                self._add(name, layer_spectrum(model.get_submodule(name), cfg, stat, name), configs)
         elif any(c.method == "svd" for c in configs):
             for name in names:
-                self.spectra[name] = self._keep(layer_spectrum(model.get_submodule(name), configs[0], None, name),
-                                                configs)
+                self._add(name, layer_spectrum(model.get_submodule(name), configs[0], None, name), configs)
+
+    def _add(self, name: str, spec: Any, configs: list[LowRankConfig]) -> None:
+        self.energy[name] = float((spec.s.double() ** 2).sum())
+        self.spectra[name] = self._keep(spec, configs)
 
     @staticmethod
     def _keep(spec: Any, configs: list[LowRankConfig]) -> Any:

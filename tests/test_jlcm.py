@@ -25,7 +25,7 @@ def _calibration(arch: Arch) -> list:
 
 
 # ---- life cycle ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("method", "bpw"), [("jlcm", 3), ("kmeans", 2.5), ("rtn", 4)])
+@pytest.mark.parametrize(("method", "bpw"), [("jlcm", 3), ("kmeans", 2.5), ("rtn", 4), ("gptq", 3)])
 def test_compress_forward_save_reload_bit_identical(arch: Arch, method: str, bpw: float, tmp_path: Path) -> None:
     model = tiny_model(arch)
     inputs = arch.inputs()
@@ -140,17 +140,44 @@ def _loss(layer: CodebookLinear, w: torch.Tensor, sigma: torch.Tensor) -> float:
 def test_jlcm_beats_kmeans_beats_rtn(seed: int) -> None:
     w, sigma = _correlated_layer(seed)
     losses = {}
-    for method in ("rtn", "kmeans", "jlcm"):
-        layer, _ = codebook_from_dense(w, None, CodebookConfig(bits=3, group_size=8, method=method, steps=10), sigma)
+    for method in ("rtn", "kmeans", "gptq", "jlcm"):
+        cfg = CodebookConfig(bits=3, group_size=8, method=method, steps=10, error_feedback=1)
+        layer, _ = codebook_from_dense(w, None, cfg, sigma)
         losses[method] = _loss(layer, w, sigma)
     assert losses["jlcm"] < losses["kmeans"] <= losses["rtn"], losses
+    assert losses["jlcm"] < losses["gptq"] < losses["rtn"], losses
+
+
+@pytest.mark.parametrize("block", [None, 32])
+def test_error_feedback_rounds_lower_the_output_loss(block: int | None) -> None:
+    w, sigma = _correlated_layer(1)
+    losses = {}
+    for rounds in (0, 1):
+        cfg = CodebookConfig(bits=3, group_size=16, block_size=block, steps=4, error_feedback=rounds)
+        layer, stats = codebook_from_dense(w, None, cfg, sigma)
+        losses[rounds] = _loss(layer, w, sigma)
+        assert stats["rounds"] == rounds
+    assert losses[1] < 0.9 * losses[0], losses
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest() -> None:
+    """With a diagonal Σ no error is fed forward: the codes are exactly the nearest codewords."""
+    from hf_compress.layers.codebook import nearest
+    from hf_compress.methods.gptq import gptq_codes
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 40, generator=g)
+    centers = torch.randn(12, 8, 1, generator=g).sort(1).values
+    s_map, o_map = torch.ones(12, 40), torch.zeros(12, 40)
+    codes, _, _ = gptq_codes(w, torch.diag(torch.rand(40, generator=g) + 0.5), centers, s_map, o_map)
+    assert torch.equal(codes, nearest(w[:, :, None], centers))
 
 
 def test_proximal_mapping_update_beats_straight_through() -> None:
     w, sigma = _correlated_layer(0)
     stats = {}
     for update in ("proximal", "ste"):
-        cfg = CodebookConfig(bits=3, group_size=8, steps=10, mapping_update=update)
+        cfg = CodebookConfig(bits=3, group_size=8, steps=10, mapping_update=update, error_feedback=0)
         _, stats[update] = codebook_from_dense(w, None, cfg, sigma)
     # same initialization; the proximal mapping step finds accepted moves, the STE one (far jumps) hardly any
     assert stats["proximal"]["loss_init"] == stats["ste"]["loss_init"]
@@ -201,7 +228,8 @@ def test_finetune_codebooks_with_trainer_indices_fixed(tmp_path: Path) -> None:
     ({"bits_per_weight": 0.3}, r"bits_per_weight 0.3 must be b/d"),
     ({"bits": 3, "bits_per_weight": 2.0}, r"contradict bits_per_weight"),
     ({"bits": 3, "codebook_size": 9}, r"codebook_size must be in \[2, 2\*\*bits = 8\]"),
-    ({"method": "gptq"}, r"method must be one of \('jlcm', 'kmeans', 'rtn'\)"),
+    ({"method": "quip"}, r"method must be one of \('jlcm', 'kmeans', 'rtn', 'gptq'\)"),
+    ({"error_feedback": -1}, r"error_feedback must be >= 0"),
     ({"mapping_update": "sgd"}, r"mapping_update must be one of"),
     ({"n_groups": 0}, r"n_groups must be a positive int"),
 ])
@@ -289,11 +317,12 @@ def test_kmeans_never_worse_than_rtn_on_weight_error(block: int | None) -> None:
 def test_block_jlcm_beats_kmeans_beats_rtn(seed: int) -> None:
     w, sigma = _correlated_layer(seed)
     losses = {}
-    for method in ("rtn", "kmeans", "jlcm"):
-        cfg = CodebookConfig(bits=3, group_size=16, block_size=32, method=method, steps=8)
+    for method in ("rtn", "kmeans", "gptq", "jlcm"):
+        cfg = CodebookConfig(bits=3, group_size=16, block_size=32, method=method, steps=8, error_feedback=1)
         layer, _ = codebook_from_dense(w, None, cfg, sigma)
         losses[method] = _loss(layer, w, sigma)
     assert losses["jlcm"] < losses["kmeans"] < losses["rtn"], losses
+    assert losses["jlcm"] < losses["gptq"] < losses["rtn"], losses
 
 
 def test_block_compress_save_reload(tmp_path: Path) -> None:

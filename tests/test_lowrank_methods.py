@@ -138,9 +138,43 @@ def test_energy_selects_rank_and_streaming_shares_inputs() -> None:
     assert layer.rank == int((share < 0.5).sum()) + 1
 
 
+def test_allocate_ranks_follows_relative_energy_per_parameter() -> None:
+    flat, steep = torch.ones(32), torch.logspace(0, -6, 32)  # the steep layer needs few ranks for its energy
+    ranks = lr.allocate_ranks({"flat": (flat, 64, 64), "steep": (steep, 64, 64)}, keep=20 * 128)
+    assert sum(ranks.values()) * 128 <= 20 * 128 and ranks["flat"] > ranks["steep"] >= 1
+    # brute force over all splits: the greedy split has the least summed relative truncation error
+    def err(name: str, r: int) -> float:
+        s = {"flat": flat, "steep": steep}[name].double() ** 2
+        return float(s[r:].sum() / s.sum())
+    best = min(err("flat", r) + err("steep", 20 - r) for r in range(1, 20))
+    assert err("flat", ranks["flat"]) + err("steep", ranks["steep"]) <= best + 1e-12
+    capped = lr.allocate_ranks({"a": (torch.ones(64), 64, 64)}, keep=10**9)
+    assert capped["a"] * 128 < 64 * 64  # never a factorization as large as the dense weight
+
+
+@pytest.mark.parametrize("method", ["svd", "whitened"])
+def test_global_allocation_meets_the_budget_and_reloads(method: str, tmp_path) -> None:
+    model = tiny_model(LLAMA_ARCH)
+    names = [n for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))]
+    dense = sum(model.get_submodule(n).weight.numel() for n in names)
+    plan = CompressionConfig(modules={r"(q_proj|down_proj)$": LowRankConfig(method=method, rank_ratio=0.4,
+                                                                             allocation="global")})
+    hf_compress.compress(model, plan, calibration=_calibration(LLAMA_ARCH), progress=False)
+    layers = [model.get_submodule(n) for n in names]
+    assert all(isinstance(m, LowRankLinear) for m in layers)
+    kept = sum(m.rank * (m.in_features + m.out_features) for m in layers)
+    assert 0.3 * dense < kept <= 0.4 * dense and len({m.rank for m in layers}) > 1
+    x = LLAMA_ARCH.inputs()
+    expected = _out(model, x)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(_out(LLAMA_ARCH.auto_class.from_pretrained(tmp_path).eval(), x), expected)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"method": "tucker", "rank": 4}, "takes tucker_ranks"),
+     ({"rank": 4, "allocation": "global"}, "allocation='global'.*needs rank_ratio"),
+     ({"rank_ratio": 0.5, "allocation": "layerwise"}, "allocation must be one of"),
      ({"tucker_ranks": [1, 2, 3]}, "tucker_ranks needs method='tucker'"),
      ({"method": "tucker", "tucker_ranks": [1, 2]}, "3 positive ints"),
      ({"energy": 1.5}, r"energy must be in \(0, 1\]"),

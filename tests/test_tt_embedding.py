@@ -92,9 +92,47 @@ def test_adaptive_gives_frequent_tokens_more_rank() -> None:
     w = torch.randn(400, 64, generator=g)
     counts = torch.zeros(400, dtype=torch.float64)
     counts[:20] = 1000.0
-    layer = build_embedding(w, TTEmbeddingConfig(format="adaptive", compression=2.0), counts)
+    layer = build_embedding(w, TTEmbeddingConfig(format="adaptive", compression=2.0, prior="none"), counts)
     err = (layer.weight - w).norm(dim=1) / w.norm(dim=1)
     assert err[:20].max() < 1e-5 < err[20:].mean()
+
+
+def test_id_rank_prior_favors_low_ids_and_none_is_uniform() -> None:
+    w = torch.randn(400, 64, generator=torch.Generator().manual_seed(0))
+    err = {}
+    for prior in ("id_rank", "none"):
+        layer = build_embedding(w, TTEmbeddingConfig(format="adaptive", prior=prior, keep_special=False))
+        err[prior] = (layer.weight - w).norm(dim=1) / w.norm(dim=1)
+    assert err["id_rank"][:40].mean() < 0.7 * err["id_rank"][-200:].mean()
+    assert err["none"][:40].mean() > 0.8 * err["none"][-200:].mean()  # no id preference without the prior
+    assert not torch.equal(err["id_rank"], err["none"])
+
+
+def test_token_counts_validated() -> None:
+    with pytest.raises(ValueError, match=r"token counts must be a \[V=400\] vector"):
+        build_embedding(torch.randn(400, 64), TTEmbeddingConfig(), torch.ones(399))
+
+
+def _ranks(layer: torch.nn.Module) -> torch.Tensor:
+    return torch.tensor(layer.tier_ranks)[layer.tier.long()]
+
+
+def test_control_tokens_kept_exact(tmp_path: Path) -> None:
+    w = torch.randn(400, 64, generator=torch.Generator().manual_seed(0))
+    far = [399, 398]  # high ids: the prior gives them the least weight
+    exact = build_embedding(w, TTEmbeddingConfig(exact_ids=far[:1]), special=far[1:])
+    assert (exact.weight[far] - w[far]).abs().max() < 1e-5
+    plain = build_embedding(w, TTEmbeddingConfig(keep_special=False), special=far[1:])
+    assert (plain.weight[far] - w[far]).abs().max() > 1e-2
+    arch = next(a for a in ARCHS if a.name == "llama")  # tiny table: no rank-d tier fits, specials get the top rank
+    cfg = arch.make_config()
+    special = sorted({i for i in (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) if isinstance(i, int)})
+    model = _compress(arch, exact_ids=[cfg.vocab_size - 1])
+    ranks = _ranks(model.get_input_embeddings())
+    assert bool((ranks[[*special, cfg.vocab_size - 1]] == ranks.max()).all())
+    assert int(_ranks(_compress(arch, keep_special=False, prior="none").get_input_embeddings())[-1]) < ranks.max()
+    again, inputs, logits = run_save_reload(model, arch, tmp_path)
+    assert torch.equal(_out(again, inputs), logits)
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a.name in TIED], ids=lambda a: a.name)
@@ -185,6 +223,9 @@ def test_tokenizer_pruned_and_extended_consistently(tmp_path: Path) -> None:
     ({"compression": 0.5}, r"compression must be > 1"),
     ({"format": "svd", "ranks": [65]}, r"rank 65 must be in \[1, min\(V, d\) = 64\]"),
     ({"format": "per_token", "compression": 200.0}, r"lower the compression ratio"),
+    ({"prior": "zipf"}, r"prior must be one of"),
+    ({"prior_weight": -1.0}, r"prior_weight, prior_exponent and frequency_smoothing must be >= 0"),
+    ({"exact_ids": [-1]}, r"exact_ids must be token ids >= 0"),
 ])
 def test_bad_configs_rejected_with_clear_message(kwargs: dict, message: str) -> None:
     arch = next(a for a in ARCHS if a.name == "llama")

@@ -1,4 +1,4 @@
-"""JLCM suite: quality vs bits for round-to-nearest, plain k-means and JLCM codebooks, one run per model.
+"""JLCM suite: quality vs bits for round-to-nearest, plain k-means, GPTQ and JLCM codebooks, one run per model.
 
 ``python -m benchmarks suite jlcm [--schedule smollm2-135m:3,2 minilm-l6:3] [--budget quick] [--block-size 192]``
 
@@ -35,7 +35,7 @@ MODELS = {  # zoo name -> pattern matching every linear layer of the transformer
     "minilm-l6": r"encoder\.layer\.\d+\..*(query|key|value|dense)$",
     "whisper-tiny.en": r"layers\.\d+\.(self_attn|encoder_attn)\.(q|k|v|out)_proj$|layers\.\d+\.fc(1|2)$",
 }
-METHODS = ("rtn", "kmeans", "jlcm")
+METHODS = ("rtn", "kmeans", "gptq", "jlcm")
 # most important settings first: the goal bits (3) on every model, then the rest of the bits-per-weight curve
 SCHEDULE = ("smollm2-135m:3", "whisper-tiny.en:3", "minilm-l6:3", "smollm2-135m:2,4,2.5", "whisper-tiny.en:2,4")
 
@@ -124,13 +124,14 @@ def run_model(name: str, bits: list[float], methods: list[str], args: argparse.N
     for bpw in bits:
         for method in methods:
             cfg = CodebookConfig(bits_per_weight=bpw, method=method, steps=args.steps, kmeans_iters=args.kmeans_iters,
-                                 block_size=args.block_size or None, group_size=args.group_size)
+                                 block_size=args.block_size or None, group_size=args.group_size,
+                                 error_feedback=args.error_feedback)
             print(f"[jlcm] {name}: {method} {bpw} bits/weight", flush=True)
             model = copy.deepcopy(dense_model)
             t0 = time.perf_counter()
             with reuse_covariances(sigmas):
                 hf_compress.compress(model, _plan(pattern, cfg), progress=False)
-            compress_s = time.perf_counter() - t0 + (calib_s if method == "jlcm" else 0.0)
+            compress_s = time.perf_counter() - t0 + (calib_s if method in ("jlcm", "gptq") else 0.0)
             extra: dict[str, Any] = {"compress_s": compress_s, "layer_loss": _layer_loss(model, dense_model, sigmas),
                                      **_bits(model)}
             lat: dict[str, Any] = {}
@@ -208,6 +209,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--budget", default="default", choices=["default", "quick"])
     parser.add_argument("--steps", type=int, default=6, help="JLCM joint optimization steps per layer")
     parser.add_argument("--kmeans-iters", type=int, default=10)
+    parser.add_argument("--error-feedback", type=int, default=1, help="JLCM GPTQ-style error-feedback rounds")
     parser.add_argument("--block-size", type=int, default=192, help="input columns per scale/offset block (0: none)")
     parser.add_argument("--group-size", type=int, default=32, help="rows per codebook (neuron group)")
     parser.add_argument("--wer-utterances", type=int, default=None,
@@ -234,8 +236,9 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(0)
     torch.set_num_threads(1)  # shared CPUs
     bench = Bench("jlcm", budget=args.budget, description=(
-        f"JLCM vs RTN vs k-means codebooks on all block linear layers; steps={args.steps}, kmeans_iters="
-        f"{args.kmeans_iters}, calibration {args.calib_samples}x{args.calib_len} (news text / speech train split); "
+        f"JLCM vs RTN vs k-means codebooks vs GPTQ (error feedback onto the RTN grid) on all block linear layers; "
+        f"steps={args.steps}, error_feedback={args.error_feedback}, kmeans_iters={args.kmeans_iters}, "
+        f"calibration {args.calib_samples}x{args.calib_len} (news text / speech train split); "
         f"codebook per {args.group_size} similar rows, fp16 scale+offset per (row, {args.block_size} input columns)"
         " (rtn = asymmetric round-to-nearest with that group). SmolLM2 weights are dequantized Q4_1 (4-bit grid "
         f"per 32-input block); a {args.block_size}-column block spans several Q4_1 blocks, so 4 bits is not "

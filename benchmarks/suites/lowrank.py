@@ -64,7 +64,11 @@ def uniform_ratio(model: torch.nn.Module, pattern: str, cut: float) -> float:
 
 
 def plan_for(method: str, rho: float, model: str = "smollm2-135m") -> CompressionConfig:
+    """``method``: svd / asvd / whitened / tucker, or ``<svd method>-global`` (ranks allocated across layers)."""
     linear, attn, mlp = PATTERNS[model]
+    if method.endswith("-global"):
+        return CompressionConfig(modules={linear: LowRankConfig(method=method.removesuffix("-global"),
+                                                                rank_ratio=rho, allocation="global")})
     if method == "tucker":
         return CompressionConfig(modules={attn: LowRankConfig(method="tucker", rank_ratio=rho),
                                           mlp: LowRankConfig(method="svd", rank_ratio=rho)})
@@ -121,22 +125,30 @@ def run_methods(bench: harness.Bench, budget: str, cuts: list[float], methods: l
     lr.CALIBRATION_CHUNK_BYTES = 2 * 2**30  # one calibration pass (SmolLM2: ~0.8 GB of float64 covariances)
     for method in methods:
         start = time.perf_counter()
-        with metrics.PeakRSS() as rss:
-            spec_method = "svd" if method == "tucker" else method
+        spec_method = "svd" if method == "tucker" else method.removesuffix("-global")
+        glob = method.endswith("-global")
+        with metrics.PeakRSS() as rss:  # global allocation may give a layer any rank: keep every useful one
             swapper = LayerSwapper(model, names, [LowRankConfig(method=spec_method, rank_ratio=r)
-                                                  for r in rhos.values()], calib)
+                                                  for r in ([1.0] if glob else rhos.values())], calib)
         prep = {"prepare_s": round(time.perf_counter() - start, 1), "prepare_peak_rss_delta_bytes": rss.delta}
         if method in ("whitened", "asvd"):
             prep["calibration"] = dict(lr.CALIBRATION_REPORT)
         for cut, rho in rhos.items():
             plan = plan_for(method, rho, name)
             assignment = {n: plan.method_for(n)[1] for n in names}
+            if glob:  # the ranks compress(plan) would give: the same allocation over the same spectra
+                shapes = {n: (swapper.spectra[n].s, m, k) for n, m, k in _linears(model, linear)}
+                keep = sum(math.floor(rho * m * k) for _, m, k in shapes.values())
+                ranks = lr.allocate_ranks(shapes, keep, swapper.energy)
+                assignment = {n: LowRankConfig(method=spec_method, rank=ranks[n]) for n in names}
             start = time.perf_counter()
             undo = swapper.apply(assignment)
             setting = {"target_cut": cut, "rank_ratio": round(rho, 4), "plan": plan.to_dict(),
                        "layers": "tucker attention + svd mlp" if method == "tucker" else "attention+mlp",
                        "calibration": f"{len(calib)}x{seq} news tokens" if method in ("whitened", "asvd") else None}
             extra = {**prep, "build_s": round(time.perf_counter() - start, 1), "source_run": label or "methods"}
+            if glob:
+                extra["ranks"] = ranks
             q = harness.quality(model, tok, kind, budget=budget)
             size = {"params": metrics.param_count(model)}
             extra["params_cut"] = 1 - size["params"] / dense["size"]["params"]
@@ -241,7 +253,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--part", choices=["methods", "sweep", "all"], default="all")
     p.add_argument("--budget", choices=["default", "quick"], default="default")
     p.add_argument("--cuts", type=float, nargs="+", default=[0.1, 0.2, 0.3])
-    p.add_argument("--methods", nargs="+", default=["svd", "asvd", "whitened", "tucker"])
+    p.add_argument("--methods", nargs="+", default=["svd", "asvd", "whitened", "tucker", "whitened-global"])
     p.add_argument("--sweep-models", nargs="+", default=["smollm2-135m", "whisper-tiny.en"])
     p.add_argument("--n-calib", type=int, default=16, help="calibration windows of 256 news tokens")
     p.add_argument("--sizes", type=float, nargs="+", default=[0.25, 0.5], help="sweep rank_ratio candidates")

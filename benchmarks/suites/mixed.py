@@ -4,8 +4,9 @@
 ``python -m benchmarks suite mixed merge A.json B.json`` merges per-model runs into ``results/mixed.json`` (+ PNGs).
 
 Per model, in one process: the dense model; every single-method setting (one method on every module it applies
-to: TT embeddings on the token embedding, whitened low-rank / k-means codebooks (the JLCM layout) on every block
-linear, product twins on every attention); then ``plan()`` measures per-group sensitivity once on held-out
+to: TT embeddings on the token embedding, whitened low-rank / codebooks on every block linear (JLCM layout; JLCM's
+k-means init + one error-feedback mapping, no joint steps, as the planner's candidates), product twins on every
+attention); then ``plan()`` measures per-group sensitivity once on held-out
 calibration batches (calibration split only; news text / speech *train* utterances) and searches mixed plans for
 size budgets: the bytes of each single-method setting (matched size) and ``--fractions`` of the dense bytes. Every
 setting is then scored with the same benchmark metric (perplexity on the eval text / WER on the speech test split).
@@ -48,8 +49,8 @@ def single_settings(name: str) -> list[tuple[str, str, Any]]:
         format="adaptive", compression=c)})) for c in (1.5, 2.0, 4.0)]
     out += [("low_rank", f"whitened {r}", CompressionConfig(modules={p["linear"]: LowRankConfig(
         method="whitened", rank_ratio=r)})) for r in (0.75, 0.5)]
-    out += [("jlcm", f"kmeans {b}b", CompressionConfig(modules={p["linear"]: CodebookConfig(
-        bits=b, method="kmeans", kmeans_iters=8)})) for b in (4, 3)]
+    out += [("jlcm", f"k-means + error feedback {b}b", CompressionConfig(modules={p["linear"]: CodebookConfig(
+        bits=b, method="jlcm", steps=0, error_feedback=1, kmeans_iters=8)})) for b in (4, 3)]
     out += [("product_twin", f"rank_ratio {r}", CompressionConfig(modules={p["attention"]: ProductTwinConfig(
         rank_ratio=r, whiten=True)})) for r in (0.75, 0.5)]
     return out
@@ -271,8 +272,9 @@ def main(argv: list[str]) -> int:
     bench = Bench("mixed", budget=args.budget, description=(
         f"Mixed plans from hf_compress.plan (per-group sensitivity on {args.held_out} held-out calibration batches "
         f"of {args.calib_samples}x{args.calib_len}; candidates: TT adaptive embeddings x1.5/2/4, product twins "
-        "0.75/0.5 (whitened), whitened low-rank 0.75/0.5, k-means codebooks 4/3 bits (JLCM layout, no joint steps, "
-        "for CPU time)) vs single-method settings, at matched bytes (budget = each single setting's bytes) and at "
+        "0.75/0.5 (whitened), whitened low-rank 0.75/0.5, codebooks 4/3 bits (JLCM layout: k-means + one GPTQ-style "
+        "error-feedback mapping, no joint steps, for CPU time)) vs single-method settings, at matched bytes "
+        "(budget = each single setting's bytes) and at "
         f"fractions {args.fractions}. Quality budget '{args.budget}'; Whisper WER on voices {args.voices} only "
         "(quick: 16 test utterances per voice). size.bytes_fp16 counts floats at 2 bytes. No latency measured. "
         "extra.goal: met if a single setting has the same quality (at least as good, within 10%) and every single "

@@ -1,7 +1,8 @@
 """Tensor-train embeddings (issue #4): dense vs per-token TT (paper), adaptive TT (ours), TT-matrix, whole-matrix SVD.
 
 ``python -m benchmarks suite tt_embedding [--models ...] [--budget quick] [--formats ...] [--ratios ...]
-[--extras all|none|only] [--wer-utterances N] [--note TEXT] [--out PATH]``; ``--merge A.json B.json ...`` joins runs.
+[--extras all|none|only] [--wer-utterances N] [--note TEXT] [--out PATH]``; ``--merge A.json B.json ...
+[--replace]`` joins runs (with ``--replace`` later rows replace earlier ones of the same model, method and ratio).
 
 Per model, in one run: the dense model, then every (format, compression) setting compresses only the token
 embedding (tied heads read the compressed table, ``tied_head="compressed"``), plus extra rows: TT-matrix at 2x, and
@@ -9,7 +10,8 @@ on tied models every format at 2x with ``tied_head="dense"`` (head untied, dense
 Recorded: embedding relative reconstruction error, compress (TT-SVD) time, quality (perplexity / encoder scores /
 WER via ``harness.quality``), params and disk bytes, embedding lookup latency (8 x 512 ids) and forward latency /
 decode tokens/s, each measured interleaved with the dense model (``extra`` holds the paired ratios). Token
-frequencies for the adaptive format come from the calibration text only.
+weights for the adaptive format: calibration-text counts (for speech models with the speech test sentences cut
+out, as those are drawn from the same text) + the id-rank Zipf prior; control tokens kept at full rank.
 """
 
 from __future__ import annotations
@@ -55,6 +57,23 @@ def paired_lookup(modules: dict[str, Any], vocab: int, rounds: int = 7) -> dict[
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def calibration_ids(tok: Any, kind: str, n_samples: int = 128, seq_len: int = 512) -> list[torch.Tensor]:
+    """Calibration windows ``[1, seq_len]`` for the token counts. Speech models: the speech test sentences are drawn
+    from the calibration text, so those sentences are cut out of it first (counts never see test transcripts)."""
+    if kind != "speech-seq2seq":
+        return data.calibration_batches(tok, n_samples=n_samples, seq_len=seq_len)
+    import numpy as np
+
+    test = {re.sub(r"\s+", " ", u.text).strip() for split in data.speech_set().values() for u in split["test"]}
+    kept = []
+    for article in data.calibration_text().splitlines():
+        sents = re.split(r"(?<=[.!?])\s+(?=[A-Z])", article.strip())
+        kept.append(" ".join(s for s in sents if re.sub(r"\s+", " ", s).strip() not in test))
+    ids = torch.tensor(data.encode_plain(tok, "\n".join(kept)), dtype=torch.long)
+    starts = np.random.default_rng(0).integers(0, ids.numel() - seq_len, size=n_samples)
+    return [ids[s:s + seq_len].unsqueeze(0) for s in starts.tolist()]
+
+
 def run_model(bench: harness.Bench, name: str, args: argparse.Namespace) -> None:
     from hf_compress import CompressionConfig, compress
     from hf_compress.methods.tt_embedding import TTEmbeddingConfig
@@ -67,7 +86,7 @@ def run_model(bench: harness.Bench, name: str, args: argparse.Namespace) -> None
     weight = model.get_submodule(emb_name).weight.detach().clone()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = head is not None and head.weight.data_ptr() == model.get_submodule(emb_name).weight.data_ptr()
-    calibration = data.calibration_batches(text_tok, n_samples=128, seq_len=512)
+    calibration = calibration_ids(text_tok, kind)
     if args.wer_utterances is not None:
         harness.BUDGETS[budget]["wer_utterances"] = args.wer_utterances  # written into the JSON's "budget"
     print(f"[tt_embedding] {name}: {emb_name} {list(weight.shape)} tied={tied}", file=sys.stderr, flush=True)
@@ -122,7 +141,10 @@ def run_model(bench: harness.Bench, name: str, args: argparse.Namespace) -> None
             extra["decode_ratio_vs_dense_paired"] = (lat["tt"]["decode_tokens_per_s"]
                                                      / lat["dense"]["decode_tokens_per_s"])
         rec = bench.record(name, f"tt_{fmt}" + ("" if head_mode == "compressed" else "_densehead"),
-                           {"format": fmt, "compression": ratio, "tied_head": head_mode, "layer": layer.spec()},
+                           {"format": fmt, "compression": ratio, "tied_head": head_mode, "layer": layer.spec(),
+                            **({"prior": cfg.prior, "prior_weight": cfg.prior_weight,
+                                "frequency_smoothing": cfg.frequency_smoothing, "keep_special": cfg.keep_special}
+                               if fmt == "adaptive" else {})},
                            quality=quality, size=harness.size(m, (emb_name,)), latency=latency, extra=extra,
                            dense=dense_rec)
         print(f"[tt_embedding] {name} {fmt} x{ratio} head={head_mode}: err={rel_err:.3f} t={seconds:.1f}s "
@@ -158,23 +180,45 @@ def time_tt_svd(bench: harness.Bench, name: str, threads: int, out: str | None, 
         bench.save(out)
 
 
-def merge(paths: list[str], out: str | None, notes: list[str]) -> Path:
-    """Concatenate the records of several runs of this suite into one file; every record gets ``"run"`` (its
-    source run's ``created`` stamp; dense records copied by ``--dense-from`` are dropped as duplicates), and the
-    description lists each run's budget, time and note."""
+def _runs(doc: dict[str, Any], note: str) -> list[tuple[str, Any, str, list[dict[str, Any]]]]:
+    """``(run stamp, budget, description line, records)`` per run of a result file (a merged file keeps its runs)."""
+    if doc["records"] and all("run" in r for r in doc["records"]):  # an earlier merge
+        lines = {m.group(1): m.group(0) for m in re.finditer(r"^- run (\S+) .*$", doc["description"], re.M)}
+        stamps = list(dict.fromkeys(r["run"] for r in doc["records"]))
+        return [(st, doc["budget"].get(st), lines.get(st, f"- run {st}"), [r for r in doc["records"] if r["run"] == st])
+                for st in stamps]
+    models = sorted({r["model"] for r in doc["records"]})
+    budget = next(iter(doc.get("budget", {})), "?")
+    line = f"- run {doc['created']} ({budget} budget, {doc.get('wall_s')} s, models {models}): {note}"
+    records = [{**r, "run": doc["created"]} for r in doc["records"]
+               if "copied_from_run" not in r.get("setting", {})]  # a copied dense record is already there
+    return [(doc["created"], doc.get("budget"), line, records)]
+
+
+def _key(record: dict[str, Any]) -> tuple[Any, ...]:
+    return record["model"], record["method"], record.get("setting", {}).get("compression")
+
+
+def merge(paths: list[str], out: str | None, notes: list[str], replace: bool = False) -> Path:
+    """Concatenate the records of several runs of this suite (or earlier merges) into one file; every record gets
+    ``"run"`` (its source run's ``created`` stamp; dense records copied by ``--dense-from`` are dropped as
+    duplicates), and the description lists each run's budget, time and note. With ``replace``, a file's records
+    replace those of the files before it with the same (model, method, compression) (emptied runs are dropped)."""
     import json
 
     docs = [json.loads(Path(p).read_text()) for p in paths]
-    lines, records, budgets = [__doc__.strip().splitlines()[0], "Merged runs (record['run'] names the run):"], [], {}
+    runs: list[tuple[str, Any, str, list[dict[str, Any]]]] = []
     for i, doc in enumerate(docs):
-        note = notes[i] if i < len(notes) else ""
-        models = sorted({r["model"] for r in doc["records"]})
-        budget = next(iter(doc.get("budget", {})), "?")
-        lines.append(f"- run {doc['created']} ({budget} budget, {doc.get('wall_s')} s, models {models}): {note}")
-        budgets[doc["created"]] = doc.get("budget")
-        records += [{**r, "run": doc["created"]} for r in doc["records"]
-                    if "copied_from_run" not in r.get("setting", {})]  # a copied dense record is already there
-    merged = {**docs[-1], "description": "\n".join(lines), "budget": budgets, "records": records,
+        new = _runs(doc, notes[i] if i < len(notes) else "")
+        if replace:
+            keys = {_key(r) for run in new for r in run[3]}
+            runs = [(st, b, line, [r for r in recs if _key(r) not in keys]) for st, b, line, recs in runs]
+            runs = [run for run in runs if run[3]]
+        runs += new
+    lines = [__doc__.strip().splitlines()[0], "Merged runs (record['run'] names the run):"]
+    lines += [line for _, _, line, _ in runs]
+    merged = {**docs[-1], "description": "\n".join(lines), "budget": {st: b for st, b, _, _ in runs},
+              "records": [r for run in runs for r in run[3]],
               "wall_s": sum(d.get("wall_s", 0) for d in docs)}
     target = Path(out) if out else harness.RESULTS_DIR / "tt_embedding.json"
     target.write_text(json.dumps(merged, indent=2) + "\n")
@@ -206,9 +250,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="instead of running: merge these result files (in order) into --out")
     parser.add_argument("--merge-notes", nargs="*", default=[], help="one note per merged file")
+    parser.add_argument("--replace", action="store_true",
+                        help="with --merge: a later file's rows replace earlier rows of the same model, method, ratio")
     args = parser.parse_args(argv)
     if args.merge:
-        print(merge(args.merge, args.out, args.merge_notes))
+        print(merge(args.merge, args.out, args.merge_notes, args.replace))
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

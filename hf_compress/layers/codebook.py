@@ -24,6 +24,7 @@ cached.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -351,3 +352,28 @@ def _key(t: torch.Tensor) -> tuple[int, int]:
         return (t.data_ptr(), t._version)
     except RuntimeError:  # inference tensors have no version counter
         return (t.data_ptr(), -1)
+
+
+_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def memoized(key: tuple, tensors: tuple[torch.Tensor, ...], build: Any) -> torch.Tensor:
+    """Memoize a deterministic ``build()`` on ``key`` + the exact bytes of ``tensors`` (sweeps redo the same
+    grouping / k-means for every method at a given layout); at most 512 entries."""
+    digest = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        digest.update(t.detach().contiguous().cpu().numpy().tobytes())
+    full = (*key, digest.hexdigest())
+    if full not in _CACHE:
+        if len(_CACHE) >= 512:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[full] = build()
+    return _CACHE[full].clone()
+
+
+def group_rows(weight: torch.Tensor, n_groups: int, iters: int = 8) -> torch.Tensor:
+    """``perm [out]``: rows reordered into ``n_groups`` contiguous balanced groups of similar weight distribution."""
+    out = weight.shape[0]
+    if n_groups == 1:
+        return torch.arange(out)
+    return memoized(("group", n_groups, iters), (weight,), lambda: similar_row_groups(weight, n_groups, iters))

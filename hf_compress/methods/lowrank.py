@@ -9,6 +9,7 @@ only the truncated factors; :data:`CALIBRATION_REPORT` holds the last pass's pas
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
@@ -16,6 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..compress import CompressionContext
@@ -27,6 +29,7 @@ from ..registry import register_method
 
 _METHODS = ("svd", "whitened", "asvd", "tucker")
 _CALIBRATED = {"whitened": "cov", "asvd": "abs_mean"}
+_ALLOCATIONS = ("uniform", "global")
 ATTENTION_NAME = re.compile(r"attn|attention")
 HEADS_ON_INPUT = re.compile(r"(o_proj|out_proj|c_proj|output\.dense)$")  # attention output projections
 CALIBRATION_CHUNK_BYTES = 256 * 2**20
@@ -57,6 +60,8 @@ class LowRankConfig(MethodConfig):
     alpha: float = field(default=0.5, metadata={"help": "asvd: exponent of the mean |activation| scaling"})
     damping: float = field(default=0.0, metadata={"help": "whitened: ridge λ·mean(diag) added to XᵀX/N"})
     head_dim: int | None = field(default=None, metadata={"help": "tucker: head size (default: the model config's)"})
+    allocation: str = field(default="uniform", metadata={"help": f"one of {_ALLOCATIONS}: 'global' reads rank_ratio "
+                                                                 "as the share kept over all such targets together"})
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -83,6 +88,12 @@ class LowRankConfig(MethodConfig):
             self.tucker_ranks = list(self.tucker_ranks)
         if self.damping < 0 or self.alpha < 0:
             raise ValueError("hf_compress: LowRankConfig.damping and .alpha must be >= 0.")
+        if self.allocation not in _ALLOCATIONS:
+            raise ValueError(f"hf_compress: LowRankConfig.allocation must be one of {_ALLOCATIONS}, "
+                             f"got {self.allocation!r}.")
+        if self.allocation == "global" and (self.rank_ratio is None or self.method == "tucker"):
+            raise ValueError("hf_compress: LowRankConfig(allocation='global') needs rank_ratio (the share of the "
+                             "targets' parameters kept) and an SVD method ('svd', 'whitened' or 'asvd').")
 
     def rank_for(self, out_features: int, in_features: int) -> int:
         """The rank this config gives a ``[out_features, in_features]`` weight (``rank`` / ``rank_ratio`` only)."""
@@ -160,16 +171,56 @@ def _count_tokens(batches: Any) -> int:
     return total
 
 
+def allocate_ranks(spectra: dict[str, tuple[torch.Tensor, int, int]], keep: int,
+                   energy: dict[str, float] | None = None) -> dict[str, int]:
+    """Global rank allocation: ``spectra`` maps a layer to ``(s [k] descending, out, in)``; returns ranks (>= 1,
+    each below the size where factors stop saving) with ``Σ r·(out+in) <= keep`` (at least one rank each) that
+    greedily minimize the summed *relative* truncation error ``Σ_l Σ_{i>r_l} s_i² / Σ s²``: singular directions
+    are kept in order of relative energy per parameter, ``s_i² / (Σ s² · (out + in))``. ``energy``: each layer's
+    full ``Σ s²`` when the given ``s`` are truncated."""
+    names, gains, owners = list(spectra), [], []
+    for idx, name in enumerate(names):
+        s, out, inn = spectra[name]
+        cap = max(1, min(s.numel(), (out * inn - 1) // (out + inn)))
+        e = s[:cap].double() ** 2
+        total = energy[name] if energy and name in energy else float((s.double() ** 2).sum())
+        gains.append(e[1:] / max(total, 1e-300) / (out + inn))
+        owners.append(torch.full((cap - 1,), idx))
+    ranks = dict.fromkeys(names, 1)
+    spent = sum(out + inn for _, out, inn in spectra.values())
+    if not names or spent >= keep:
+        return ranks
+    gain, owner = torch.cat(gains), torch.cat(owners)
+    cost = torch.tensor([spectra[n][1] + spectra[n][2] for n in names], dtype=torch.float64)[owner]
+    order = gain.argsort(descending=True)  # within a layer gains fall, so every layer keeps a prefix
+    taken = order[(cost[order].cumsum(0) <= keep - spent)]
+    for idx, count in zip(*owner[taken].unique(return_counts=True), strict=True):
+        ranks[names[int(idx)]] += int(count)
+    return ranks
+
+
 def prepare_low_rank(model: nn.Module, configs: dict[str, LowRankConfig], calibration: Any) -> dict[str, Any]:
     """Registry ``prepare`` hook: per activation-aware module ``{"spectrum": truncated Spectrum, "rank": r}``
-    (``rank`` is ``None`` when the layer stays dense). SVD and Tucker targets need no state."""
+    (``rank`` is ``None`` when the layer stays dense). ``allocation="global"`` targets (SVD too) get their ranks
+    from :func:`allocate_ranks` over all of them; other SVD and Tucker targets need no state."""
     states: dict[str, Any] = {}
-    for name, stat in calibration_statistics(model, configs, calibration):
+    pending: dict[str, Spectrum] = {}
+    glob = {n: c for n, c in configs.items() if c.allocation == "global"}
+    plain = [(n, None) for n, c in glob.items() if c.method not in _CALIBRATED]
+    for name, stat in itertools.chain(calibration_statistics(model, configs, calibration), plain):
         module, config = model.get_submodule(name), configs[name]
         spec = layer_spectrum(module, config, stat, name)
+        if name in glob:
+            pending[name] = spec
+            continue
         weight, _ = linear_weight_and_bias(module, name)
         rank = resolve_rank(name, config, *weight.shape, spec)
         states[name] = {"spectrum": None if rank is None else spec.truncate(rank), "rank": rank}
+    if pending:
+        shapes = {n: (spec.s, spec.u.shape[0], spec.vt.shape[1]) for n, spec in pending.items()}
+        keep = sum(math.floor(glob[n].rank_ratio * out * inn) for n, (_, out, inn) in shapes.items())
+        for name, rank in allocate_ranks(shapes, keep).items():
+            states[name] = {"spectrum": pending.pop(name).truncate(rank), "rank": rank}
     return states
 
 
@@ -177,7 +228,7 @@ def compress_low_rank(module: nn.Module, config: LowRankConfig, ctx: Compression
     if config.method == "tucker":
         return compress_tucker(module, config, ctx)
     weight, bias = linear_weight_and_bias(module, ctx.name)
-    if config.method in _CALIBRATED:
+    if config.method in _CALIBRATED or config.allocation == "global":
         if not isinstance(ctx.state, dict) or "spectrum" not in ctx.state:
             raise ValueError(f"hf_compress: {ctx.name}: LowRankConfig(method={config.method!r}) has no calibration "
                              "statistics; pass calibration=batches to compress().")

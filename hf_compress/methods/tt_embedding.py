@@ -6,7 +6,9 @@ Formats (``TTEmbeddingConfig.format``), all sized by the same parameter budget `
   the vocabulary, one batched SVD per mode); ranks fixed, chosen from the budget, or from a tolerance ``eps``.
 * ``"tt_matrix"`` — TT-matrix over (vocabulary × hidden) modes, initialized by TT-SVD of the reshaped table.
 * ``"adaptive"`` (default) — two-core TT ``[V, R] × [R, d]`` whose vocabulary core has a per-token rank chosen by
-  a Lagrangian allocation of the budget: distortion = (calibration frequency + smoothing) × energy lost.
+  a Lagrangian allocation of the budget: distortion = token weight × energy lost, the weight = calibration count
+  + a Zipf prior from the token id (``prior="id_rank"``: BPE merge order / SentencePiece score order) + smoothing;
+  control tokens (BOS/EOS/PAD/decoder-start… from the model's configs, plus ``exact_ids``) keep full rank.
 * ``"svd"`` — the whole-matrix truncated-SVD baseline (one tier of ``"adaptive"``), measured through the same path.
 
 Tied output heads (``lm_head`` / ``proj_out`` sharing the embedding's weight) are handled explicitly:
@@ -29,6 +31,9 @@ from ..config import MethodConfig
 from ..layers.tt_embedding import TiedEmbeddingHead, TTEmbedding, check_tt_shape_ranks
 from ..layers.tt_matrix import AdaptiveRankEmbedding, TTMatrixEmbedding
 from ..registry import register_method
+from .tt_adaptive import PRIORS, adaptive_factors, count_tokens, special_token_ids, token_weights
+
+__all__ = ["TTEmbeddingConfig", "adaptive_factors", "build_embedding", "count_tokens", "prepare_tt"]
 
 FORMATS = ("adaptive", "per_token", "tt_matrix", "svd")
 HEADS = ("compressed", "dense")
@@ -53,7 +58,14 @@ class TTEmbeddingConfig(MethodConfig):
     order: int = field(default=3, metadata={"help": "number of hidden factors N when shape is None"})
     vocab_shape: list[int] | None = field(default=None, metadata={"help": "tt_matrix: factors of V (auto if None)"})
     tied_head: str = field(default="compressed", metadata={"help": f"tied output head: one of {HEADS}"})
-    frequency_smoothing: float = field(default=1.0, metadata={"help": "adaptive: weight = count + smoothing"})
+    frequency_smoothing: float = field(default=0.1, metadata={"help": "adaptive: weight = count + prior + this"})
+    prior: str = field(default="id_rank", metadata={"help": f"adaptive: token-frequency prior, one of {PRIORS}"})
+    prior_weight: float = field(default=4.0, metadata={"help": "adaptive: prior mass ÷ calibration token count"})
+    prior_exponent: float = field(default=1.0, metadata={"help": "adaptive: Zipf exponent of the id_rank prior"})
+    keep_special: bool = field(default=True, metadata={"help": "adaptive: control tokens of the model's configs "
+                                                                 "keep full rank"})
+    exact_ids: list[int] | None = field(default=None, metadata={"help": "adaptive: more token ids kept at full "
+                                                                        "rank (e.g. tokenizer.all_special_ids)"})
     min_rank: int = field(default=8, metadata={"help": "adaptive: smallest per-token rank"})
 
     def __post_init__(self) -> None:
@@ -78,6 +90,14 @@ class TTEmbeddingConfig(MethodConfig):
         if self.adaptive_like and self.ranks is not None and len(self.ranks) != 1:
             raise ValueError("hf_compress: format='svd'/'adaptive' takes ranks=[R] (one rank), "
                              f"got {self.ranks!r}.")
+        if self.prior not in PRIORS:
+            raise ValueError(f"hf_compress: TTEmbeddingConfig.prior must be one of {PRIORS}, got {self.prior!r}.")
+        if not (self.prior_weight >= 0 and self.frequency_smoothing >= 0 and self.prior_exponent >= 0):
+            raise ValueError("hf_compress: TTEmbeddingConfig.prior_weight, prior_exponent and frequency_smoothing "
+                             "must be >= 0.")
+        if self.exact_ids is not None and any(not isinstance(i, int) or i < 0 for i in self.exact_ids):
+            raise ValueError("hf_compress: TTEmbeddingConfig.exact_ids must be token ids >= 0, "
+                             f"got {self.exact_ids!r}.")
         if self.order < 1 or self.min_rank < 1:
             raise ValueError("hf_compress: TTEmbeddingConfig.order and min_rank must be >= 1.")
 
@@ -193,99 +213,25 @@ def choose_tt_ranks(modes: list[int], budget: float, who: str) -> list[int]:
     return best
 
 
-def adaptive_factors(weight: torch.Tensor, budget: float, counts: torch.Tensor | None, smoothing: float,
-                     min_rank: int, single_rank: int | None = None
-                     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Factor ``weight [V, d]`` into ``basis [R_max, d]`` and per-tier ``coeffs [n_t, R_t]`` within ``budget``.
-
-    ``basis`` = right singular vectors (orthonormal); token ``v`` keeps the first ``R_v`` coefficients, ``R_v``
-    from the geometric ladder ``d, d/√2, d/2, … ≥ min_rank`` minimizing ``w_v · tail_v(R) + λ R`` with ``λ`` bisected
-    to meet the budget (``basis`` included). ``w_v = counts_v + smoothing`` (all ones without counts).
-    ``single_rank`` gives the one-tier truncated SVD. Returns ``(basis, coeffs, tier [V], slot [V])``.
-    """
-    v, d = weight.shape
-    w = weight.detach().to(torch.float32)
-    gram = torch.zeros(d, d, dtype=torch.float64, device=w.device)
-    for start in range(0, v, 16384):  # in chunks: a float64 copy of a 262k-row table would be 1.3 GB
-        chunk = w[start:start + 16384].double()
-        gram += chunk.T @ chunk
-    _, evecs = torch.linalg.eigh(gram)
-    basis_full = evecs.flip(1).T.to(torch.float32)  # [d, d], rows = right singular vectors by decreasing σ
-    coeff = w @ basis_full.T  # [V, d]
-    if single_rank is not None:
-        r = single_rank
-        return (basis_full[:r].to(weight.dtype), [coeff[:, :r].to(weight.dtype).contiguous()],
-                torch.zeros(v, dtype=torch.int32), torch.arange(v, dtype=torch.int32))
-    ladder = sorted({max(min_rank, min(d, round(d / 2 ** (i / 2)))) for i in range(40)}, reverse=True)
-    csum = coeff.pow(2).cumsum_(1)  # [V, d] energy kept by the first r coefficients
-    total = csum[:, -1]
-    tails = torch.stack([total - csum[:, r - 1] for r in ladder], 1).clamp_min(0).double()  # [V, K]
-    del csum
-    weights = torch.ones(v, dtype=torch.float64) if counts is None else counts.double() + smoothing
-    dist = weights[:, None] * tails
-    rk = torch.tensor(ladder, dtype=torch.float64)
-
-    def assign(lam: float) -> tuple[torch.Tensor, float]:
-        choice = (dist + lam * rk).argmin(1)
-        ranks = rk[choice]
-        return choice, float(ranks.sum() + ranks.max() * d)
-
-    lo, hi = 1e-12, float(dist.max()) + 1.0  # at hi every token takes the smallest rank
-    choice, used = assign(hi)
-    if used > budget:
-        raise ValueError(f"hf_compress: adaptive embedding: even rank {ladder[-1]} for every token exceeds the "
-                         f"budget ({used:.0f} > {budget:.0f} params); lower compression or min_rank.")
-    for _ in range(80):  # bisect log λ: the smallest λ whose allocation fits the budget
-        mid = math.sqrt(lo * hi)
-        c, u = assign(mid)
-        if u <= budget:
-            hi, choice = mid, c
-        else:
-            lo = mid
-    used_tiers = sorted(set(choice.tolist()))
-    tier = torch.empty(v, dtype=torch.int32)
-    slot = torch.empty(v, dtype=torch.int32)
-    coeffs = []
-    for t, k in enumerate(used_tiers):
-        sel = (choice == k).nonzero().squeeze(1)
-        tier[sel] = t
-        slot[sel] = torch.arange(sel.numel(), dtype=torch.int32)
-        coeffs.append(coeff[sel, : ladder[k]].to(weight.dtype).contiguous())
-    r_max = ladder[used_tiers[0]]
-    return basis_full[:r_max].to(weight.dtype), coeffs, tier, slot
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the method
 # ---------------------------------------------------------------------------------------------------------------
-def count_tokens(calibration: Any, vocab_size: int) -> torch.Tensor | None:
-    """Token frequencies ``[V]`` over calibration batches (tensors of ids, or dicts' ``*input_ids`` entries)."""
-    if not calibration:
-        return None
-    counts = torch.zeros(vocab_size, dtype=torch.float64)
-    for batch in calibration:
-        tensors = [batch] if isinstance(batch, torch.Tensor) else [
-            t for k, t in batch.items() if k.endswith("input_ids") and isinstance(t, torch.Tensor)]
-        for ids in tensors:
-            ids = ids.reshape(-1).long()
-            ids = ids[(ids >= 0) & (ids < vocab_size)]
-            counts += torch.bincount(ids, minlength=vocab_size).double()
-    return counts
-
-
 def prepare_tt(model: nn.Module, targets: dict[str, TTEmbeddingConfig], calibration: Any) -> dict[str, Any]:
-    """Per target embedding: calibration token counts ``[V]`` (``None`` without calibration)."""
+    """Per target embedding: ``{"counts": [V] calibration token counts or None, "special": control-token ids}``."""
     out = {}
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, nn.Embedding):
-            out[name] = count_tokens(calibration, module.num_embeddings)
+            out[name] = {"counts": count_tokens(calibration, module.num_embeddings),
+                         "special": special_token_ids(model, module.num_embeddings)}
     return out
 
 
 def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: torch.Tensor | None = None,
-                    who: str = "embedding", **kwargs: Any) -> nn.Module:
-    """Compress a table ``weight [V, d]`` into the format of ``config`` (``kwargs`` -> layer, e.g. embed_scale)."""
+                    who: str = "embedding", special: list[int] | None = None, **kwargs: Any) -> nn.Module:
+    """Compress a table ``weight [V, d]`` into the format of ``config`` (``kwargs`` -> layer, e.g. embed_scale).
+
+    ``counts [V]``: calibration token counts; ``special``: control-token ids (both used by ``"adaptive"`` only)."""
     v, d = weight.shape
     budget = None if config.compression is None else v * d / float(config.compression)
     shape = list(config.shape) if config.shape is not None else factorize(d, config.order)
@@ -314,8 +260,12 @@ def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: tor
         single = max(1, min(d, int(budget // (v + d))))
     else:
         single = None
-    basis, coeffs, tier, slot = adaptive_factors(weight, budget, counts if config.format == "adaptive" else None,
-                                                  config.frequency_smoothing, config.min_rank, single)
+    weights, exact = None, None
+    if config.format == "adaptive":
+        weights = token_weights(counts, v, config.prior, config.prior_weight, config.prior_exponent,
+                                config.frequency_smoothing)
+        exact = [*(special or [] if config.keep_special else []), *(config.exact_ids or [])]
+    basis, coeffs, tier, slot = adaptive_factors(weight, budget, weights, config.min_rank, single, exact)
     return AdaptiveRankEmbedding.from_factors(basis, coeffs, tier, slot, **kwargs)
 
 
@@ -379,8 +329,9 @@ def attach_tied_head(ctx: CompressionContext, module: nn.Embedding, new: nn.Modu
 
 def compress_tt_embedding(module: nn.Module, config: TTEmbeddingConfig, ctx: CompressionContext) -> nn.Module | None:
     scale = embedding_scale(module, ctx.name, "TTEmbeddingConfig")
-    new = build_embedding(module.weight, config, ctx.state, who=ctx.name, padding_idx=module.padding_idx,
-                          embed_scale=scale)
+    state = ctx.state or {}
+    new = build_embedding(module.weight, config, state.get("counts"), who=ctx.name, special=state.get("special"),
+                          padding_idx=module.padding_idx, embed_scale=scale)
     attach_tied_head(ctx, module, new, config.tied_head)
     return new
 
