@@ -132,7 +132,7 @@ def test_compress_with_budget_mixes_methods_when_one_cannot_reach_it(dense: Path
     assert {m["type"] for m in plan["modules"].values()} == {"jlcm", "tt_embedding"}
     doc = json.loads(table.read_text())
     assert doc["methods"] == ["jlcm", "tt_embedding"] and doc["result"]["bytes_ratio"] <= 0.25
-    assert "tt_embedding:adaptive" in proc.stdout and "jlcm:kmeans:3b" in proc.stdout
+    assert "tt_embedding:adaptive" in proc.stdout and "jlcm:jlcm:3b" in proc.stdout
     inputs = LLAMA.inputs()
     with torch.no_grad():
         assert torch.isfinite(again(**inputs).logits).all()
