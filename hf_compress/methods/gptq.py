@@ -17,21 +17,17 @@ from __future__ import annotations
 
 import torch
 
+from ..layers.lowrank import whitening
 
-def _inverse_cholesky(sigma: torch.Tensor) -> torch.Tensor:
-    """Upper ``U`` with ``UᵀU = Σ⁻¹`` (``Σ [in, in]`` symmetric positive definite after damping), float64."""
-    sig = sigma.double()
-    chol, info = torch.linalg.cholesky_ex(sig)
-    if int(info):  # numerically singular: add a little more damping until it factorizes
-        eye, jitter = torch.eye(sig.shape[0], dtype=sig.dtype), float(torch.diagonal(sig).mean()) * 1e-4
-        while int(info):
-            chol, info = torch.linalg.cholesky_ex(sig + jitter * eye)
-            jitter *= 10
-    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+
+def _inverse_cholesky(sigma: torch.Tensor, who: str) -> torch.Tensor:
+    """Upper ``U`` with ``UᵀU = Σ⁻¹`` (``Σ [in, in]``; damping raised by :func:`whitening` until it factorizes)."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(whitening(sigma, who=who)), upper=True)
 
 
 def gptq_codes(w: torch.Tensor, sigma: torch.Tensor, row_centers: torch.Tensor, s_map: torch.Tensor,
-               o_map: torch.Tensor, block: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               o_map: torch.Tensor, block: int = 0, who: str = "layer"
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes for ``w [out, in]`` by error feedback.
 
     ``row_centers [out, K, d]``: every row's codebook (normalized space); ``s_map, o_map [out, in/d]``: scale and
@@ -40,7 +36,7 @@ def gptq_codes(w: torch.Tensor, sigma: torch.Tensor, row_centers: torch.Tensor, 
     """
     out, inn = w.shape
     d = row_centers.shape[-1]
-    u = _inverse_cholesky(sigma).float()
+    u = _inverse_cholesky(sigma, who).float()
     work = w.detach().float().clone()
     codes = torch.empty(out, inn // d, dtype=torch.long)
     s_map, o_map = s_map.clone(), o_map.clone()

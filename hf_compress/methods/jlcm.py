@@ -330,7 +330,7 @@ def codebook_from_dense(weight: torch.Tensor, bias: torch.Tensor | None, config:
         sig = sigma.float()
         sig = sig + config.damping * torch.diagonal(sig).mean().clamp_min(1e-12) * torch.eye(inn)
     if config.method == "gptq":  # baseline: error feedback onto the uniform grid, no codebook learning
-        codes, s_map, o_map = gptq_codes(w_s, sig, centers[row_book], s_map, o_map, block)
+        codes, s_map, o_map = gptq_codes(w_s, sig, centers[row_book], s_map, o_map, block, who)
     elif config.method == "jlcm":
         # second init: k-means weighted by the input second moments diag(Σ); start from the better of the two
         hdiag = torch.diagonal(sig).reshape(1, inn // d, d)
@@ -343,7 +343,7 @@ def codebook_from_dense(weight: torch.Tensor, bias: torch.Tensor | None, config:
         stats = {"rounds": 0}
         for r in range(1 + config.error_feedback):
             if r:  # error feedback onto the current codebooks (GPTQ-style), kept only if it lowers the loss
-                fb_codes, fb_s, fb_o = gptq_codes(w_s, sig, centers[row_book], s_map, o_map, block)
+                fb_codes, fb_s, fb_o = gptq_codes(w_s, sig, centers[row_book], s_map, o_map, block, who)
                 if _output_loss(w_s, sig, centers, fb_codes, fb_s, fb_o, row_book) >= _output_loss(
                         w_s, sig, centers, codes, s_map, o_map, row_book):
                     break
