@@ -4,6 +4,8 @@
     python examples/adaptwin_speaker.py --model tiny-random --out out      # seconds, random weights (smoke test)
     python examples/adaptwin_speaker.py --model whisper-tiny.en --rank 16 --vo-rank 48 --cache-encoder \
         --train-seconds 180 --n-train 48 --steps 1000 --batch-size 8 --out out   # decoder-side LoRA, CPU-friendly
+    python examples/adaptwin_speaker.py --model whisper-tiny.en --rank 16 --vo-rank 48 --distill \
+        --train-seconds 600 --n-train 200 --steps 10000 --batch-size 4 --out out  # encoder LoRA: match the dense model
 
 ``--model``: a local Whisper folder, a ``benchmarks.zoo`` name (offline materialization) or ``tiny-random``.
 Speakers are espeak-ng voices from ``benchmarks.speech`` (``tiny-random`` uses synthetic noise "speakers").
@@ -26,6 +28,7 @@ import hf_compress
 from hf_compress import CompressionConfig, ProductTwinConfig
 from hf_compress.adapters import (
     DECODER_TARGETS,
+    encoder_targets,
     load_speaker_adapter,
     lora_config,
     set_speaker,
@@ -103,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vo-rank", type=int, default=None, help="per-head VO rank (default: same as QK)")
     parser.add_argument("--cache-encoder", action="store_true",
                         help="decoder-side LoRA on cached (frozen) encoder outputs: ~10x cheaper steps on a CPU")
+    parser.add_argument("--distill", action="store_true",
+                        help="encoder-side LoRA trained to match the dense (uncompressed) encoder; no transcripts")
     parser.add_argument("--train-seconds", type=float, default=None, help="stop each adapter's training after this")
     parser.add_argument("--n-train", type=int, default=8)
     parser.add_argument("--n-test", type=int, default=2)
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
 
     model, processor = load(args.model)
+    teacher = load(args.model)[0].eval() if args.distill else None
     twin = (ProductTwinConfig(rank=args.rank, vo_rank=args.vo_rank) if args.rank
             else ProductTwinConfig(rank_ratio=0.5, vo_rank=args.vo_rank))
     hf_compress.compress(model, CompressionConfig(modules={ENC_ATTN: twin}), progress=False)
@@ -121,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     data = speakers(args.model, args.voices, args.n_train, args.n_test)
 
     peft_model: Any = model
-    targets = DECODER_TARGETS if args.cache_encoder else ("q_proj", "v_proj")
+    targets: Any = DECODER_TARGETS if args.cache_encoder else ("q_proj", "v_proj")
+    if args.distill:
+        targets = encoder_targets(model)
     for spk, split in data.items():
         peft_model, stats = train_speaker_adapter(peft_model, processor, split["train"], spk, out / "adapters",
                                                   config=lora_config(r=4, alpha=8, target_modules=targets),
                                                   max_steps=args.steps, batch_size=args.batch_size,
                                                   learning_rate=args.lr, max_seconds=args.train_seconds,
-                                                  cache_encoder=args.cache_encoder)
+                                                  cache_encoder=args.cache_encoder, teacher=teacher)
         print(f"trained adapter {spk}: {stats['seconds']} s, loss {stats['train_loss']:.3f} -> {stats['path']}")
 
     base = transformers.AutoModelForSpeechSeq2Seq.from_pretrained(out / "model")  # plain transformers reload

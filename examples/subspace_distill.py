@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--n-samples", type=int, default=64, help="distillation windows")
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--isolated-tokens", type=int, default=0, help="also distill this many vocabulary tokens "
+                        "per step, each on its own (reaches tokens the text never shows)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_compress.compress(student, CompressionConfig(modules={re.escape(embed) + "$": method}), calibration=batches,
                          progress=False)
     stats = distill(student, teacher, batches, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                    progress=False)
+                    progress=False, isolated_tokens=args.isolated_tokens, tokenizer=tok)
     student.save_pretrained(args.out)
     tok.save_pretrained(args.out)
     again = transformers.AutoModelForCausalLM.from_pretrained(args.out).eval()

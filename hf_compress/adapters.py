@@ -6,6 +6,14 @@ on first use), trains only it on that speaker's ``(audio, text)`` pairs, and sav
 switch adapters at inference. TwinAttention projections are plain ``nn.Linear``s, so the default targets
 (``q_proj``, ``v_proj``) need no custom-module registration.
 
+``teacher=dense_model`` trains encoder-side adapters (``encoder_targets(model)``) to make the compressed encoder's
+output match the dense encoder's on the speaker's audio (mean squared error over all frames, divided by the mean
+square of the teacher's output): no transcripts are used, and every utterance gives ``1500 × d_model`` targets instead
+of a few tokens. On Whisper tiny.en with a 30 % smaller encoder (WER > 1 before adaptation), ~12 minutes per voice
+brought two of three espeak voices back to their dense WER where decoder-side LoRA on transcripts (an earlier,
+shorter run) stayed far above it;
+an adapter helps its own voice much more than the others (``benchmarks/results/adaptwin.json``).
+
 ``cache_encoder=True`` trains decoder-side adapters only (``DECODER_TARGETS``, incl. the cross-attention that reads
 the encoder states) on encoder outputs computed once per utterance with the frozen (compressed) encoder: on a CPU a
 step then costs ~10x less than backpropagating through Whisper's 1500-frame encoder. ``max_seconds`` stops
@@ -25,7 +33,21 @@ import torch
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 DECODER_TARGETS = r".*decoder\.layers\.\d+\.((self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)"
+# encoder self-attention projections and FFN linears, including the two factors of a low-rank fc1 / fc2
+ENCODER_TARGETS = r".*encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)(\.\w+)?"
 SAMPLE_RATE = 16000
+
+
+def encoder_targets(model: Any) -> list[str]:
+    """Names of the ``nn.Linear`` modules of ``model`` (a ``PeftModel``'s base model) matching ``ENCODER_TARGETS``:
+    the encoder projections and FFN linears, or the ``down`` / ``up`` factors where low-rank compression replaced
+    them (PEFT accepts only the linears themselves). Pass them as ``lora_config(target_modules=...)``."""
+    import re
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = [n.replace(".base_layer", "") for n, m in base.named_modules()  # a LoRA-wrapped linear: its own name
+             if isinstance(m, torch.nn.Linear) and ".lora_" not in n]
+    return [n for n in names if re.fullmatch(ENCODER_TARGETS, n)]
 
 
 def lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.0,
@@ -53,6 +75,8 @@ class SpeechDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        if getattr(self, "teacher_states", None) is not None:
+            return {"input_features": self.features[i], "teacher_states": self.teacher_states[i]}
         if getattr(self, "encoder_states", None) is not None:
             return {"encoder_states": self.encoder_states[i], "labels": self.labels[i]}
         return {"input_features": self.features[i], "labels": self.labels[i]}
@@ -65,6 +89,25 @@ class SpeechDataset(torch.utils.data.Dataset):
                 for i in range(0, len(self.labels), batch_size)]
         self.encoder_states = torch.cat(outs)
 
+    @torch.no_grad()
+    def cache_teacher(self, encoder: torch.nn.Module, batch_size: int = 4) -> None:
+        """Store the dense ``encoder``'s outputs ``[n, frames, d_model]`` as distillation targets."""
+        self.cache_encoder(encoder, batch_size)
+        self.teacher_states, self.encoder_states = self.encoder_states, None
+
+
+class _EncoderDistiller(torch.nn.Module):
+    """Trainer-facing wrapper: ``forward(input_features, teacher_states)`` -> ``{"loss"}``, the student encoder's
+    mean squared error to the teacher's states divided by ``scale`` (the teacher states' mean square)."""
+
+    def __init__(self, encoder: torch.nn.Module, scale: float) -> None:
+        super().__init__()
+        self.encoder, self.scale = encoder, scale
+
+    def forward(self, input_features: torch.Tensor, teacher_states: torch.Tensor, **_: Any) -> dict[str, torch.Tensor]:
+        out = self.encoder(input_features).last_hidden_state
+        return {"loss": (out.float() - teacher_states.float()).pow(2).mean() / self.scale}
+
 
 class SpeechCollator:
     """Stacks features and pads labels with ``-100``; drops a leading decoder-start token (the model adds it)."""
@@ -73,6 +116,8 @@ class SpeechCollator:
         self.start = decoder_start_token_id
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "teacher_states" in items[0]:
+            return {k: torch.stack([x[k] for x in items]) for k in ("input_features", "teacher_states")}
         labels = [list(x["labels"]) for x in items]
         if all(seq and seq[0] == self.start for seq in labels):
             labels = [seq[1:] for seq in labels]
@@ -145,19 +190,32 @@ def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any],
                           output_dir: str | Path, config: Any = None, max_steps: int = 60, batch_size: int = 4,
                           learning_rate: float = 1e-3, seed: int = 0, max_seconds: float | None = None,
                           cache_encoder: bool = False, lr_scheduler: str = "linear",
-                          warmup_steps: int | None = None) -> tuple[Any, dict[str, Any]]:
+                          warmup_steps: int | None = None, teacher: Any = None) -> tuple[Any, dict[str, Any]]:
     """Train LoRA adapter ``speaker`` on ``utterances`` with ``Seq2SeqTrainer`` and save it to
     ``output_dir/speaker`` (standard PEFT folder). Returns ``(peft_model, {"seconds", "train_loss", "path",
     "steps", "utterances", …})``; the base weights stay frozen. ``seconds`` includes the encoder caching of
     ``cache_encoder=True`` (decoder-side targets only, e.g. ``lora_config(target_modules=DECODER_TARGETS)``);
     ``max_seconds`` caps the training wall time. ``warmup_steps`` defaults to ``max_steps // 10`` (at most 10, so a
-    time-capped run with a generous ``max_steps`` still reaches the full learning rate)."""
+    time-capped run with a generous ``max_steps`` still reaches the full learning rate). ``teacher``: the dense
+    model; the adapter (encoder-side, e.g. ``lora_config(target_modules=encoder_targets(model))``) is trained to match
+    its encoder output on this speaker's audio instead of on the transcripts (``"objective": "distill"``)."""
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     t_start = time.perf_counter()
     audios, texts = audio_and_text(utterances)
     data = SpeechDataset(processor, audios, texts)
+    if teacher is not None and cache_encoder:
+        raise ValueError("hf_compress.adapters: teacher= trains encoder-side adapters and cache_encoder=True freezes "
+                         "the encoder; use one of them.")
+    if teacher is not None:
+        was_training = teacher.training
+        data.cache_teacher(teacher.eval().get_encoder())
+        teacher.train(was_training)
     peft_model = add_speaker_adapter(model, speaker, config)
+    if teacher is not None and not any(f"lora_A.{speaker}" in n and ".encoder." in n
+                                       for n, _ in peft_model.named_modules()):
+        raise ValueError(f"hf_compress.adapters: teacher= distills the encoder output, but adapter {speaker!r} has no "
+                         "encoder module; use lora_config(target_modules=encoder_targets(model)).")
     if cache_encoder:
         in_encoder = [n for n, _ in peft_model.named_modules() if f"lora_A.{speaker}" in n and ".encoder." in n]
         if in_encoder:
@@ -181,20 +239,24 @@ def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any],
         disable_tqdm=True,
     )
     callbacks = [_time_limit(max_seconds)] if max_seconds else None
-    trainer = Seq2SeqTrainer(model=peft_model, args=args, train_dataset=data, data_collator=SpeechCollator(start_id),
+    trained: Any = peft_model
+    if teacher is not None:
+        trained = _EncoderDistiller(peft_model.base_model.model.get_encoder(),
+                                    float(data.teacher_states.float().pow(2).mean().clamp_min(1e-12)))
+    trainer = Seq2SeqTrainer(model=trained, args=args, train_dataset=data, data_collator=SpeechCollator(start_id),
                              callbacks=callbacks)
     try:
         result = trainer.train()
     finally:
         scratch.cleanup()
     seconds = time.perf_counter() - t_start
-    data.encoder_states = None
+    data.encoder_states = data.teacher_states = None
     path = save_speaker_adapter(peft_model, speaker, out)
     peft_model.eval()
     return peft_model, {"seconds": round(seconds, 1), "encoder_cache_seconds": round(cache_s, 1),
                         "train_loss": float(result.training_loss), "path": str(path),
                         "steps": int(trainer.state.global_step), "max_steps": max_steps, "utterances": len(data),
-                        "batch_size": batch_size}
+                        "batch_size": batch_size, "objective": "transcripts" if teacher is None else "distill"}
 
 
 def save_speaker_adapter(model: Any, speaker: str, output_dir: str | Path) -> Path:

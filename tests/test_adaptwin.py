@@ -16,6 +16,7 @@ import hf_compress
 from hf_compress import CompressionConfig
 from hf_compress.adapters import (
     DECODER_TARGETS,
+    encoder_targets,
     load_speaker_adapter,
     lora_config,
     set_speaker,
@@ -244,6 +245,47 @@ def test_cached_encoder_lora_trains_decoder_only_within_time_limit(tmp_path: Pat
                               max_steps=1, cache_encoder=True)
 
 
+def test_teacher_distillation_trains_encoder_adapter_toward_the_dense_encoder(tmp_path: Path) -> None:
+    """teacher=: encoder-side LoRA (incl. the factors of a low-rank fc1) trained to match the dense encoder."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    from adaptwin_speaker import TinyProcessor
+
+    from hf_compress import LowRankConfig
+
+    teacher = tiny_model(WHISPER)
+    plan = CompressionConfig(modules={r"encoder\.layers\.\d+\.self_attn$": ProductTwinConfig(rank=3),
+                                      r"encoder\.layers\.\d+\.fc1$": LowRankConfig(rank=4)})
+    student = hf_compress.compress(copy.deepcopy(teacher), plan, progress=False)
+    proc = TinyProcessor()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(400, generator=g).numpy(), f"say {i}") for i in range(4)]
+    feats = proc.feature_extractor([a for a, _ in data], sampling_rate=16000, return_tensors="pt").input_features
+
+    def gap(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float((model.get_encoder()(feats).last_hidden_state
+                          - teacher.get_encoder()(feats).last_hidden_state).pow(2).mean())
+
+    before = gap(student)
+    peft_model, stats = train_speaker_adapter(
+        student, proc, data, "spk0", tmp_path,
+        config=lora_config(r=2, alpha=4, target_modules=encoder_targets(student)), max_steps=30, batch_size=4,
+        learning_rate=2e-2, warmup_steps=0, teacher=teacher)
+    names = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A.spk0")]
+    assert names and all(".encoder." in n for n in names) and any("fc1." in n for n in names)
+    assert stats["objective"] == "distill" and (Path(stats["path"]) / "adapter_model.safetensors").is_file()
+    assert gap(peft_model) < 0.5 * before
+    with pytest.raises(ValueError, match="use one of them"):
+        train_speaker_adapter(peft_model, proc, data, "spk1", tmp_path, max_steps=1, teacher=teacher,
+                              cache_encoder=True)
+    assert "model.encoder.layers.0.fc1.down" in encoder_targets(student)
+    assert "model.encoder.layers.0.fc1" not in encoder_targets(peft_model)  # a LowRankLinear: PEFT refuses it
+    assert encoder_targets(peft_model) == encoder_targets(student)  # LoRA wrappers are seen through
+    with pytest.raises(ValueError, match="encoder_targets"):
+        train_speaker_adapter(peft_model, proc, data, "spk2", tmp_path, max_steps=1, teacher=teacher,
+                              config=lora_config(r=2, alpha=4, target_modules=DECODER_TARGETS))
+
+
 def test_bad_inputs_have_clear_errors() -> None:
     with pytest.raises(ValueError, match="exactly one of"):
         ProductTwinConfig()
@@ -265,9 +307,11 @@ def test_bad_inputs_have_clear_errors() -> None:
                                        ).modules[ALL_ATTN] == ProductTwinConfig(rank=3)
 
 
-def test_example_script_runs_on_tiny_whisper(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["--distill"]])
+def test_example_script_runs_on_tiny_whisper(tmp_path: Path, extra: list[str]) -> None:
     proc = subprocess.run([sys.executable, str(EXAMPLE), "--model", "tiny-random", "--out", str(tmp_path),
-                           "--steps", "2", "--n-train", "4"], capture_output=True, text=True, timeout=300, check=False)
+                           "--steps", "2", "--n-train", "4", *extra], capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "adapters: ['spk0', 'spk1']" in proc.stdout
     assert (tmp_path / "adapters" / "spk1" / "adapter_model.safetensors").is_file()

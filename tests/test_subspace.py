@@ -15,7 +15,15 @@ import hf_compress
 from hf_compress import CompressionConfig
 from hf_compress.layers.subspace import SubspaceEmbedding, modulo_codes
 from hf_compress.layers.tt_embedding import TiedEmbeddingHead
-from hf_compress.methods.subspace import SubspaceEmbeddingConfig, build_subspace, distill, distillation_loss
+from hf_compress.methods.subspace import (
+    SubspaceEmbeddingConfig,
+    build_subspace,
+    distill,
+    distillation_loss,
+    distinct_codes,
+    isolated_token_rows,
+)
+from hf_compress.packing import unpack_bits
 
 TIED = {"llama", "gpt2", "whisper"}
 CASES = [(a, assign, f) for a in ARCHS for assign in ("modulo", "context") for f in (2, 3)]
@@ -55,7 +63,20 @@ def test_context_codes_are_stored_as_small_int_buffer(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as fh:
         codes = fh.get_tensor("model.embed_tokens.codes")
-    assert codes.dtype == torch.uint8 and codes.shape == (96, 2)
+    emb = model.get_input_embeddings()
+    assert emb.num_rows == 10  # 4 bits per index: 96 tokens x 2 indices -> 96 bytes, not 96 x 2 int16
+    assert codes.dtype == torch.uint8 and codes.shape == (96,)
+    assert torch.equal(unpack_bits(codes, 4, 192).view(96, 2), emb.all_codes())
+
+
+def test_unpacked_code_layout_still_loads() -> None:
+    packed = build_subspace(torch.randn(300, 8, generator=torch.Generator().manual_seed(0)),
+                            SubspaceEmbeddingConfig(num_subspaces=2, assignment="context", num_rows=20))
+    old = SubspaceEmbedding.from_spec({k: v for k, v in packed.spec().items() if k != "packed_codes"})
+    assert not old.packed_codes and old.codes.shape == (300, 2) and old.codes.dtype == torch.uint8
+    old.load_state_dict({"tables.0": packed.tables[0], "tables.1": packed.tables[1], "codes": packed.all_codes()})
+    ids = torch.tensor([[0, 17, 299]])
+    assert torch.equal(old(ids), packed(ids))
     modulo = _compress(ARCHS[0], assignment="modulo")
     assert "model.embed_tokens.codes" not in modulo.state_dict()  # computed, nothing stored
 
@@ -100,6 +121,17 @@ def test_distinct_codes_on_a_full_grid() -> None:
     assert len({tuple(c) for c in codes.tolist()}) == 100
 
 
+@pytest.mark.parametrize("f, n, vocab", [(16, 4, 3000), (13, 2, 8000)])
+def test_distinct_codes_stay_bounded_for_many_subspaces(f: int, n: int, vocab: int) -> None:
+    # m^f candidate cells would be 2^16 / 2^13 here: large f uses one-slice moves (and random free cells once
+    # a 98%-full grid leaves none nearby) instead of the Cartesian product
+    slices = list(torch.randn(vocab, f, generator=torch.Generator().manual_seed(1)).split(1, 1))
+    tables = [torch.linspace(-1, 1, n)[:, None] for _ in range(f)]
+    codes = distinct_codes(slices, tables, torch.ones(vocab))
+    assert codes.shape == (vocab, f) and int(codes.min()) >= 0 and int(codes.max()) < n
+    assert len({tuple(c) for c in codes.tolist()}) == vocab
+
+
 def test_factored_head_matches_materialized_table() -> None:
     weight = torch.randn(50, 12, generator=torch.Generator().manual_seed(0))
     layer = build_subspace(weight, SubspaceEmbeddingConfig(num_subspaces=3, assignment="context"))
@@ -138,6 +170,43 @@ def test_distillation_lowers_the_loss(name: str) -> None:
     assert result["loss_after"] < 0.9 * result["loss_before"]
     assert result["loss_after"] == pytest.approx(distillation_loss(student, teacher, batches, result["loss"]))
     assert all(torch.equal(p, frozen[n]) for n, p in student.named_parameters() if n in frozen)
+
+
+def _bert_style_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """Word-level tokenizer over ids 0..95 that wraps inputs as ``[CLS] … [SEP]`` (ids 1, 2; pad 0)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "a": 3} | {f"w{i}": i for i in range(4, 96)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1),
+                                                                                               ("[SEP]", 2)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", cls_token="[CLS]",
+                                                sep_token="[SEP]")
+
+
+def test_isolated_token_rows_use_the_tokenizer_template() -> None:
+    prefix, suffix, ids = isolated_token_rows(_bert_style_tokenizer(), 96)
+    assert (prefix, suffix) == ([1], [2])
+    assert ids.tolist() == [3, *range(4, 96)]  # special ids 0, 1, 2 are never drawn
+
+
+def test_isolated_token_distillation_reaches_tokens_the_text_never_shows() -> None:
+    arch = next(a for a in ARCHS if a.name == "bert")
+    teacher = tiny_model(arch)
+    text = [torch.randint(3, 20, (4, 16), generator=torch.Generator().manual_seed(2))]  # ids 20..95 never occur
+    unseen = torch.stack([torch.tensor([1, t, 2]) for t in range(20, 96)])
+    losses = {}
+    for k in (0, 32):
+        student = _compress(arch, assignment="modulo")
+        before = distillation_loss(student, teacher, [unseen])
+        result = distill(student, teacher, text, steps=40, lr=1e-2, batch_size=4, progress=False, isolated_tokens=k,
+                         tokenizer=_bert_style_tokenizer())
+        assert result["isolated_tokens"] == k
+        losses[k] = distillation_loss(student, teacher, [unseen]) / before
+    assert losses[32] < 0.8 * losses[0]
+    with pytest.raises(ValueError, match="needs tokenizer"):
+        distill(_compress(arch, assignment="modulo"), teacher, text, steps=1, isolated_tokens=4, progress=False)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

@@ -9,9 +9,11 @@ wall seconds per voice (encoder caching included).
 Settings ``<pct>`` (encoder parameter reduction): twin ranks QK 16 / VO 48 of 64 per head on every encoder
 self-attention (attention is only 28.8 % of tiny.en's encoder; in a measured sweep the VO product was the more
 sensitive one and FFN SVD cheaper than going below these ranks), fc1/fc2 SVD rank chosen to reach ``pct`` %.
-LoRA: decoder-side adapters (self-, cross-attention q/k/v/out, fc1/fc2) trained on encoder outputs cached once per
-utterance with the frozen compressed encoder (``cache_encoder=True``): backpropagating through the 1500-frame
-encoder costs ~10x more per step on this CPU. Training stops after ``--train-seconds``.
+LoRA (``--objective distill``, the default): encoder-side adapters (self-attention q/k/v/out and the fc1/fc2
+factors, ``adapters.encoder_targets``) trained to match the dense encoder's output on that voice's training audio
+(``train_speaker_adapter(teacher=dense)``; no transcripts). ``--objective transcripts``: decoder-side adapters
+(self-, cross-attention q/k/v/out, fc1/fc2) trained on the transcripts, on encoder outputs cached once per utterance
+with the frozen compressed encoder (``cache_encoder=True``). Training stops after ``--train-seconds``.
 
 ``--compare``: product twin vs separate SVD of q/k/v/out at equal parameters (encoder attention −50 %: twin rank
 32/32 vs SVD rank 96 of each projection; plain and whitened), compressed WER. ``--smollm``: SmolLM2-135M
@@ -31,7 +33,7 @@ import torch
 
 import hf_compress
 from hf_compress import CompressionConfig, LowRankConfig
-from hf_compress.adapters import DECODER_TARGETS, lora_config, train_speaker_adapter
+from hf_compress.adapters import DECODER_TARGETS, encoder_targets, lora_config, train_speaker_adapter
 from hf_compress.methods.adaptwin import ProductTwinConfig
 
 from .. import asr, data, harness, metrics, speech, zoo
@@ -115,13 +117,16 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
     train_s: dict[str, float] = {}
     stats_by_voice: dict[str, Any] = {}
     peft_model: Any = model
+    distill = args.objective == "distill"
+    targets = encoder_targets(model) if distill else DECODER_TARGETS
     with tempfile.TemporaryDirectory() as tmp:
         for voice in args.voices:
             peft_model, stats = train_speaker_adapter(
                 peft_model, processor, sets[voice]["train"], voice.replace("+", "_"), tmp,
-                config=lora_config(r=args.lora_r, alpha=2 * args.lora_r, target_modules=DECODER_TARGETS),
+                config=lora_config(r=args.lora_r, alpha=2 * args.lora_r, target_modules=targets),
                 max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-                max_seconds=args.train_seconds, cache_encoder=True, lr_scheduler="constant_with_warmup", warmup_steps=3)
+                max_seconds=args.train_seconds, cache_encoder=not distill, lr_scheduler="constant_with_warmup",
+                warmup_steps=3, teacher=dense if distill else None)
             train_s[voice] = stats["seconds"]
             stats_by_voice[voice] = {k: v for k, v in stats.items() if k != "path"}
             print(f"[adaptwin] {setting}: LoRA {voice}: {stats}", flush=True)
@@ -133,7 +138,7 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
             peft_model.set_adapter(donor.replace("+", "_"))
             other[f"wer_{voice}"] = _wer(peft_model, processor, sets[voice]["test"])
             other[f"donor_{voice}"] = donor
-    lora = {"budget": budget, "train_seconds": train_s, "train_stats": stats_by_voice}
+    lora = {"budget": budget, "train_seconds": train_s, "train_stats": stats_by_voice, "objective": args.objective}
     for method, q in (("product_twin+own-lora", own), ("product_twin+other-lora", other)):
         bench.record(args.model, method, {"setting": setting, **info, **lora}, quality=with_mean(q), size=size,
                      dense=dense_rec)
@@ -208,9 +213,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--n-per-voice", type=int, default=300, help="sentences per voice (1/3 test, rest train)")
     parser.add_argument("--n-train", type=int, default=200, help="train utterances used per voice")
     parser.add_argument("--n-test", type=int, default=30, help="test utterances per voice")
+    parser.add_argument("--objective", choices=["distill", "transcripts"], default="distill",
+                        help="LoRA objective: match the dense encoder (encoder adapters) or the transcripts (decoder)")
     parser.add_argument("--steps", type=int, default=2000, help="LoRA step cap (--train-seconds usually binds)")
-    parser.add_argument("--train-seconds", type=float, default=240.0, help="LoRA training wall time per voice")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--train-seconds", type=float, default=600.0, help="LoRA training wall time per voice")
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--calib-per-voice", type=int, default=2, help="train utterances per voice for whitening")
@@ -226,7 +233,9 @@ def main(argv: list[str]) -> int:
         sets = {v: {"train": s["train"][: args.n_train], "test": s["test"][: args.n_test]} for v, s in full.items()}
         budget = {"n_train": len(next(iter(sets.values()))["train"]), "n_test": args.n_test,
                   "max_steps": args.steps, "train_seconds": args.train_seconds, "batch_size": args.batch_size,
-                  "lr": args.lr, "lora_r": args.lora_r, "lora_targets": DECODER_TARGETS, "cache_encoder": True,
+                  "lr": args.lr, "lora_r": args.lora_r, "objective": args.objective,
+                  "lora_targets": "encoder_targets(model)" if args.objective == "distill" else DECODER_TARGETS,
+                  "cache_encoder": args.objective != "distill",
                   "voices": args.voices, "torch_threads": 1}
         dense, processor = zoo.load(args.model)
         dense.eval()

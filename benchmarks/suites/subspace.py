@@ -4,7 +4,10 @@ MiniLM-L6: Lee50 / polarity / WordSim353 (+ SimLex999) for dense, modulo and con
 training-free and after distillation, all in one run. Causal LMs (SmolLM2-135M, optionally Gemma-3-270M):
 perplexity of one setting, training-free and distilled. Every setting is saved, reloaded with plain transformers
 and compared bit for bit; lookup latency and tied-head latency (factored vs materialized ``[V, d]``) are timed.
-Distillation uses the calibration text (news), evaluation uses other text (Lee50 docs, Wikipedia, word lists).
+Distillation uses the calibration text (news) plus, for the encoder, vocabulary tokens shown one at a time
+(``distill(isolated_tokens=...)``: uniform over the whole vocabulary, not the evaluation words); evaluation uses
+other text (Lee50 docs, Wikipedia, word lists). ``embedding_bytes_removed`` counts the stored (bit-packed) codes
+too, ``embedding_params_removed`` only the trainable tables (the paper's measure).
 """
 
 from __future__ import annotations
@@ -65,12 +68,12 @@ def paired_lookup(vocab: int, dim: int, rows: int, f: int, tokens: int = 4096, r
     """Lookup seconds of a dense ``nn.Embedding [V, d]`` and a context :class:`SubspaceEmbedding` of the same
     shape (``f`` tables of ``rows`` rows, random distinct codes), timed **interleaved** (lookup cost depends on
     shapes and dtypes, not on the values). Ids ``[8, tokens/8]``; medians over ``rounds``."""
-    from hf_compress.layers.subspace import SubspaceEmbedding, code_dtype, split_widths
+    from hf_compress.layers.subspace import SubspaceEmbedding, split_widths
 
     g = torch.Generator().manual_seed(0)
     dense = torch.nn.Embedding(vocab, dim)
     sub = SubspaceEmbedding(vocab, dim, rows, widths=split_widths(dim, f), assignment="context")
-    sub.codes = torch.randint(0, rows, (vocab, f), generator=g).to(code_dtype(rows))
+    sub.set_codes(torch.randint(0, rows, (vocab, f), generator=g))
     ids = torch.randint(0, vocab, (8, tokens // 8), generator=g)
     times: dict[str, list[float]] = {"dense": [], "subspace": []}
     for layer in (dense, sub):
@@ -128,6 +131,7 @@ def measure(bench: harness.Bench, name: str, model: Any, tok: Any, kind: str, me
     if dense is not None:
         extra["reload_exact"] = reload_exact(model, kind)
         extra["embedding_params_removed"] = 1 - size[f"params_{emb_name}"] / dense["size"][f"params_{emb_name}"]
+        extra["embedding_bytes_removed"] = 1 - size["bytes_embedding"] / dense["size"]["bytes_embedding"]  # + codes
         if kind == "encoder":
             drops = {k: dense["quality"][k] - quality[k] for k in SCORES}
             extra["drop_points"] = {k: round(100 * v, 2) for k, v in drops.items()}
@@ -166,10 +170,13 @@ def run_model(bench: harness.Bench, name: str, settings: list[tuple[int, str]], 
                 {"compress_s": compress_s, "distilled": False, "paired_lookup": paired})
         bench.save(args.out)  # a cut-off run keeps the training-free row
         if steps > 0:
+            isolated = args.lm_isolated_tokens if lm else args.isolated_tokens
             info = distill(student, model, batches, steps=steps, lr=args.lm_lr if lm else args.lr,
-                           batch_size=args.lm_batch if lm else args.batch, progress=not args.no_progress)
+                           batch_size=args.lm_batch if lm else args.batch, progress=not args.no_progress,
+                           isolated_tokens=isolated, tokenizer=tok)
             measure(bench, name, student, tok, kind, f"{assignment}-f{f}-distilled",
-                    {**setting, "steps": steps, "lr": args.lm_lr if lm else args.lr}, dense, args.budget,
+                    {**setting, "steps": steps, "lr": args.lm_lr if lm else args.lr, "isolated_tokens": isolated},
+                    dense, args.budget,
                     {"compress_s": compress_s, "distilled": True, "distill": info})
         bench.save(args.out)
         del student
@@ -200,15 +207,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--budget", default="default", choices=list(harness.BUDGETS))
     parser.add_argument("--models", nargs="+", default=["minilm-l6", "smollm2-135m"], choices=list(EMBED))
     parser.add_argument("--fraction", type=float, default=0.01, help="encoder: n = fraction * V (1%% of params)")
-    parser.add_argument("--extra-settings", nargs="*", default=["8:context"], help="encoder f:assignment beyond "
-                        "the f = 2, 3 grid")
+    parser.add_argument("--extra-settings", nargs="*", default=["8:context", "32:context", "48:context",
+                                                                 "48:modulo"],
+                        help="encoder f:assignment beyond the f = 2, 3 grid (at a fixed n, larger f = more code "
+                        "bits per token, same parameters; the stored codes grow with f: see bytes_embedding)")
     parser.add_argument("--lm-fraction", type=float, default=0.05, help="causal LMs: n = fraction * V")
     parser.add_argument("--lm-settings", nargs="+", default=["8:context"], help="f:assignment for causal LMs")
     parser.add_argument("--samples", type=int, default=None, help="encoder calibration windows (128; quick 16)")
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=None, help="encoder distillation steps (80; quick 10; 0: none)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=None, help="encoder distillation steps (200; quick 10; 0: none)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--isolated-tokens", type=int, default=256, help="encoder: vocabulary tokens per step "
+                        "distilled one at a time ([CLS] t [SEP]; see subspace.distill); 0: text only")
+    parser.add_argument("--lm-isolated-tokens", type=int, default=0, help="causal LMs: the same (default off)")
     parser.add_argument("--lm-samples", type=int, default=None, help="causal-LM calibration windows (48; quick 4)")
     parser.add_argument("--lm-seq", type=int, default=None, help="(128)")
     parser.add_argument("--lm-steps", type=int, default=None, help="causal-LM distillation steps (12; quick 4)")
@@ -226,7 +238,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--note", default="", help="appended to the description (which run made which rows)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)  # shared CPUs: oversubscribed OpenMP threads are far slower than one
-    full = {"samples": 128, "steps": 80, "lm_samples": 48, "lm_steps": 12, "lm_seq": 128}
+    full = {"samples": 128, "steps": 200, "lm_samples": 48, "lm_steps": 12, "lm_seq": 128}
     for key, value in (QUICK if args.budget == "quick" else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -17,7 +17,6 @@ Tied heads reuse the TT-embedding helpers: ``tied_head="compressed"`` reads the 
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,12 +30,10 @@ from ..layers.subspace import (
     ASSIGNMENTS,
     SubspaceEmbedding,
     check_rows,
-    code_dtype,
     min_rows,
     modulo_codes,
     split_widths,
 )
-from ..layers.tt_embedding import TiedEmbeddingHead
 from ..registry import register_method
 from .tt_embedding import attach_tied_head, count_tokens, embedding_scale
 
@@ -151,12 +148,14 @@ def kmeans(x: torch.Tensor, n: int, weights: torch.Tensor, iters: int = 20, seed
 
 
 def distinct_codes(slices: Sequence[torch.Tensor], tables: Sequence[torch.Tensor], priority: torch.Tensor,
-                   top: int = 32) -> torch.Tensor:
+                   top: int = 32, seed: int = 0) -> torch.Tensor:
     """Give every token a distinct code ``[V, f]`` minimizing ``Σ_k ‖x_k(v) - tables[k][c_k]‖²`` greedily.
 
     Tokens keep their per-slice nearest rows where no higher-``priority`` token took that cell; the others, in
-    priority order, take the cheapest free cell among the ``m`` nearest rows per slice (``m^f <= 4096`` at first,
-    doubled until a cell is free; ``n^f >= V`` guarantees one). ``slices[k] [V, w_k]``, ``tables[k] [n, w_k]``,
+    priority order, take the cheapest free cell among the candidates: the Cartesian product of the ``m`` nearest
+    rows per slice while ``m^f <= 4096``, else (large ``f``) the best cell with one slice moved to one of its ``m``
+    nearest rows (``f·m`` cells); ``m`` doubles until a cell is free. If even ``m = n`` finds none, free cells are
+    drawn at random (``n^f >= V`` guarantees some exist). ``slices[k] [V, w_k]``, ``tables[k] [n, w_k]``,
     ``priority [V]``. Only the ``top`` nearest rows per slice are kept in memory (``[V, top]``), not ``[V, n]``.
     """
     f, v, n = len(slices), slices[0].shape[0], tables[0].shape[0]
@@ -174,39 +173,61 @@ def distinct_codes(slices: Sequence[torch.Tensor], tables: Sequence[torch.Tensor
     taken: Any = torch.zeros(n ** f, dtype=torch.bool) if use_mask else set(map(tuple, cells.tolist()))
     if use_mask:
         taken[(cells * radix).sum(1)] = True
+    gen = torch.Generator().manual_seed(seed)
 
-    def candidates(tok: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Costs ``[m^f]`` and codes ``[m^f, f]`` of the Cartesian product of the m nearest rows per slice."""
+    def per_slice(tok: int, m: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The ``m`` nearest rows of each slice: ``f × (sq. distances [m], rows [m])``, nearest first."""
         if m <= near[0][0].shape[1]:
-            per = [(d[tok, :m], i[tok, :m]) for d, i in near]
-        else:
-            per = [sq_dists(x[tok:tok + 1], t)[0].topk(m, largest=False) for x, t in zip(slices, tables)]
-        cost = per[0][0].double()
-        for d, _ in per[1:]:
-            cost = (cost[..., None] + d.double()).reshape(-1)
-        code = torch.cartesian_prod(*[i for _, i in per]) if f > 1 else per[0][1][:, None]
+            return [(d[tok, :m], i[tok, :m]) for d, i in near]
+        return [sq_dists(x[tok:tok + 1], t)[0].topk(m, largest=False) for x, t in zip(slices, tables)]
+
+    def candidates(tok: int, m: int, cartesian: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Costs ``[c]`` and codes ``[c, f]`` of the candidate cells (see the docstring)."""
+        per = per_slice(tok, m)
+        if cartesian:
+            cost = per[0][0].double()
+            for d, _ in per[1:]:
+                cost = (cost[..., None] + d.double()).reshape(-1)
+            return cost, torch.cartesian_prod(*[i for _, i in per]) if f > 1 else per[0][1][:, None]
+        base = torch.stack([i[0] for _, i in per])  # [f]
+        base_cost = sum(float(d[0]) for d, _ in per)
+        code = base.repeat(f * m, 1)  # row k·m + j: slice k moved to its j-th nearest row
+        cost = torch.empty(f * m, dtype=torch.float64)
+        for k, (d, i) in enumerate(per):
+            code[k * m:(k + 1) * m, k] = i
+            cost[k * m:(k + 1) * m] = base_cost - float(d[0]) + d.double()
         return cost, code
 
-    start = max(2, min(8, int(4096 ** (1.0 / f))))  # at most ~4096 candidate cells per try
-    for tok in order[~winner[order]].tolist():
-        m = min(n, start)
+    def is_free(code: torch.Tensor) -> torch.Tensor:
+        if use_mask:
+            return ~taken[(code * radix).sum(1)]
+        return torch.tensor([tuple(c) not in taken for c in code.tolist()])
+
+    def random_free() -> torch.Tensor:
         while True:
-            cost, code = candidates(tok, m)
-            if use_mask:
-                free = ~taken[(code * radix).sum(1)]
-                j = int(torch.where(free, cost, torch.inf).argmin()) if free.any() else None
-            else:
-                j = next((j for j in cost.argsort().tolist() if tuple(code[j].tolist()) not in taken), None)
-            if j is not None:
+            code = torch.randint(0, n, (256, f), generator=gen)
+            free = is_free(code)
+            if free.any():
+                return code[int(free.nonzero()[0])]
+
+    for tok in order[~winner[order]].tolist():
+        m = min(n, max(2, min(8, int(4096 ** (1.0 / f)))))
+        while True:
+            cartesian = m ** f <= 4096
+            cost, code = candidates(tok, m, cartesian)
+            free = is_free(code)
+            if free.any():
+                chosen = code[int(torch.where(free, cost, torch.inf).argmin())]
                 break
             if m == n:
-                raise RuntimeError("hf_compress: subspace assignment found no free code; n^f < V?")
+                chosen = random_free()
+                break
             m = min(n, m * 2)
-        codes[tok] = code[j]
+        codes[tok] = chosen
         if use_mask:
-            taken[int((code[j] * radix).sum())] = True
+            taken[int((chosen * radix).sum())] = True
         else:
-            taken.add(tuple(code[j].tolist()))
+            taken.add(tuple(chosen.tolist()))
     return codes
 
 
@@ -239,7 +260,7 @@ def build_subspace(weight: torch.Tensor, config: SubspaceEmbeddingConfig, counts
     else:
         codes, tables = context_codes(weight.cpu(), widths, n, weights, config.kmeans_iters, config.refine_iters,
                                       config.seed)
-        layer.codes = codes.to(code_dtype(n))
+        layer.set_codes(codes)
     with torch.no_grad():
         for p, t in zip(layer.tables, tables):
             p.copy_(t)
@@ -268,117 +289,7 @@ def compress_subspace(module: nn.Module, config: SubspaceEmbeddingConfig, ctx: C
 register_method("subspace_embedding", SubspaceEmbeddingConfig, compress_subspace, prepare=prepare_subspace)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# distillation
-# ---------------------------------------------------------------------------------------------------------------
-class _Distiller(nn.Module):
-    """Trainer-facing wrapper: ``forward(input_ids)`` -> ``{"loss"}`` of the student against the frozen teacher.
+from .subspace_distill import distill, distillation_loss, isolated_token_rows  # noqa: E402  (re-exported)
 
-    ``loss="hidden"``: mean over all hidden states of ``MSE(s, t) / mean(t²)``; ``"logits"``: token-mean
-    ``KL(teacher ‖ student)``; ``"both"``: their sum. Both models stay in eval mode (no dropout).
-    """
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, loss: str) -> None:
-        super().__init__()
-        self.student, self.loss = student, loss
-        self.__dict__["teacher"] = teacher  # not a submodule: never trained, not moved or saved
-
-    def train(self, mode: bool = True) -> _Distiller:
-        super().train(mode)
-        self.student.eval()
-        return self
-
-    def forward(self, input_ids: torch.Tensor, **_: Any) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            t = self.teacher(input_ids=input_ids, output_hidden_states=True)
-        s = self.student(input_ids=input_ids, output_hidden_states=True)
-        loss = input_ids.new_zeros((), dtype=torch.float32)
-        if self.loss in ("hidden", "both"):
-            terms = [(a.float() - b.float()).pow(2).mean() / b.float().pow(2).mean().clamp_min(1e-12)
-                     for a, b in zip(s.hidden_states, t.hidden_states)]
-            loss = loss + torch.stack(terms).mean()
-        if self.loss in ("logits", "both"):
-            lt = torch.log_softmax(t.logits.float(), -1)
-            ls = torch.log_softmax(s.logits.float(), -1)
-            loss = loss + (lt.exp() * (lt - ls)).sum(-1).mean()
-        return {"loss": loss}
-
-
-def _register_output_recording(model: nn.Module) -> None:
-    """Make ``output_hidden_states`` work on models re-typed in place by ``compress`` (transformers 5 keys its
-    output-capturing registry by class, filled in ``PreTrainedModel.__init__``, which re-typing skips)."""
-    try:
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-    except ImportError:  # older/newer transformers without the registry
-        return
-    for m in model.modules():
-        flags = getattr(m, "_can_record_outputs", None)
-        if flags and hasattr(m, "config") and not _CAN_RECORD_REGISTRY.get(m):
-            _CAN_RECORD_REGISTRY[m] = flags
-
-
-def distillation_loss(student: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tensor],
-                      loss: str = "auto") -> float:
-    """Mean distillation loss of ``student`` over ``batches`` (each ``[b, seq]`` token ids), no gradients."""
-    _register_output_recording(student)
-    wrap = _Distiller(student, teacher, _loss_kind(student, loss)).eval()
-    with torch.no_grad():
-        return float(torch.stack([wrap(b)["loss"] for b in batches]).mean())
-
-
-def _loss_kind(student: nn.Module, loss: str) -> str:
-    if loss not in ("auto", "hidden", "logits", "both"):
-        raise ValueError(f"hf_compress.subspace.distill: loss must be auto|hidden|logits|both, got {loss!r}.")
-    if loss != "auto":
-        return loss
-    return "both" if any(isinstance(m, TiedEmbeddingHead) for m in student.modules()) else "hidden"
-
-
-def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tensor], steps: int = 200,
-            lr: float = 1e-3, batch_size: int = 8, loss: str = "auto", train_norms: bool = False,
-            progress: bool = True, seed: int = 0) -> dict[str, float]:
-    """Train only the student's subspace tables (and norms if ``train_norms``) to match ``teacher``.
-
-    Args:
-        student: model with :class:`SubspaceEmbedding` layers (trained in place).
-        teacher: the dense model (frozen).
-        batches: token-id tensors ``[b, seq]`` (e.g. ``benchmarks.data.calibration_batches``); rows are pooled.
-        steps, lr, batch_size: AdamW steps (linear decay), learning rate, rows per step.
-        loss: ``"hidden"`` (all hidden states), ``"logits"`` (KL), ``"both"``; ``"auto"`` = ``"both"`` with a
-            tied compressed head (the head changed too), else ``"hidden"``.
-    Returns ``{"loss_before", "loss_after", "trainable_params", "train_s"}`` (losses over ``batches``).
-    """
-    from transformers import Trainer, TrainingArguments
-
-    kind = _loss_kind(student, loss)
-    rows = [r for b in batches for r in b.reshape(-1, b.shape[-1])]
-    if not rows or steps < 1:
-        raise ValueError("hf_compress.subspace.distill: need at least one calibration batch and steps >= 1.")
-    tables = [p for m in student.modules() if isinstance(m, SubspaceEmbedding) for p in m.tables]
-    if not tables:
-        raise ValueError("hf_compress.subspace.distill: the student has no SubspaceEmbedding; compress it first.")
-    norms = [p for m in student.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)]
-    flags = {p: p.requires_grad for p in student.parameters()}
-    for p in student.parameters():
-        p.requires_grad_(False)
-    train = tables + (norms if train_norms else [])
-    for p in train:
-        p.requires_grad_(True)
-    eval_batches = [torch.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-    before = distillation_loss(student, teacher, eval_batches, kind)
-    wrap = _Distiller(student, teacher, kind)
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size,
-                                 learning_rate=lr, weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0,
-                                 logging_steps=max(1, steps // 10), save_strategy="no", report_to=[], use_cpu=True,
-                                 disable_tqdm=not progress, remove_unused_columns=False, seed=seed,
-                                 dataloader_num_workers=0)
-        trainer = Trainer(model=wrap, args=args, train_dataset=[{"input_ids": r} for r in rows],
-                          data_collator=lambda feats: {"input_ids": torch.stack([f["input_ids"] for f in feats])})
-        result = trainer.train()
-    for p, flag in flags.items():
-        p.requires_grad_(flag)
-    student.eval()
-    after = distillation_loss(student, teacher, eval_batches, kind)
-    return {"loss_before": before, "loss_after": after, "trainable_params": sum(p.numel() for p in train),
-            "train_s": float(result.metrics.get("train_runtime", 0.0)), "loss": kind}
+__all__ = ["SubspaceEmbeddingConfig", "build_subspace", "distill", "distillation_loss", "distinct_codes",
+           "isolated_token_rows"]
