@@ -11,8 +11,8 @@ output match the dense encoder's on the speaker's audio (mean squared error over
 square of the teacher's output): no transcripts are used, and every utterance gives ``1500 × d_model`` targets instead
 of a few tokens. On Whisper tiny.en with a 30 % smaller encoder (WER > 1 before adaptation), ~12 minutes per voice
 brought two of three espeak voices back to their dense WER where decoder-side LoRA on transcripts (an earlier,
-shorter run) stayed far above it;
-an adapter helps its own voice much more than the others (``benchmarks/results/adaptwin.json``).
+shorter run) stayed far above it; an adapter helps its own voice much more than the others
+(``benchmarks/results/adaptwin.json``).
 
 ``cache_encoder=True`` trains decoder-side adapters only (``DECODER_TARGETS``, incl. the cross-attention that reads
 the encoder states) on encoder outputs computed once per utterance with the frozen (compressed) encoder: on a CPU a
@@ -81,19 +81,27 @@ class SpeechDataset(torch.utils.data.Dataset):
             return {"encoder_states": self.encoder_states[i], "labels": self.labels[i]}
         return {"input_features": self.features[i], "labels": self.labels[i]}
 
-    @torch.no_grad()
     def cache_encoder(self, encoder: torch.nn.Module, batch_size: int = 4) -> None:
         """Replace the features by the frozen ``encoder``'s outputs ``[n, frames, d_model]`` (computed once)."""
-        device = next(encoder.parameters()).device
-        outs = [encoder(self.features[i:i + batch_size].to(device)).last_hidden_state.cpu()
-                for i in range(0, len(self.labels), batch_size)]
-        self.encoder_states = torch.cat(outs)
+        self.encoder_states = encoder_outputs(encoder, self.features, batch_size)
 
-    @torch.no_grad()
     def cache_teacher(self, encoder: torch.nn.Module, batch_size: int = 4) -> None:
         """Store the dense ``encoder``'s outputs ``[n, frames, d_model]`` as distillation targets."""
-        self.cache_encoder(encoder, batch_size)
-        self.teacher_states, self.encoder_states = self.encoder_states, None
+        self.teacher_states = encoder_outputs(encoder, self.features, batch_size)
+
+
+@torch.no_grad()
+def encoder_outputs(encoder: torch.nn.Module, features: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """``encoder``'s last hidden states ``[n, frames, d_model]`` (CPU) for ``features [n, n_mels, frames]``, computed
+    in eval mode (the encoder's train/eval mode is restored afterwards)."""
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    try:
+        return torch.cat([encoder(features[i:i + batch_size].to(device)).last_hidden_state.cpu()
+                          for i in range(0, len(features), batch_size)])
+    finally:
+        encoder.train(was_training)
 
 
 class _EncoderDistiller(torch.nn.Module):
@@ -208,24 +216,18 @@ def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any],
         raise ValueError("hf_compress.adapters: teacher= trains encoder-side adapters and cache_encoder=True freezes "
                          "the encoder; use one of them.")
     if teacher is not None:
-        was_training = teacher.training
-        data.cache_teacher(teacher.eval().get_encoder())
-        teacher.train(was_training)
+        data.cache_teacher(teacher.get_encoder())
     peft_model = add_speaker_adapter(model, speaker, config)
-    if teacher is not None and not any(f"lora_A.{speaker}" in n and ".encoder." in n
-                                       for n, _ in peft_model.named_modules()):
+    in_encoder = [n for n, _ in peft_model.named_modules() if f"lora_A.{speaker}" in n and ".encoder." in n]
+    if teacher is not None and not in_encoder:
         raise ValueError(f"hf_compress.adapters: teacher= distills the encoder output, but adapter {speaker!r} has no "
                          "encoder module; use lora_config(target_modules=encoder_targets(model)).")
     if cache_encoder:
-        in_encoder = [n for n, _ in peft_model.named_modules() if f"lora_A.{speaker}" in n and ".encoder." in n]
         if in_encoder:
             raise ValueError(f"hf_compress.adapters: cache_encoder=True freezes the encoder, but adapter {speaker!r} "
                              f"targets encoder modules ({in_encoder[0]}); use lora_config(target_modules="
                              "DECODER_TARGETS).")
-        was_training = peft_model.training
-        peft_model.eval()
         data.cache_encoder(peft_model.base_model.model.get_encoder())
-        peft_model.train(was_training)
     cache_s = time.perf_counter() - t_start
     start_id = peft_model.base_model.model.config.decoder_start_token_id
     out = Path(output_dir)

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..packing import pack_bits, packed_nbytes, unpack_bits
 from ..registry import register_layer
+from .common import content_key
 
 MODES = ("cached", "lookup")
 
@@ -149,7 +150,7 @@ class CodebookLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """Unpacked indices ``[out, in/d]`` (sorted row order; cached, int16/int32)."""
-        key = _key(self.indices)
+        key = content_key(self.indices)
         if self._codes_cache is None or self._codes_cache[0] != key:
             n = self.out_features * self.in_features // self.vector_dim
             small = torch.int16 if self.bits <= 15 else torch.int32
@@ -188,8 +189,8 @@ class CodebookLinear(nn.Module):
         if self.mode == "lookup" or (trainable and torch.is_grad_enabled()):
             self._weight_cache = None
             return F.linear(x, self._dequantize(x.dtype), bias)
-        key = (_key(self.codebooks), _key(self.scales), _key(self.indices), _key(self.perm), x.dtype, x.device,
-               None if self.offsets is None else _key(self.offsets))
+        key = (*map(content_key, (self.codebooks, self.scales, self.indices, self.perm)), x.dtype, x.device,
+               None if self.offsets is None else content_key(self.offsets))
         if self._weight_cache is None or self._weight_cache[0] != key:
             with torch.no_grad():
                 self._weight_cache = (key, self._dequantize(x.dtype).detach())
@@ -344,14 +345,6 @@ def refit_affine(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, block: int,
 def gather_rows(row_centers: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """``row_centers [R, K, d]`` indexed by ``codes [R, N]`` → ``[R, N, d]``."""
     return torch.gather(row_centers, 1, codes[:, :, None].expand(-1, -1, row_centers.shape[-1]))
-
-
-def _key(t: torch.Tensor) -> tuple[int, int]:
-    """Identity of a tensor's current contents: (storage pointer, in-place version counter)."""
-    try:
-        return (t.data_ptr(), t._version)
-    except RuntimeError:  # inference tensors have no version counter
-        return (t.data_ptr(), -1)
 
 
 _CACHE: dict[tuple, torch.Tensor] = {}

@@ -31,3 +31,12 @@ def check_rank(rank: int, limit: int, who: str, what: str = "min(in_features, ou
         raise ValueError(
             f"hf_compress: {who}: rank {rank} exceeds {what} = {limit}. Use a rank <= {limit}."
         )
+
+
+def content_key(t: torch.Tensor) -> tuple[int, int]:
+    """Identity of a tensor's current contents: (storage pointer, in-place version counter); a cache keyed on it is
+    invalidated by in-place writes and by replacing the tensor."""
+    try:
+        return (t.data_ptr(), t._version)
+    except RuntimeError:  # inference tensors have no version counter
+        return (t.data_ptr(), -1)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..packing import pack_bits, packed_nbytes, unpack_bits
 from ..registry import register_layer
+from .common import content_key
 from .tt_embedding import CompressedEmbedding
 
 ASSIGNMENTS = ("modulo", "context")
@@ -140,14 +141,14 @@ class SubspaceEmbedding(CompressedEmbedding):
         self._code_cache = None
 
     def code_table(self) -> torch.Tensor:
-        """Stored codes unpacked, ``[V, f]`` (int16/int32; cached until ``codes`` changes)."""
+        """Stored codes unpacked, ``[V, f]`` (:func:`code_dtype`; cached until ``codes`` changes)."""
         if not self.packed_codes:
             return self.codes
-        key = (self.codes.data_ptr(), self.codes._version if not self.codes.is_inference() else -1, self.codes.device)
+        key = (content_key(self.codes), self.codes.device)
         if self._code_cache is None or self._code_cache[0] != key:
             n = self.num_embeddings * self.num_subspaces
-            small = torch.int16 if self.num_rows <= 32767 else torch.int32
-            table = unpack_bits(self.codes, code_bits(self.num_rows), n, dtype=small).view(self.num_embeddings, -1)
+            table = unpack_bits(self.codes, code_bits(self.num_rows), n, dtype=code_dtype(self.num_rows))
+            table = table.view(self.num_embeddings, -1)
             self._code_cache = (key, table)
         return self._code_cache[1]
 
@@ -163,7 +164,7 @@ class SubspaceEmbedding(CompressedEmbedding):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         codes = self.codes_of(ids)  # [m, f]
-        if len(set(self.widths)) == 1:  # equal widths: one gather from the stacked tables [f·n, w] (~2x at f = 48)
+        if len(set(self.widths)) == 1:  # equal widths: one gather from the stacked tables [f·n, w], not f gathers
             offsets = torch.arange(self.num_subspaces, device=codes.device) * self.num_rows
             flat = torch.stack(list(self.tables)).reshape(-1, self.widths[0])
             return flat[(codes + offsets).reshape(-1)].reshape(codes.shape[0], self.embedding_dim)
