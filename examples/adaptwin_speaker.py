@@ -5,7 +5,7 @@
     python examples/adaptwin_speaker.py --model whisper-tiny.en --rank 16 --vo-rank 48 --cache-encoder \
         --train-seconds 180 --n-train 48 --steps 1000 --batch-size 8 --out out   # decoder-side LoRA, CPU-friendly
     python examples/adaptwin_speaker.py --model whisper-tiny.en --rank 16 --vo-rank 48 --distill \
-        --train-seconds 600 --n-train 200 --steps 10000 --batch-size 4 --out out  # encoder LoRA: match the dense model
+        --pack 3 --train-seconds 600 --n-train 200 --steps 10000 --batch-size 4 --out out  # encoder LoRA: match dense
 
 ``--model``: a local Whisper folder, a ``benchmarks.zoo`` name (offline materialization) or ``tiny-random``.
 Speakers are espeak-ng voices from ``benchmarks.speech`` (``tiny-random`` uses synthetic noise "speakers").
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="decoder-side LoRA on cached (frozen) encoder outputs: ~10x cheaper steps on a CPU")
     parser.add_argument("--distill", action="store_true",
                         help="encoder-side LoRA trained to match the dense (uncompressed) encoder; no transcripts")
+    parser.add_argument("--pack", type=int, default=0, help="with --distill: train on 30 s windows packing several "
+                        "utterances, this many shuffled passes (0: one utterance a window)")
     parser.add_argument("--train-seconds", type=float, default=None, help="stop each adapter's training after this")
     parser.add_argument("--n-train", type=int, default=8)
     parser.add_argument("--n-test", type=int, default=2)
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   config=lora_config(r=4, alpha=8, target_modules=targets),
                                                   max_steps=args.steps, batch_size=args.batch_size,
                                                   learning_rate=args.lr, max_seconds=args.train_seconds,
-                                                  cache_encoder=args.cache_encoder, teacher=teacher)
+                                                  cache_encoder=args.cache_encoder, teacher=teacher,
+                                                  pack=args.pack if args.distill else 0)
         print(f"trained adapter {spk}: {stats['seconds']} s, loss {stats['train_loss']:.3f} -> {stats['path']}")
 
     base = transformers.AutoModelForSpeechSeq2Seq.from_pretrained(out / "model")  # plain transformers reload

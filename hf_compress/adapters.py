@@ -164,6 +164,47 @@ def audio_and_text(utterances: Sequence[Any]) -> tuple[list[np.ndarray], list[st
     return audios, texts
 
 
+def change_speed(audio: np.ndarray, factor: float) -> np.ndarray:
+    """``audio [n]`` played ``factor`` times faster (linear-interpolation resampling: tempo, pitch and formants move
+    together, as in Kaldi-style speed perturbation) -> ``[round(n / factor)]``."""
+    if factor == 1.0:
+        return np.asarray(audio, dtype=np.float32)
+    n = len(audio)
+    return np.interp(np.arange(max(1, round(n / factor))) * factor, np.arange(n), audio).astype(np.float32)
+
+
+def pack_utterances(audios: Sequence[np.ndarray], repeats: int = 3, single_fraction: float = 0.25,
+                    window_seconds: float = 30.0, gap_seconds: float = 0.3, seed: int = 0,
+                    speeds: Sequence[float] = (1.0,)) -> list[np.ndarray]:
+    """Whisper-window training inputs from one speaker's utterances ``[n_i]`` (16 kHz): ``repeats`` shuffled passes,
+    each utterance either alone (probability ``single_fraction``, the layout of inference: speech then padding) or
+    concatenated with the next ones (``gap_seconds`` of silence between) until the next would overflow the
+    ``window_seconds`` window. Whisper encodes 30 s whatever the utterance length, so a packed window gives several
+    utterances' worth of speech frames for the cost of one. Each utterance is first sped up by a factor drawn from
+    ``speeds`` (:func:`change_speed`; ``(1.0,)``: unchanged)."""
+    if not audios or repeats < 1 or not 0 <= single_fraction <= 1 or not speeds or min(speeds) <= 0:
+        raise ValueError(f"hf_compress.adapters: pack_utterances needs >= 1 audio, repeats >= 1, single_fraction "
+                         f"in [0, 1] and positive speeds; got {len(audios)} audios, repeats={repeats}, "
+                         f"single_fraction={single_fraction}, speeds={list(speeds)}.")
+    rng = np.random.default_rng(seed)
+    limit, gap = int(window_seconds * SAMPLE_RATE), np.zeros(int(gap_seconds * SAMPLE_RATE), dtype=np.float32)
+    windows: list[np.ndarray] = []
+    for _ in range(repeats):
+        current: list[np.ndarray] = []
+        for i in rng.permutation(len(audios)):
+            clip = change_speed(audios[i], float(rng.choice(speeds)))[:limit]
+            if rng.random() < single_fraction:
+                windows.append(clip)
+                continue
+            if current and sum(map(len, current)) + len(gap) + len(clip) > limit:
+                windows.append(np.concatenate(current))
+                current = []
+            current += [gap, clip] if current else [clip]
+        if current:
+            windows.append(np.concatenate(current))
+    return windows
+
+
 def add_speaker_adapter(model: Any, speaker: str, config: Any = None) -> Any:
     """Return a ``PeftModel`` with a fresh LoRA adapter ``speaker`` added (and active); wraps ``model`` if needed."""
     from peft import PeftModel, get_peft_model
@@ -198,7 +239,8 @@ def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any],
                           output_dir: str | Path, config: Any = None, max_steps: int = 60, batch_size: int = 4,
                           learning_rate: float = 1e-3, seed: int = 0, max_seconds: float | None = None,
                           cache_encoder: bool = False, lr_scheduler: str = "linear",
-                          warmup_steps: int | None = None, teacher: Any = None) -> tuple[Any, dict[str, Any]]:
+                          warmup_steps: int | None = None, teacher: Any = None,
+                          pack: int = 0, speeds: Sequence[float] = (1.0,)) -> tuple[Any, dict[str, Any]]:
     """Train LoRA adapter ``speaker`` on ``utterances`` with ``Seq2SeqTrainer`` and save it to
     ``output_dir/speaker`` (standard PEFT folder). Returns ``(peft_model, {"seconds", "train_loss", "path",
     "steps", "utterances", …})``; the base weights stay frozen. ``seconds`` includes the encoder caching of
@@ -206,11 +248,21 @@ def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any],
     ``max_seconds`` caps the training wall time. ``warmup_steps`` defaults to ``max_steps // 10`` (at most 10, so a
     time-capped run with a generous ``max_steps`` still reaches the full learning rate). ``teacher``: the dense
     model; the adapter (encoder-side, e.g. ``lora_config(target_modules=encoder_targets(model))``) is trained to match
-    its encoder output on this speaker's audio instead of on the transcripts (``"objective": "distill"``)."""
+    its encoder output on this speaker's audio instead of on the transcripts (``"objective": "distill"``).
+    ``pack=k`` (with ``teacher``): train on :func:`pack_utterances` windows (``k`` shuffled passes) instead of one
+    utterance per window; ``speeds``: speed-perturbation factors drawn per utterance (:func:`pack_utterances`)."""
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     t_start = time.perf_counter()
     audios, texts = audio_and_text(utterances)
+    if tuple(speeds) != (1.0,) and not pack:
+        raise ValueError("hf_compress.adapters: speeds= perturbs the packed windows; pass pack=k (k >= 1) too.")
+    if pack and teacher is None:
+        raise ValueError("hf_compress.adapters: pack= concatenates utterances, which only the distillation objective "
+                         "(teacher=dense_model) can use: transcripts would no longer match; drop pack or pass teacher.")
+    if pack:
+        audios = pack_utterances(audios, repeats=pack, seed=seed, speeds=speeds)
+        texts = [""] * len(audios)
     data = SpeechDataset(processor, audios, texts)
     if teacher is not None and cache_encoder:
         raise ValueError("hf_compress.adapters: teacher= trains encoder-side adapters and cache_encoder=True freezes "
@@ -257,7 +309,8 @@ def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any],
     peft_model.eval()
     return peft_model, {"seconds": round(seconds, 1), "encoder_cache_seconds": round(cache_s, 1),
                         "train_loss": float(result.training_loss), "path": str(path),
-                        "steps": int(trainer.state.global_step), "max_steps": max_steps, "utterances": len(data),
+                        "steps": int(trainer.state.global_step), "max_steps": max_steps,
+                        "utterances": len(utterances), "windows": len(data),
                         "batch_size": batch_size, "objective": "transcripts" if teacher is None else "distill"}
 
 

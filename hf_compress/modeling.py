@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import torch
 import transformers
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
@@ -60,6 +61,18 @@ class CompressedModelMixin(CompressedSaveMixin):
     def __init__(self, config: PretrainedConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         build_compressed_structure(self, getattr(config, "compression_config", None))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the dense floating parameters, as ``PreTrainedModel.dtype``; codebook layers' fp16 codebooks,
+        scales and offsets are storage and do not count (else a codebook embedding, the first parameter, would make
+        ``save_pretrained`` record ``float16`` and a reload cast every dense layer)."""
+        from .layers.codebook import CodebookLinear
+
+        storage = {id(p) for m in self.modules() if isinstance(m, CodebookLinear)
+                   for p in (m.codebooks, m.scales, m.offsets) if p is not None}
+        dense = (p.dtype for p in self.parameters() if p.is_floating_point() and id(p) not in storage)
+        return next(dense, super().dtype)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:

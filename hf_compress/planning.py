@@ -6,8 +6,10 @@ applied to **one group at a time** (on a copy, through the public :func:`hf_comp
 reuse :class:`hf_compress.sweep.LayerSwapper` so one factorization serves all ranks) and its quality on held-out
 calibration batches and its stored bytes are measured. A multiple-choice greedy then takes, repeatedly, the move
 with the least quality loss (in ``log`` quality, which adds up better than raw perplexity) per byte saved until the
-size budget is met, or while the predicted quality stays within a quality budget. The chosen plan is then applied
-for real and measured; under a quality budget it is walked back along the greedy path until it is within budget.
+size budget is met, or while the predicted quality stays within a quality budget. Under a size budget the last move
+often saves more than needed, so the plan is then walked back: each group in turn may return to a milder candidate (or
+to dense) where that lowers the predicted loss most and the plan still fits. The chosen plan is then applied for real
+and measured; under a quality budget it is walked back along the greedy path until it is within budget.
 
 Bytes count every unique stored tensor (tied weights once); floating tensors at ``float_bytes`` each (default 2:
 the fp16/bf16 a checkpoint ships in), integer / packed tensors at their own width. So low-rank only pays where
@@ -321,7 +323,39 @@ def _greedy(options: dict[str, list[dict[str, Any]]], total: int, q0: float, sig
         path.append({"step": len(path) + 1, "bytes": total - saved, "bytes_ratio": (total - saved) / total,
                      "predicted_quality": predicted, "added": f"{g} -> {options[g][i]['candidate']}",
                      "choice": dict(current)})
+    if kind == "bytes" and path and total - saved <= limit:
+        path += _walk_back(options, current, total, saved, cost, q0, sign, limit)
+        for n, step in enumerate(path, 1):
+            step["step"] = n
     return path
+
+
+def _walk_back(options: dict[str, list[dict[str, Any]]], current: dict[str, int], total: int, saved: int,
+               cost: float, q0: float, sign: float, limit: float) -> list[dict[str, Any]]:
+    """After the greedy met a size budget (its last move often saves more than needed): repeatedly take the one
+    change (a group to a milder candidate, or back to dense) that lowers the predicted cost most while the plan still
+    fits ``limit``. Returns the extra path steps."""
+    steps: list[dict[str, Any]] = []
+    while True:
+        best = None
+        for g, opts in options.items():
+            cur = opts[current[g]] if g in current else {"bytes_saved": 0, "cost": 0.0}
+            for i, o in [(-1, {"bytes_saved": 0, "cost": 0.0}), *enumerate(opts)]:
+                relief, loss = cur["cost"] - o["cost"], cur["bytes_saved"] - o["bytes_saved"]
+                if relief > 1e-12 and total - saved + loss <= limit and (best is None or relief > best[0]):
+                    best = (relief, g, i, loss)
+        if best is None:
+            return steps
+        relief, g, i, loss = best
+        if i < 0:
+            current.pop(g)
+        else:
+            current[g] = i
+        saved, cost = saved - loss, cost - relief
+        steps.append({"step": 0, "bytes": total - saved, "bytes_ratio": (total - saved) / total,
+                      "predicted_quality": _predict(q0, cost, sign),
+                      "added": f"{g} -> {options[g][i]['candidate'] if i >= 0 else 'dense'} (walk back)",
+                      "choice": dict(current)})
 
 
 def _predict(q0: float, cost: float, sign: float) -> float:

@@ -127,8 +127,9 @@ def default_candidates(kind: str, calibrated: bool = True) -> list[MethodConfig]
     codebook: dict[str, Any] = {"method": "kmeans", "kmeans_iters": 8}
     if calibrated:
         codebook.update(method="jlcm", steps=0, error_feedback=1)
-    if kind == "embedding":
-        return [TTEmbeddingConfig(format="adaptive", compression=c) for c in (1.5, 2.0, 4.0)]
+    if kind == "embedding":  # calibrated codebooks weigh a tied head's input statistics (methods.jlcm_embedding)
+        return [TTEmbeddingConfig(format="adaptive", compression=c) for c in (1.5, 2.0, 4.0)] + [
+            CodebookConfig(bits=b, **codebook) for b in (6, 4)]
     linear = [LowRankConfig(method=lowrank, rank_ratio=0.5), CodebookConfig(bits=4, **codebook),
               CodebookConfig(bits=3, **codebook)]
     if kind == "attention":
@@ -158,7 +159,8 @@ def target(group: Group, cfg: MethodConfig) -> tuple[str, list[str]] | None:
     """``(pattern, module names)`` a candidate acts on in ``group``; ``None`` if the method does not apply."""
     module_level = cfg.registry_name in ("tt_embedding", "subspace_embedding", "product_twin")
     if group.kind == "embedding":
-        return (group.pattern, group.modules) if cfg.registry_name in ("tt_embedding", "subspace_embedding") else None
+        return (group.pattern, group.modules) if cfg.registry_name in ("tt_embedding", "subspace_embedding", "jlcm") \
+            else None
     if module_level:
         return (group.pattern, group.modules) if group.kind == "attention" and cfg.registry_name == "product_twin" \
             else None

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -16,9 +17,11 @@ import hf_compress
 from hf_compress import CompressionConfig
 from hf_compress.adapters import (
     DECODER_TARGETS,
+    change_speed,
     encoder_targets,
     load_speaker_adapter,
     lora_config,
+    pack_utterances,
     set_speaker,
     train_speaker_adapter,
 )
@@ -286,6 +289,53 @@ def test_teacher_distillation_trains_encoder_adapter_toward_the_dense_encoder(tm
                               config=lora_config(r=2, alpha=4, target_modules=DECODER_TARGETS))
 
 
+def test_pack_utterances_fills_windows_and_keeps_every_sample() -> None:
+    rng = np.random.default_rng(0)
+    audios = [rng.standard_normal(int(16000 * s)).astype(np.float32) for s in (1.0, 2.5, 4.0, 7.0, 12.0, 0.5)]
+    clipped = sum(min(len(a), 160000) for a in audios)
+    windows = pack_utterances(audios, repeats=2, single_fraction=0.0, window_seconds=10.0, gap_seconds=0.5)
+    assert all(len(w) <= 160000 for w in windows) and len(windows) < 2 * len(audios)
+    assert sum(map(len, windows)) == 2 * clipped + (2 * len(audios) - len(windows)) * 8000  # speech + gaps only
+    alone = pack_utterances(audios, repeats=2, single_fraction=1.0, window_seconds=10.0)
+    assert sorted(map(len, alone)) == sorted(2 * [min(len(a), 160000) for a in audios])
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        pack_utterances(audios, repeats=0)
+    with pytest.raises(ValueError, match="positive speeds"):
+        pack_utterances(audios, speeds=(0.0,))
+    fast = pack_utterances(audios, repeats=1, single_fraction=1.0, window_seconds=10.0, speeds=(2.0,))
+    assert sorted(map(len, fast)) == sorted(min(round(len(a) / 2), 160000) for a in audios)
+
+
+def test_change_speed_resamples_tempo_and_pitch() -> None:
+    t = np.arange(16000) / 16000
+    tone = np.sin(2 * np.pi * 200 * t).astype(np.float32)
+    assert np.array_equal(change_speed(tone, 1.0), tone)
+    fast = change_speed(tone, 1.25)
+    assert len(fast) == 12800
+    spectrum = np.abs(np.fft.rfft(fast))
+    assert abs(np.argmax(spectrum) * 16000 / len(fast) - 250) < 2  # 200 Hz played 1.25x faster: 250 Hz
+
+
+def test_packed_distillation_trains_on_windows(tmp_path: Path) -> None:
+    sys.path.insert(0, str(EXAMPLE.parent))
+    from adaptwin_speaker import TinyProcessor
+
+    teacher = tiny_model(WHISPER)
+    student = hf_compress.compress(copy.deepcopy(teacher), CompressionConfig(
+        modules={r"encoder\.layers\.\d+\.self_attn$": ProductTwinConfig(rank=3)}), progress=False)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(400, generator=g).numpy(), f"say {i}") for i in range(6)]
+    config = lora_config(r=2, alpha=4, target_modules=encoder_targets(student))
+    with pytest.raises(ValueError, match="only the distillation objective"):
+        train_speaker_adapter(copy.deepcopy(student), TinyProcessor(), data, "x", tmp_path, max_steps=1, pack=2)
+    with pytest.raises(ValueError, match="pass pack=k"):
+        train_speaker_adapter(student, TinyProcessor(), data, "x", tmp_path, max_steps=1, teacher=teacher,
+                              speeds=(0.9, 1.1))
+    _, stats = train_speaker_adapter(student, TinyProcessor(), data, "spk0", tmp_path, config=config, max_steps=2,
+                                     teacher=teacher, pack=2, speeds=(0.9, 1.1))
+    assert stats["utterances"] == 6 and 2 <= stats["windows"] < 12 and stats["steps"] == 2
+
+
 def test_bad_inputs_have_clear_errors() -> None:
     with pytest.raises(ValueError, match="exactly one of"):
         ProductTwinConfig()
@@ -307,7 +357,7 @@ def test_bad_inputs_have_clear_errors() -> None:
                                        ).modules[ALL_ATTN] == ProductTwinConfig(rank=3)
 
 
-@pytest.mark.parametrize("extra", [[], ["--distill"]])
+@pytest.mark.parametrize("extra", [[], ["--distill", "--pack", "2"]])
 def test_example_script_runs_on_tiny_whisper(tmp_path: Path, extra: list[str]) -> None:
     proc = subprocess.run([sys.executable, str(EXAMPLE), "--model", "tiny-random", "--out", str(tmp_path),
                            "--steps", "2", "--n-train", "4", *extra], capture_output=True, text=True, timeout=300,

@@ -177,8 +177,36 @@ def test_groups_and_default_candidates() -> None:
     assert [g.kind for g in llama.values()].count("attention") == 1 and "lm_head" not in llama
     assert len(llama["model.layers.*.self_attn"].linears) == 8  # q, k, v, o of both layers
     assert {c.registry_name for c in default_candidates("attention")} == {"product_twin", "low_rank", "jlcm"}
-    assert {c.registry_name for c in default_candidates("embedding")} == {"tt_embedding"}
+    assert {c.registry_name for c in default_candidates("embedding")} == {"tt_embedding", "jlcm"}
     assert all(c.method == "svd" for c in default_candidates("linear", calibrated=False)
                if c.registry_name == "low_rank")
     with pytest.raises(ValueError, match="unknown group kind"):
         default_candidates("conv")
+
+
+def test_size_budget_walks_back_an_overshooting_last_move() -> None:
+    """Greedy by cost per byte takes the cheap-per-byte big move last and overshoots; the walk back then returns
+    the costlier small move to dense, since the plan still fits without it."""
+    from hf_compress.planning import _greedy
+
+    options = {"a": [{"bytes_saved": 10, "cost": 0.04, "candidate": "a-small"}],
+               "b": [{"bytes_saved": 60, "cost": 0.3, "candidate": "b-big"}]}
+    path = _greedy(options, total=100, q0=10.0, sign=1.0, kind="bytes", limit=45)
+    assert [p["added"] for p in path] == ["a -> a-small", "b -> b-big", "a -> dense (walk back)"]
+    assert path[-1]["choice"] == {"b": 0} and path[-1]["bytes"] == 40 and [p["step"] for p in path] == [1, 2, 3]
+    assert path[-1]["predicted_quality"] < path[-2]["predicted_quality"]
+    tight = _greedy(options, total=100, q0=10.0, sign=1.0, kind="bytes", limit=30)
+    assert tight[-1]["choice"] == {"a": 0, "b": 0}  # nothing can be given back
+
+
+@pytest.mark.parametrize(("q", "b", "met", "pareto"), [(31.0, 50, True, True), (20.0, 50, False, True),
+                                                       (35.0, 110, False, False)])
+def test_mixed_suite_goal_check(q: float, b: int, met: bool, pareto: bool) -> None:
+    """The benchmark's goal: smaller than every single setting at the same quality (``met``); Pareto (``pareto``)."""
+    from benchmarks.suites.mixed import _goal
+
+    def rec(method: str, ppl: float, size: int) -> dict:
+        return {"method": method, "setting": {"label": method}, "quality": {"ppl": ppl}, "size": {"bytes_fp16": size}}
+
+    goal = _goal(rec("mixed", q, b), [rec("a", 30.0, 100), rec("b", 40.0, 60)], "ppl")
+    assert (goal["met"], goal["pareto"]) == (met, pareto)

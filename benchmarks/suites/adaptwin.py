@@ -11,9 +11,11 @@ self-attention (attention is only 28.8 % of tiny.en's encoder; in a measured swe
 sensitive one and FFN SVD cheaper than going below these ranks), fc1/fc2 SVD rank chosen to reach ``pct`` %.
 LoRA (``--objective distill``, the default): encoder-side adapters (self-attention q/k/v/out and the fc1/fc2
 factors, ``adapters.encoder_targets``) trained to match the dense encoder's output on that voice's training audio
-(``train_speaker_adapter(teacher=dense)``; no transcripts). ``--objective transcripts``: decoder-side adapters
-(self-, cross-attention q/k/v/out, fc1/fc2) trained on the transcripts, on encoder outputs cached once per utterance
-with the frozen compressed encoder (``cache_encoder=True``). Training stops after ``--train-seconds``.
+(``train_speaker_adapter(teacher=dense)``; no transcripts), on 30 s windows packing several of its utterances
+(``--pack`` shuffled passes, a quarter of the windows one utterance alone; ``--pack 0``: one utterance a window).
+``--objective transcripts``: decoder-side adapters (self-, cross-attention q/k/v/out, fc1/fc2) trained on the
+transcripts, on encoder outputs cached once per utterance with the frozen compressed encoder
+(``cache_encoder=True``). Training stops after ``--train-seconds``.
 
 ``--compare``: product twin vs separate SVD of q/k/v/out at equal parameters (encoder attention −50 %: twin rank
 32/32 vs SVD rank 96 of each projection; plain and whitened), compressed WER. ``--smollm``: SmolLM2-135M
@@ -126,7 +128,8 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
                 config=lora_config(r=args.lora_r, alpha=2 * args.lora_r, target_modules=targets),
                 max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                 max_seconds=args.train_seconds, cache_encoder=not distill, lr_scheduler="constant_with_warmup",
-                warmup_steps=3, teacher=dense if distill else None)
+                warmup_steps=3, teacher=dense if distill else None, pack=args.pack if distill else 0,
+                speeds=args.speeds if distill and args.pack else (1.0,))
             train_s[voice] = stats["seconds"]
             stats_by_voice[voice] = {k: v for k, v in stats.items() if k != "path"}
             print(f"[adaptwin] {setting}: LoRA {voice}: {stats}", flush=True)
@@ -217,6 +220,10 @@ def main(argv: list[str]) -> int:
                         help="LoRA objective: match the dense encoder (encoder adapters) or the transcripts (decoder)")
     parser.add_argument("--steps", type=int, default=2000, help="LoRA step cap (--train-seconds usually binds)")
     parser.add_argument("--train-seconds", type=float, default=600.0, help="LoRA training wall time per voice")
+    parser.add_argument("--pack", type=int, default=3, help="distill: train on 30 s windows packing several "
+                        "utterances, this many shuffled passes (adapters.pack_utterances); 0: one utterance a window")
+    parser.add_argument("--speeds", nargs="+", type=float, default=[1.0], help="with --pack: speed-perturbation "
+                        "factors drawn per utterance (adapters.change_speed), e.g. 0.9 1.0 1.1 1.2")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora-r", type=int, default=16)
@@ -234,6 +241,8 @@ def main(argv: list[str]) -> int:
         budget = {"n_train": len(next(iter(sets.values()))["train"]), "n_test": args.n_test,
                   "max_steps": args.steps, "train_seconds": args.train_seconds, "batch_size": args.batch_size,
                   "lr": args.lr, "lora_r": args.lora_r, "objective": args.objective,
+                  "pack": args.pack if args.objective == "distill" else 0,
+                  "speeds": args.speeds if args.objective == "distill" and args.pack else [1.0],
                   "lora_targets": "encoder_targets(model)" if args.objective == "distill" else DECODER_TARGETS,
                   "cache_encoder": args.objective != "distill",
                   "voices": args.voices, "torch_threads": 1}

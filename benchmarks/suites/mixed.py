@@ -51,6 +51,10 @@ def single_settings(name: str) -> list[tuple[str, str, Any]]:
         method="whitened", rank_ratio=r)})) for r in (0.75, 0.5)]
     out += [("jlcm", f"k-means + error feedback {b}b", CompressionConfig(modules={p["linear"]: CodebookConfig(
         bits=b, method="jlcm", steps=0, error_feedback=1, kmeans_iters=8)})) for b in (4, 3)]
+    # the same codebooks on the token embedding too (a tied head reads that table; methods.jlcm_embedding)
+    out += [("jlcm", f"k-means + error feedback {b}b, embedding too", CompressionConfig(modules={
+        p[k]: CodebookConfig(bits=b, method="jlcm", steps=0, error_feedback=1, kmeans_iters=8)
+        for k in ("linear", "embedding")})) for b in (4, 3)]
     out += [("product_twin", f"rank_ratio {r}", CompressionConfig(modules={p["attention"]: ProductTwinConfig(
         rank_ratio=r, whiten=True)})) for r in (0.75, 0.5)]
     return out
@@ -79,17 +83,23 @@ def _measure(model: Any, tok: Any, kind: str, args: argparse.Namespace) -> tuple
 
 def _goal(rec: dict[str, Any], singles: list[dict[str, Any]], metric: str, tolerance: float = 1.1) -> dict[str, Any]:
     """Met if some single setting has the *same* quality (at least as good, and within ``tolerance`` of the plan's)
-    and every single setting at least as good is larger than the plan (lower is better for ppl and WER)."""
+    and every single setting at least as good is larger than the plan (lower is better for ppl and WER).
+    ``pareto``: no single setting is both at least as good and no larger (``dominated_by`` empty), and the plan is
+    better than some single setting at least as large (``dominates``): the check that still speaks when no single
+    setting reaches the plan's quality at all (then ``met`` has no same-quality setting to compare with)."""
     q, b = rec["quality"][metric], rec["size"]["bytes_fp16"]
     rivals = [{"method": s["method"], "setting": s["setting"]["label"], metric: s["quality"][metric],
                "bytes_fp16": s["size"]["bytes_fp16"]} for s in singles if s["quality"][metric] <= q]
     same = [r for r in rivals if r[metric] * tolerance >= q]
     worse = [s for s in singles if s["quality"][metric] > q]
+    dominated_by = [r for r in rivals if r["bytes_fp16"] <= b]
+    dominates = [{"method": s["method"], "setting": s["setting"]["label"]} for s in worse
+                 if s["size"]["bytes_fp16"] >= b]
     return {"singles_at_least_as_good": rivals, "singles_same_quality": same, "tolerance": tolerance,
+            "dominated_by": dominated_by, "pareto": not dominated_by and bool(dominates),
             "met": bool(same) and all(r["bytes_fp16"] > b for r in rivals),
             "smallest_rival_bytes_ratio": min((b / r["bytes_fp16"] for r in rivals), default=None),
-            "dominates": [{"method": s["method"], "setting": s["setting"]["label"]} for s in worse
-                          if s["size"]["bytes_fp16"] >= b],
+            "dominates": dominates,
             "singles_worse_but_smaller": [{"method": s["method"], "setting": s["setting"]["label"],
                                            "bytes_fp16": s["size"]["bytes_fp16"]} for s in worse
                                           if s["size"]["bytes_fp16"] < b]}
@@ -206,7 +216,7 @@ def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
                "bytes_fp16": r["size"]["bytes_fp16"]}
         if r["method"] == "mixed":
             goal = r["extra"]["goal"]
-            row.update(methods=r["extra"]["methods"], goal_met=goal["met"],
+            row.update(methods=r["extra"]["methods"], goal_met=goal["met"], pareto=goal.get("pareto"),
                        same_quality_singles=[f"{g['method']} {g['setting']}" for g in goal["singles_same_quality"]],
                        dominates=[f"{g['method']} {g['setting']}" for g in goal["dominates"]])
             m["mixed"].append(row)
@@ -271,10 +281,12 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(0)
     bench = Bench("mixed", budget=args.budget, description=(
         f"Mixed plans from hf_compress.plan (per-group sensitivity on {args.held_out} held-out calibration batches "
-        f"of {args.calib_samples}x{args.calib_len}; candidates: TT adaptive embeddings x1.5/2/4, product twins "
-        "0.75/0.5 (whitened), whitened low-rank 0.75/0.5, codebooks 4/3 bits (JLCM layout: k-means + one GPTQ-style "
-        "error-feedback mapping, no joint steps, for CPU time)) vs single-method settings, at matched bytes "
-        "(budget = each single setting's bytes) and at "
+        f"of {args.calib_samples}x{args.calib_len}; candidates: TT adaptive embeddings x1.5/2/4 and codebook "
+        "embeddings 6/4 bits (same JLCM layout, Σ = I + the tied head's input moments), product twins 0.75/0.5 "
+        "(whitened), whitened low-rank 0.75/0.5, codebooks 4/3 bits (JLCM layout: k-means + one GPTQ-style "
+        "error-feedback mapping, no joint steps, for CPU time)) vs single-method settings (codebooks on the block "
+        "linears alone and on the linears + token embedding), at matched bytes (budget = each single setting's "
+        "bytes) and at "
         f"fractions {args.fractions}. Quality budget '{args.budget}'; Whisper WER on voices {args.voices} only "
         "(quick: 16 test utterances per voice). size.bytes_fp16 counts floats at 2 bytes. No latency measured. "
         "extra.goal: met if a single setting has the same quality (at least as good, within 10%) and every single "

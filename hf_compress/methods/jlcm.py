@@ -57,6 +57,11 @@ Bits per weight: ``bits / d`` for the indices, plus codebooks (``books·K·d·16
 with ``bits_per_weight·d`` an integer. The default group size is the smallest that keeps the codebooks within
 ``max_overhead`` of the index bits.
 
+Token embeddings (``nn.Embedding`` targets) become a :class:`CodebookEmbedding` with the same layout; a tied output
+head reads that table. Their ``Σ`` is ``I`` (a lookup's error is its row's own error; no calibration needed), plus,
+with calibration and a tied head, the head's input second moments scaled to the same trace
+(:func:`hf_compress.methods.jlcm_embedding.table_sigma`).
+
 Fine-tuning: :func:`mark_codebooks_trainable` leaves only codebooks (and optionally scales, norms, biases)
 trainable, indices stay fixed; train with ``transformers.Trainer`` as usual.
 """
@@ -90,6 +95,7 @@ from ..layers.codebook import (
 from ..layers.common import linear_weight_and_bias
 from ..registry import register_method
 from .gptq import gptq_codes
+from .tt_embedding import tied_head_name
 
 METHODS = ("jlcm", "kmeans", "rtn", "gptq")
 CALIBRATED = ("jlcm", "gptq")
@@ -375,17 +381,27 @@ def reuse_covariances(covariances: dict[str, torch.Tensor]) -> Iterator[None]:
 
 
 def prepare_jlcm(model: nn.Module, targets: dict[str, CodebookConfig], calibration: Any) -> dict[str, Any]:
-    """One calibration pass of the dense model: ``XᵀX/n`` (float32 ``[in, in]``) of every JLCM target's input."""
-    names = [n for n, c in targets.items() if c.method in CALIBRATED]
-    todo = [n for n in names if n not in _PRECOMPUTED]
-    if todo and not calibration:
+    """One calibration pass of the dense model: ``XᵀX/n`` (float32 ``[in, in]``) of every JLCM target's input; for a
+    token table with a tied output head, that head's input (the final hidden states), when calibration is given."""
+    calibrated = [n for n, c in targets.items() if c.method in CALIBRATED]
+    tables = {n: tied_head_name(model, model.get_submodule(n)) for n in calibrated
+              if isinstance(model.get_submodule(n), nn.Embedding)}
+    names = [n for n in calibrated if n not in tables]
+    heads = [h for h in tables.values() if h is not None] if calibration else []
+    todo = [n for n in [*names, *heads] if n not in _PRECOMPUTED]
+    if todo and not calibration:  # heads are only asked for with calibration
         raise ValueError("hf_compress: CodebookConfig(method='jlcm' or 'gptq') needs calibration batches: "
                          "compress(model, config, calibration=[...]); or use method='kmeans' / 'rtn'.")
     found = input_covariances(model, todo, calibration) if todo else {}
-    return {n: (found[n] if n in found else _PRECOMPUTED[n]).float() for n in names}
+    state = {n: (found[n] if n in found else _PRECOMPUTED[n]).float() for n in [*names, *heads]}
+    return {**{n: state[n] for n in names}, **{t: state[h] for t, h in tables.items() if h in state}}
 
 
 def compress_jlcm(module: nn.Module, config: CodebookConfig, ctx: CompressionContext) -> nn.Module:
+    if isinstance(module, nn.Embedding):
+        from .jlcm_embedding import compress_codebook_embedding
+
+        return compress_codebook_embedding(module, config, ctx)
     weight, bias = linear_weight_and_bias(module, ctx.name)
     layer, stats = codebook_from_dense(weight, bias, config, ctx.state, who=ctx.name)
     if bias is not None:
