@@ -52,10 +52,10 @@ model = {{ auto_class }}.from_pretrained("{{ repo_id }}", trust_remote_code=True
 def _task_of(model: Any) -> tuple[str, str]:
     from .modeling import TASKS
 
-    name = type(model).__mro__[2].__name__ if len(type(model).__mro__) > 2 else type(model).__name__
-    for task, (auto_name, mapping) in TASKS.items():
-        if name in mapping.values() and task != "base":
-            return task, auto_name
+    for cls in type(model).__mro__:  # the transformers class under the Compressed* subclass and its mixins
+        for task, (auto_name, mapping) in TASKS.items():
+            if cls.__name__ in mapping.values() and task != "base":
+                return task, auto_name
     return "base", "AutoModel"
 
 

@@ -37,6 +37,9 @@ def test_compress_generate_save_reload_exact(arch: Arch, tmp_path: Path) -> None
     files = {p.name for p in tmp_path.iterdir()}
     assert {"config.json", "model.safetensors", "modeling_hf_compress.py", "README.md"} <= files
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    pipeline = {"llama": "text-generation", "gpt2": "text-generation", "bert": "feature-extraction",
+                "whisper": "automatic-speech-recognition"}[arch.name]
+    assert f"pipeline_tag: {pipeline}" in (tmp_path / "README.md").read_text()
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == f"hf_compress_{arch.make_config().model_type}"
     assert config["compression_config"]["layers"]
