@@ -226,6 +226,7 @@ def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
             m["dense"] = row
     for m in out.values():
         m["goal_met_by_some_plan"] = any(x["goal_met"] for x in m["mixed"])
+        m["pareto_by_some_plan"] = any(x["pareto"] for x in m["mixed"])
     return out
 
 
