@@ -69,10 +69,12 @@ class CompressedModelMixin(CompressedSaveMixin):
         ``save_pretrained`` record ``float16`` and a reload cast every dense layer)."""
         from .layers.codebook import CodebookLinear
 
-        storage = {id(p) for m in self.modules() if isinstance(m, CodebookLinear)
-                   for p in (m.codebooks, m.scales, m.offsets) if p is not None}
-        dense = (p.dtype for p in self.parameters() if p.is_floating_point() and id(p) not in storage)
-        return next(dense, super().dtype)
+        for m in self.modules():  # in parameters() order, stopping at the first dense floating parameter
+            storage = (m.codebooks, m.scales, m.offsets) if isinstance(m, CodebookLinear) else ()
+            for p in m.parameters(recurse=False):
+                if p.is_floating_point() and not any(p is t for t in storage):
+                    return p.dtype
+        return super().dtype
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:

@@ -182,20 +182,25 @@ class CodebookLinear(nn.Module):
     def clear_cache(self) -> None:
         self._codes_cache = self._weight_cache = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+    def dense_weight(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+        """The decoded ``[out, in]`` weight in ``dtype``, as ``forward`` uses it: rebuilt differentiably while
+        codebooks / scales are trained (or in ``"lookup"`` mode), else cached until their contents change."""
         trainable = self.codebooks.requires_grad or self.scales.requires_grad
         trainable |= self.offsets is not None and self.offsets.requires_grad
         if self.mode == "lookup" or (trainable and torch.is_grad_enabled()):
             self._weight_cache = None
-            return F.linear(x, self._dequantize(x.dtype), bias)
-        key = (*map(content_key, (self.codebooks, self.scales, self.indices, self.perm)), x.dtype, x.device,
+            return self._dequantize(dtype)
+        key = (*map(content_key, (self.codebooks, self.scales, self.indices, self.perm)), dtype, device,
                None if self.offsets is None else content_key(self.offsets))
         if self._weight_cache is None or self._weight_cache[0] != key:
             with torch.no_grad():
-                self._weight_cache = (key, self._dequantize(x.dtype).detach())
+                self._weight_cache = (key, self._dequantize(dtype).detach())
             self._codes_cache = None  # cached mode keeps only the dense weight (4 B/weight in fp32), not the codes
-        return F.linear(x, self._weight_cache[1], bias)
+        return self._weight_cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dense_weight(x.dtype, x.device), bias)
 
     # ---- accounting / serialization ---------------------------------------------------------------------------
     def storage_bytes(self) -> dict[str, int]:

@@ -2,9 +2,9 @@
 ``in = d`` columns): bit-packed indices into small fp16 codebooks, the layout JLCM gives linear layers.
 
 A lookup reads rows of the decoded table; a tied output head (``TiedEmbeddingHead``) multiplies by the same decoded
-table, so an untied copy is never stored. Like ``CodebookLinear``'s default ``"cached"`` mode, the decoded table is
-kept in memory (fp32 ``V·d``) until the codebooks, scales or indices change: the checkpoint is small, the resident
-model is not. While codebooks or scales are trained the table is rebuilt differentiably at every call.
+table, so an untied copy is never stored. The table is decoded by ``CodebookLinear.dense_weight``: in the default
+``"cached"`` mode it stays in memory (fp32 ``V·d``) until the codebooks, scales or indices change (the checkpoint is
+small, the resident model is not); while codebooks or scales are trained it is rebuilt differentiably at every call.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 
 from ..registry import register_layer
 from .codebook import CodebookLinear
-from .common import content_key
 from .tt_embedding import CompressedEmbedding
 
 
@@ -36,7 +35,6 @@ class CodebookEmbedding(CompressedEmbedding):
                              f"CodebookLinear({embedding_dim}->{num_embeddings}), got {table!r}.")
         self.num_embeddings = num_embeddings
         self.table = table
-        self.__dict__["_decoded"] = None
 
     @classmethod
     def from_codebook(cls, table: CodebookLinear, padding_idx: int | None = None,
@@ -45,20 +43,8 @@ class CodebookEmbedding(CompressedEmbedding):
         return cls(table.out_features, table.in_features, table, padding_idx=padding_idx, embed_scale=embed_scale)
 
     def _table(self) -> torch.Tensor:
-        """The decoded ``[V, d]`` table (cached while grad is off or nothing in it is trainable)."""
-        t = self.table
-        trainable = any(p.requires_grad for p in t.parameters())
-        if trainable and torch.is_grad_enabled():
-            self.__dict__["_decoded"] = None
-            return t._dequantize(torch.float32)
-        key = tuple(content_key(x) for x in (t.codebooks, t.scales, t.indices, t.perm, t.offsets) if x is not None)
-        cached = self.__dict__.get("_decoded")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, t._dequantize(torch.float32).detach())
-            t._codes_cache = None
-            self.__dict__["_decoded"] = cached
-        return cached[1]
+        """The decoded ``[V, d]`` table in fp32 (``CodebookLinear.dense_weight``: cached unless being trained)."""
+        return self.table.dense_weight(torch.float32, self.table.codebooks.device)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -82,10 +68,6 @@ class CodebookEmbedding(CompressedEmbedding):
     def from_spec(cls, spec: dict[str, Any]) -> CodebookEmbedding:
         return cls(spec["num_embeddings"], spec["embedding_dim"], spec["table"], padding_idx=spec.get("padding_idx"),
                    embed_scale=spec.get("embed_scale"))
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self.__dict__["_decoded"] = None
-        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.table.bits}, n_groups={self.table.n_groups}"

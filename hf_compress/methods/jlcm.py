@@ -392,9 +392,10 @@ def prepare_jlcm(model: nn.Module, targets: dict[str, CodebookConfig], calibrati
     if todo and not calibration:  # heads are only asked for with calibration
         raise ValueError("hf_compress: CodebookConfig(method='jlcm' or 'gptq') needs calibration batches: "
                          "compress(model, config, calibration=[...]); or use method='kmeans' / 'rtn'.")
-    found = input_covariances(model, todo, calibration) if todo else {}
-    state = {n: (found[n] if n in found else _PRECOMPUTED[n]).float() for n in [*names, *heads]}
-    return {**{n: state[n] for n in names}, **{t: state[h] for t, h in tables.items() if h in state}}
+    found = {**_PRECOMPUTED, **(input_covariances(model, todo, calibration) if todo else {})}
+    state = {n: found[n].float() for n in names}
+    state.update({t: found[h].float() for t, h in tables.items() if h in heads})
+    return state
 
 
 def compress_jlcm(module: nn.Module, config: CodebookConfig, ctx: CompressionContext) -> nn.Module:
