@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="encoder-side LoRA trained to match the dense (uncompressed) encoder; no transcripts")
     parser.add_argument("--pack", type=int, default=0, help="with --distill: train on 30 s windows packing several "
                         "utterances, this many shuffled passes (0: one utterance a window)")
+    parser.add_argument("--warps", nargs="+", type=float, default=[1.0], help="with --distill: mel-warp (vocal "
+                        "tract length) factors drawn per window, e.g. 0.9 1.0 1.1 (other voices of the same speaker)")
     parser.add_argument("--train-seconds", type=float, default=None, help="stop each adapter's training after this")
     parser.add_argument("--n-train", type=int, default=8)
     parser.add_argument("--n-test", type=int, default=2)
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   max_steps=args.steps, batch_size=args.batch_size,
                                                   learning_rate=args.lr, max_seconds=args.train_seconds,
                                                   cache_encoder=args.cache_encoder, teacher=teacher,
-                                                  pack=args.pack if args.distill else 0)
+                                                  pack=args.pack if args.distill else 0,
+                                                  warps=args.warps if args.distill else (1.0,))
         print(f"trained adapter {spk}: {stats['seconds']} s, loss {stats['train_loss']:.3f} -> {stats['path']}")
 
     base = transformers.AutoModelForSpeechSeq2Seq.from_pretrained(out / "model")  # plain transformers reload

@@ -22,6 +22,7 @@ training after that wall time (whatever ``max_steps`` says); the stats report th
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -173,6 +174,46 @@ def change_speed(audio: np.ndarray, factor: float) -> np.ndarray:
     return np.interp(np.arange(max(1, round(n / factor))) * factor, np.arange(n), audio).astype(np.float32)
 
 
+def _hz_to_mel(f: torch.Tensor) -> torch.Tensor:
+    """Slaney mel scale (the one Whisper's filterbank uses): linear below 1 kHz, logarithmic above."""
+    log_part = 15.0 + 27.0 * torch.log(f.clamp_min(1e-6) / 1000.0) / math.log(6.4)
+    return torch.where(f < 1000.0, 3.0 * f / 200.0, log_part)
+
+
+def mel_warp_matrix(n_mels: int, alpha: float, f_max: float = SAMPLE_RATE / 2) -> torch.Tensor:
+    """``[n_mels, n_mels]`` linear-interpolation matrix warping log-mel features along frequency by ``alpha``
+    (vocal-tract-length perturbation: output bin ``i`` at frequency ``f_i`` reads the input at ``f_i / alpha``; a
+    factor > 1 moves formants and harmonics up, as from a longer to a shorter vocal tract). Bin centres are evenly
+    spaced in Slaney mel over ``[0, f_max]``, as in Whisper's filterbank; ``alpha = 1`` gives the identity."""
+    if not alpha > 0 or n_mels < 2:
+        raise ValueError(f"hf_compress.adapters: mel warp needs alpha > 0 and n_mels >= 2, got alpha={alpha}, "
+                         f"n_mels={n_mels}.")
+    m_max = float(_hz_to_mel(torch.tensor(float(f_max), dtype=torch.float64)))
+    centres_mel = m_max * torch.arange(1, n_mels + 1, dtype=torch.float64) / (n_mels + 1)
+    lin = 1000.0 * torch.exp((centres_mel - 15.0) * math.log(6.4) / 27.0)
+    centres_hz = torch.where(centres_mel < 15.0, 200.0 * centres_mel / 3.0, lin)
+    src = ((n_mels + 1) * _hz_to_mel(centres_hz / alpha) / m_max - 1.0).clamp(0, n_mels - 1)
+    src = torch.where((src - src.round()).abs() < 1e-9, src.round(), src)  # exact identity at alpha = 1
+    lo = src.floor().long().clamp(max=n_mels - 2)
+    frac = (src - lo).float()
+    warp = torch.zeros(n_mels, n_mels)
+    rows = torch.arange(n_mels)
+    warp[rows, lo] = 1.0 - frac
+    warp[rows, lo + 1] += frac
+    return warp
+
+
+def warp_features(features: torch.Tensor, alphas: Sequence[float], seed: int = 0) -> torch.Tensor:
+    """Each window of ``features [n, n_mels, frames]`` warped along frequency by a factor drawn from ``alphas``
+    (:func:`mel_warp_matrix`); ``(1.0,)`` returns ``features`` unchanged."""
+    if tuple(alphas) == (1.0,):
+        return features
+    rng = np.random.default_rng(seed)
+    mats = {a: mel_warp_matrix(features.shape[1], a) for a in set(map(float, alphas))}
+    picks = rng.choice(np.asarray(alphas, dtype=np.float64), size=len(features))
+    return torch.stack([mats[float(a)].to(features.dtype) @ f for a, f in zip(picks, features)])
+
+
 def pack_utterances(audios: Sequence[np.ndarray], repeats: int = 3, single_fraction: float = 0.25,
                     window_seconds: float = 30.0, gap_seconds: float = 0.3, seed: int = 0,
                     speeds: Sequence[float] = (1.0,)) -> list[np.ndarray]:
@@ -240,7 +281,8 @@ def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any],
                           learning_rate: float = 1e-3, seed: int = 0, max_seconds: float | None = None,
                           cache_encoder: bool = False, lr_scheduler: str = "linear",
                           warmup_steps: int | None = None, teacher: Any = None,
-                          pack: int = 0, speeds: Sequence[float] = (1.0,)) -> tuple[Any, dict[str, Any]]:
+                          pack: int = 0, speeds: Sequence[float] = (1.0,),
+                          warps: Sequence[float] = (1.0,)) -> tuple[Any, dict[str, Any]]:
     """Train LoRA adapter ``speaker`` on ``utterances`` with ``Seq2SeqTrainer`` and save it to
     ``output_dir/speaker`` (standard PEFT folder). Returns ``(peft_model, {"seconds", "train_loss", "path",
     "steps", "utterances", …})``; the base weights stay frozen. ``seconds`` includes the encoder caching of
@@ -250,7 +292,9 @@ def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any],
     model; the adapter (encoder-side, e.g. ``lora_config(target_modules=encoder_targets(model))``) is trained to match
     its encoder output on this speaker's audio instead of on the transcripts (``"objective": "distill"``).
     ``pack=k`` (with ``teacher``): train on :func:`pack_utterances` windows (``k`` shuffled passes) instead of one
-    utterance per window; ``speeds``: speed-perturbation factors drawn per utterance (:func:`pack_utterances`)."""
+    utterance per window; ``speeds``: speed-perturbation factors drawn per utterance (:func:`pack_utterances`);
+    ``warps`` (with ``teacher``): mel-warp factors drawn per window (:func:`warp_features`; the teacher encodes the
+    same warped input), so the adapter also sees this speaker's voice with a longer or shorter vocal tract."""
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     t_start = time.perf_counter()
@@ -263,7 +307,11 @@ def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any],
     if pack:
         audios = pack_utterances(audios, repeats=pack, seed=seed, speeds=speeds)
         texts = [""] * len(audios)
+    if tuple(warps) != (1.0,) and teacher is None:
+        raise ValueError("hf_compress.adapters: warps= perturbs the distillation inputs; pass teacher=dense_model "
+                         "too (warped audio no longer matches a transcript's acoustics).")
     data = SpeechDataset(processor, audios, texts)
+    data.features = warp_features(data.features, warps, seed)
     if teacher is not None and cache_encoder:
         raise ValueError("hf_compress.adapters: teacher= trains encoder-side adapters and cache_encoder=True freezes "
                          "the encoder; use one of them.")

@@ -21,9 +21,11 @@ from hf_compress.adapters import (
     encoder_targets,
     load_speaker_adapter,
     lora_config,
+    mel_warp_matrix,
     pack_utterances,
     set_speaker,
     train_speaker_adapter,
+    warp_features,
 )
 from hf_compress.layers.twin_attention import TwinAttention
 from hf_compress.methods.adaptwin import ProductTwinConfig
@@ -316,6 +318,27 @@ def test_change_speed_resamples_tempo_and_pitch() -> None:
     assert abs(np.argmax(spectrum) * 16000 / len(fast) - 250) < 2  # 200 Hz played 1.25x faster: 250 Hz
 
 
+def test_mel_warp_moves_a_spectral_peak_by_the_factor() -> None:
+    assert torch.equal(mel_warp_matrix(80, 1.0), torch.eye(80))
+    n_fft, sr = 400, 16000
+    filters = torch.as_tensor(np.asarray(__import__("transformers").audio_utils.mel_filter_bank(
+        num_frequency_bins=1 + n_fft // 2, num_mel_filters=80, min_frequency=0.0, max_frequency=8000.0,
+        sampling_rate=sr, norm="slaney", mel_scale="slaney")), dtype=torch.float32)  # [freq, mel], Whisper's bank
+    peak = torch.zeros(1 + n_fft // 2)
+    peak[40] = 1.0  # 1600 Hz
+    mel = peak @ filters  # [80]
+    hz_of_bin = (filters * (torch.arange(1 + n_fft // 2)[:, None] * sr / n_fft)).sum(0) / filters.sum(0)
+    moved = mel_warp_matrix(80, 1.25) @ mel
+    centre = (moved * hz_of_bin).sum() / moved.sum()
+    assert abs(float(centre) - 2000.0) < 80.0  # 1600 Hz read at f / 1.25: now around 2000 Hz
+    feats = torch.randn(5, 80, 7)
+    assert torch.equal(warp_features(feats, (1.0,)), feats)
+    warped = warp_features(feats, (0.9, 1.1), seed=1)
+    assert warped.shape == feats.shape and not torch.allclose(warped, feats)
+    with pytest.raises(ValueError, match="alpha > 0"):
+        mel_warp_matrix(80, 0.0)
+
+
 def test_packed_distillation_trains_on_windows(tmp_path: Path) -> None:
     sys.path.insert(0, str(EXAMPLE.parent))
     from adaptwin_speaker import TinyProcessor
@@ -328,11 +351,14 @@ def test_packed_distillation_trains_on_windows(tmp_path: Path) -> None:
     config = lora_config(r=2, alpha=4, target_modules=encoder_targets(student))
     with pytest.raises(ValueError, match="only the distillation objective"):
         train_speaker_adapter(copy.deepcopy(student), TinyProcessor(), data, "x", tmp_path, max_steps=1, pack=2)
+    with pytest.raises(ValueError, match="warps= perturbs"):
+        train_speaker_adapter(copy.deepcopy(student), TinyProcessor(), data, "x", tmp_path, max_steps=1,
+                              warps=(0.9, 1.1))
     with pytest.raises(ValueError, match="pass pack=k"):
         train_speaker_adapter(student, TinyProcessor(), data, "x", tmp_path, max_steps=1, teacher=teacher,
                               speeds=(0.9, 1.1))
     _, stats = train_speaker_adapter(student, TinyProcessor(), data, "spk0", tmp_path, config=config, max_steps=2,
-                                     teacher=teacher, pack=2, speeds=(0.9, 1.1))
+                                     teacher=teacher, pack=2, speeds=(0.9, 1.1), warps=(0.9, 1.0, 1.1))
     assert stats["utterances"] == 6 and 2 <= stats["windows"] < 12 and stats["steps"] == 2
 
 
@@ -357,7 +383,7 @@ def test_bad_inputs_have_clear_errors() -> None:
                                        ).modules[ALL_ATTN] == ProductTwinConfig(rank=3)
 
 
-@pytest.mark.parametrize("extra", [[], ["--distill", "--pack", "2"]])
+@pytest.mark.parametrize("extra", [[], ["--distill", "--pack", "2", "--warps", "0.9", "1.1"]])
 def test_example_script_runs_on_tiny_whisper(tmp_path: Path, extra: list[str]) -> None:
     proc = subprocess.run([sys.executable, str(EXAMPLE), "--model", "tiny-random", "--out", str(tmp_path),
                            "--steps", "2", "--n-train", "4", *extra], capture_output=True, text=True, timeout=300,

@@ -13,6 +13,7 @@ from conftest import short_generate as _generate
 import hf_compress
 from hf_compress import CompressionConfig
 from hf_compress.layers.tt_embedding import CompressedEmbedding, TiedEmbeddingHead, TTEmbedding
+from hf_compress.methods.tt_adaptive import HEAD_WEIGHTS, adaptive_factors, next_token_loss, probe_batches
 from hf_compress.methods.tt_embedding import TTEmbeddingConfig, build_embedding
 from hf_compress.vocab import add_tokens, keep_tokens, prune_tokens
 
@@ -97,6 +98,64 @@ def test_adaptive_gives_frequent_tokens_more_rank() -> None:
     assert err[:20].max() < 1e-5 < err[20:].mean()
 
 
+def test_row_metric_minimizes_the_metric_weighted_error() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 32, generator=g)
+    a = torch.randn(32, 32, generator=g)
+    metric = a @ a.T / 32 + 0.05 * torch.eye(32)  # anisotropic, like a head's input second moments
+
+    def table(m: torch.Tensor | None) -> torch.Tensor:
+        basis, coeffs, _, _ = adaptive_factors(w, 0.0, None, 1, single_rank=8, metric=m)
+        return coeffs[0] @ basis
+
+    def m_err(t: torch.Tensor) -> float:
+        d = t - w
+        return float(torch.einsum("vi,ij,vj->", d, metric, d))
+
+    assert torch.allclose(table(torch.eye(32)), table(None), atol=1e-4)  # identity metric = plain truncated SVD
+    assert m_err(table(metric)) < 0.9 * m_err(table(None))  # the metric-optimal rank-8 fit beats the plain one
+    with pytest.raises(ValueError, match="positive definite"):
+        adaptive_factors(w, 0.0, None, 1, single_rank=8, metric=-torch.eye(32))
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a.name in TIED], ids=lambda a: a.name)
+def test_head_metric_uses_calibration_and_reloads_exactly(arch: Arch, tmp_path: Path) -> None:
+    plain = _compress(arch, metric="identity")
+    calibration: list = _calibration(arch)
+    if arch.name == "whisper":  # the head statistics need audio with its transcript; bare ids only count tokens
+        calibration = [*calibration, arch.inputs(seed=3)]
+    weighted = hf_compress.compress(tiny_model(arch), CompressionConfig(modules={EMBED[arch.name]: TTEmbeddingConfig(
+        metric="head")}), calibration=calibration, progress=False)
+    assert not torch.equal(plain.get_input_embeddings().weight, weighted.get_input_embeddings().weight)
+    again, inputs, logits = run_save_reload(weighted, arch, tmp_path)
+    assert torch.equal(_out(again, inputs), logits)
+    with pytest.raises(ValueError, match=r"metric='head'.*calibration"):
+        plan = CompressionConfig(modules={EMBED[arch.name]: TTEmbeddingConfig(metric="head")})
+        hf_compress.compress(tiny_model(arch), plan, progress=False)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a.name in TIED], ids=lambda a: a.name)
+def test_auto_metric_keeps_the_lowest_calibration_loss(arch: Arch, tmp_path: Path) -> None:
+    calibration: list = [*_calibration(arch), arch.inputs(seed=3)] if arch.name == "whisper" else _calibration(arch)
+    model = hf_compress.compress(tiny_model(arch), CompressionConfig(modules={EMBED[arch.name]: TTEmbeddingConfig(
+        compression=3.0)}), calibration=calibration, progress=False)  # metric="auto" is the default
+    choice = model.get_input_embeddings().metric_choice
+    losses = {float(k): v for k, v in choice["probe_loss"].items()}
+    assert set(losses) == set(HEAD_WEIGHTS) and choice["head_weight"] == min(losses, key=losses.get)
+    again, inputs, logits = run_save_reload(model, arch, tmp_path)
+    assert torch.equal(_out(again, inputs), logits)
+    for weight, loss in losses.items():  # each candidate was built from the dense table and scored on the probe
+        fixed = hf_compress.compress(tiny_model(arch), CompressionConfig(modules={EMBED[arch.name]: TTEmbeddingConfig(
+            compression=3.0, metric="head" if weight else "identity", head_weight=weight or 1.0)}),
+            calibration=calibration, progress=False)
+        assert next_token_loss(fixed, probe_batches(calibration if arch.name != "whisper" else calibration[-1:])
+                               ) == pytest.approx(loss, abs=1e-4)
+        if weight == choice["head_weight"]:
+            assert torch.equal(fixed.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    plain = _compress(arch, compression=3.0) if arch.name == "whisper" else None  # ids only: identity, no probe
+    assert plain is None or not hasattr(plain.get_input_embeddings(), "metric_choice")
+
+
 def test_id_rank_prior_favors_low_ids_and_none_is_uniform() -> None:
     w = torch.randn(400, 64, generator=torch.Generator().manual_seed(0))
     err = {}
@@ -137,7 +196,9 @@ def test_control_tokens_kept_exact(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a.name in TIED], ids=lambda a: a.name)
 def test_tied_head_compressed_vs_dense_params(arch: Arch) -> None:
-    compressed, dense = _compress(arch, tied_head="compressed"), _compress(arch, tied_head="dense")
+    # same table both ways (metric="auto" would weigh the compressed head's logit error into the table)
+    compressed = _compress(arch, tied_head="compressed", metric="identity")
+    dense = _compress(arch, tied_head="dense", metric="identity")
     v, d = arch.make_config().vocab_size, compressed.get_input_embeddings().embedding_dim
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(dense) - n(compressed) == v * d
@@ -226,6 +287,7 @@ def test_tokenizer_pruned_and_extended_consistently(tmp_path: Path) -> None:
     ({"prior": "zipf"}, r"prior must be one of"),
     ({"prior_weight": -1.0}, r"prior_weight, prior_exponent and frequency_smoothing must be >= 0"),
     ({"exact_ids": [-1]}, r"exact_ids must be token ids >= 0"),
+    ({"metric": "fisher"}, r"metric must be one of"),
 ])
 def test_bad_configs_rejected_with_clear_message(kwargs: dict, message: str) -> None:
     arch = next(a for a in ARCHS if a.name == "llama")

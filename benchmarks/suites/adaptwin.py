@@ -129,7 +129,7 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
                 max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                 max_seconds=args.train_seconds, cache_encoder=not distill, lr_scheduler="constant_with_warmup",
                 warmup_steps=3, teacher=dense if distill else None, pack=args.pack if distill else 0,
-                speeds=args.speeds if distill and args.pack else (1.0,))
+                speeds=args.speeds if distill and args.pack else (1.0,), warps=args.warps if distill else (1.0,))
             train_s[voice] = stats["seconds"]
             stats_by_voice[voice] = {k: v for k, v in stats.items() if k != "path"}
             print(f"[adaptwin] {setting}: LoRA {voice}: {stats}", flush=True)
@@ -224,6 +224,8 @@ def main(argv: list[str]) -> int:
                         "utterances, this many shuffled passes (adapters.pack_utterances); 0: one utterance a window")
     parser.add_argument("--speeds", nargs="+", type=float, default=[1.0], help="with --pack: speed-perturbation "
                         "factors drawn per utterance (adapters.change_speed), e.g. 0.9 1.0 1.1 1.2")
+    parser.add_argument("--warps", nargs="+", type=float, default=[1.0], help="distill: mel-warp (vocal tract "
+                        "length) factors drawn per window (adapters.warp_features), e.g. 0.85 0.9 ... 1.2")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora-r", type=int, default=16)
@@ -243,6 +245,7 @@ def main(argv: list[str]) -> int:
                   "lr": args.lr, "lora_r": args.lora_r, "objective": args.objective,
                   "pack": args.pack if args.objective == "distill" else 0,
                   "speeds": args.speeds if args.objective == "distill" and args.pack else [1.0],
+                  "warps": args.warps if args.objective == "distill" else [1.0],
                   "lora_targets": "encoder_targets(model)" if args.objective == "distill" else DECODER_TARGETS,
                   "cache_encoder": args.objective != "distill",
                   "voices": args.voices, "torch_threads": 1}

@@ -95,7 +95,7 @@ from ..layers.codebook import (
 from ..layers.common import linear_weight_and_bias
 from ..registry import register_method
 from .gptq import gptq_codes
-from .tt_embedding import tied_head_name
+from .tied import tied_head_name
 
 METHODS = ("jlcm", "kmeans", "rtn", "gptq")
 CALIBRATED = ("jlcm", "gptq")

@@ -35,7 +35,8 @@ from ..layers.subspace import (
     split_widths,
 )
 from ..registry import register_method
-from .tt_embedding import attach_tied_head, count_tokens, embedding_scale
+from .tied import attach_tied_head, embedding_scale
+from .tt_embedding import count_tokens
 
 HEADS = ("compressed", "dense")
 UNEVEN = ("last", "error")

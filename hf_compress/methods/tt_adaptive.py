@@ -8,12 +8,16 @@ chosen ranks, never the counts.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PRIORS = ("id_rank", "none")
+HEAD_WEIGHTS = (0.0, 1.0, 4.0, 16.0)  # metric="auto" candidates; 0 = identity metric (lookup error only)
+PROBE_TOKENS = 4096  # metric="auto": next-token loss over this many calibration tokens per candidate
 PRIOR_OFFSET = 256.0  # Zipf offset: the first ~256 ids (bytes / specials in BPE vocabularies) weigh about alike
 
 
@@ -75,8 +79,18 @@ def special_token_ids(model: nn.Module, vocab_size: int) -> list[int]:
     return sorted(ids)
 
 
+def _sqrt_and_inverse(metric: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M^{1/2}, M^{-1/2})`` (float64 ``[d, d]``) of a symmetric positive definite ``metric``."""
+    evals, evecs = torch.linalg.eigh(metric.double())
+    if not bool(evals.min() > 0):
+        raise ValueError(f"hf_compress: {who}: the row metric must be positive definite (smallest eigenvalue "
+                         f"{float(evals.min()):.3g}); add a multiple of the identity.")
+    return (evecs * evals.sqrt()) @ evecs.T, (evecs * evals.rsqrt()) @ evecs.T
+
+
 def adaptive_factors(weight: torch.Tensor, budget: float, weights: torch.Tensor | None, min_rank: int,
-                     single_rank: int | None = None, exact: list[int] | None = None
+                     single_rank: int | None = None, exact: list[int] | None = None,
+                     metric: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Factor ``weight [V, d]`` into ``basis [R_max, d]`` and per-tier ``coeffs [n_t, R_t]`` within ``budget``.
 
@@ -85,10 +99,16 @@ def adaptive_factors(weight: torch.Tensor, budget: float, weights: torch.Tensor 
     to meet the budget (``basis`` included). ``weights [V]`` = ``w_v`` (:func:`token_weights`; all ones if
     ``None``); tokens in ``exact`` (control tokens) take the largest rank in use (full rank ``d``, i.e. exact,
     whenever the budget affords a rank-``d`` tier, as on every real checkpoint measured).
-    ``single_rank`` gives the one-tier truncated SVD. Returns ``(basis, coeffs, tier [V], slot [V])``.
+    ``single_rank`` gives the one-tier truncated SVD. ``metric [d, d]`` (symmetric positive definite): measure a
+    row's error as ``δᵀ M δ`` instead of ``δᵀ δ`` (e.g. :func:`~hf_compress.methods.jlcm_embedding.table_sigma`:
+    lookup error plus a tied head's logit error); the factors are found for ``W M^{1/2}`` and the basis mapped back
+    by ``M^{-1/2}`` (same storage, basis no longer orthonormal). Returns ``(basis, coeffs, tier [V], slot [V])``.
     """
     v, d = weight.shape
     w = weight.detach().to(torch.float32)
+    if metric is not None:
+        root, inv_root = _sqrt_and_inverse(metric, f"adaptive embedding {v}x{d}")
+        w = w @ root.float()
     gram = torch.zeros(d, d, dtype=torch.float64, device=w.device)
     for start in range(0, v, 16384):  # in chunks: a float64 copy of a 262k-row table would be 1.3 GB
         chunk = w[start:start + 16384].double()
@@ -96,6 +116,8 @@ def adaptive_factors(weight: torch.Tensor, budget: float, weights: torch.Tensor 
     _, evecs = torch.linalg.eigh(gram)
     basis_full = evecs.flip(1).T.to(torch.float32)  # [d, d], rows = right singular vectors by decreasing σ
     coeff = w @ basis_full.T  # [V, d]
+    if metric is not None:
+        basis_full = (basis_full.double() @ inv_root).float()  # ŵ = c (B M^{-1/2}): back to the table's space
     if single_rank is not None:
         r = single_rank
         return (basis_full[:r].to(weight.dtype), [coeff[:, :r].to(weight.dtype).contiguous()],
@@ -144,3 +166,65 @@ def adaptive_factors(weight: torch.Tensor, budget: float, weights: torch.Tensor 
 
 
 
+
+
+def probe_batches(batches: Sequence[Any], tokens: int = PROBE_TOKENS) -> list[Any]:
+    """The first calibration batches holding ``tokens`` target ids (``input_ids`` / ``decoder_input_ids``)."""
+    out, seen = [], 0
+    for batch in batches:
+        ids = batch if isinstance(batch, torch.Tensor) else batch.get("decoder_input_ids", batch.get("input_ids"))
+        if ids is None or ids.shape[-1] < 2:
+            continue
+        out.append(batch)
+        seen += ids.numel()
+        if seen >= tokens:
+            break
+    return out
+
+
+@torch.no_grad()
+def next_token_loss(model: nn.Module, batches: Sequence[Any]) -> float:
+    """Mean next-token cross-entropy (nats) of ``model`` on ``batches``: token ids ``[b, n]`` (causal LMs) or dicts
+    whose ``decoder_input_ids`` / ``input_ids`` are the targets (e.g. Whisper audio + its transcript)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            kwargs = {"input_ids": batch} if isinstance(batch, torch.Tensor) else dict(batch)
+            ids = kwargs.get("decoder_input_ids", kwargs.get("input_ids"))
+            logits = model(**kwargs).logits[:, :-1].float()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                           reduction="sum"))
+            count += ids[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def pick_head_weight(table: nn.Embedding, model: nn.Module, build: Callable[[float], nn.Module],
+                     probe: Sequence[Any], candidates: Sequence[float] = HEAD_WEIGHTS
+                     ) -> tuple[nn.Module, dict[str, Any]]:
+    """``metric="auto"``: build one compressed table per head weight in ``candidates`` (``build(w)``), measure the
+    model's :func:`next_token_loss` on ``probe`` with that table written into ``table.weight`` (a tied head reads
+    it too), restore the dense table and return the best layer with ``{"head_weight", "probe_loss": {w: loss}}``."""
+    dense = table.weight.detach().clone()
+    best: tuple[float, float, nn.Module] | None = None
+    losses: dict[str, float] = {}
+    try:
+        for weight in candidates:
+            with torch.no_grad():
+                table.weight.copy_(dense)  # every candidate is built from the dense table
+            layer = build(float(weight))
+            with torch.no_grad():
+                table.weight.copy_(layer.weight.to(dense.dtype))
+            loss = next_token_loss(model, probe)
+            losses[f"{float(weight):g}"] = round(loss, 5)
+            if best is None or loss < best[0]:
+                best = (loss, float(weight), layer)
+    finally:
+        with torch.no_grad():
+            table.weight.copy_(dense)
+    if best is None:
+        raise ValueError("hf_compress: adaptive embedding: metric='auto' needs at least one head weight candidate.")
+    return best[2], {"head_weight": best[1], "probe_loss": losses}

@@ -8,7 +8,10 @@ Formats (``TTEmbeddingConfig.format``), all sized by the same parameter budget `
 * ``"adaptive"`` (default) — two-core TT ``[V, R] × [R, d]`` whose vocabulary core has a per-token rank chosen by
   a Lagrangian allocation of the budget: distortion = token weight × energy lost, the weight = calibration count
   + a Zipf prior from the token id (``prior="id_rank"``: BPE merge order / SentencePiece score order) + smoothing;
-  control tokens (BOS/EOS/PAD/decoder-start… from the model's configs, plus ``exact_ids``) keep full rank.
+  control tokens (BOS/EOS/PAD/decoder-start… from the model's configs, plus ``exact_ids``) keep full rank. A row's
+  error is measured as ``δᵀ(I + c·Σ_h·d/tr Σ_h)δ`` where ``Σ_h`` is the tied head's input second moments (its
+  logit error; ``metric="head"``, weight ``c = head_weight``); ``metric="auto"`` (default) tries ``c`` in
+  ``HEAD_WEIGHTS`` (0 = lookup error only) and keeps the lowest next-token loss on calibration batches.
 * ``"svd"`` — the whole-matrix truncated-SVD baseline (one tier of ``"adaptive"``), measured through the same path.
 
 Tied output heads (``lm_head`` / ``proj_out`` sharing the embedding's weight) are handled explicitly:
@@ -18,6 +21,7 @@ Tied output heads (``lm_head`` / ``proj_out`` sharing the embedding's weight) ar
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -28,15 +32,26 @@ from torch import nn
 
 from ..compress import CompressionContext
 from ..config import MethodConfig
-from ..layers.tt_embedding import TiedEmbeddingHead, TTEmbedding, check_tt_shape_ranks
+from ..layers.tt_embedding import TTEmbedding, check_tt_shape_ranks
 from ..layers.tt_matrix import AdaptiveRankEmbedding, TTMatrixEmbedding
 from ..registry import register_method
-from .tt_adaptive import PRIORS, adaptive_factors, count_tokens, special_token_ids, token_weights
+from .tied import attach_tied_head, embedding_scale, table_sigma, tied_head_name, untie  # noqa: F401  (re-exported)
+from .tt_adaptive import (
+    PRIORS,
+    PROBE_TOKENS,
+    adaptive_factors,
+    count_tokens,
+    pick_head_weight,
+    probe_batches,
+    special_token_ids,
+    token_weights,
+)
 
 __all__ = ["TTEmbeddingConfig", "adaptive_factors", "build_embedding", "count_tokens", "prepare_tt"]
 
 FORMATS = ("adaptive", "per_token", "tt_matrix", "svd")
 HEADS = ("compressed", "dense")
+METRICS = ("auto", "identity", "head")
 
 
 @dataclass
@@ -67,6 +82,13 @@ class TTEmbeddingConfig(MethodConfig):
     exact_ids: list[int] | None = field(default=None, metadata={"help": "adaptive: more token ids kept at full "
                                                                         "rank (e.g. tokenizer.all_special_ids)"})
     min_rank: int = field(default=8, metadata={"help": "adaptive: smallest per-token rank"})
+    metric: str = field(default="auto", metadata={"help": f"adaptive: row error metric, one of {METRICS} "
+                                                           "('head': + the tied head's logit error, needs "
+                                                           "calibration; 'auto': the head weight among "
+                                                           "HEAD_WEIGHTS (0 = identity) with the lowest calibration "
+                                                           "loss, identity without calibration or tied head)"})
+    head_weight: float = field(default=1.0, metadata={"help": "metric='head': weight of the head's logit error "
+                                                               "relative to the lookup error (equal traces at 1)"})
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -98,6 +120,10 @@ class TTEmbeddingConfig(MethodConfig):
         if self.exact_ids is not None and any(not isinstance(i, int) or i < 0 for i in self.exact_ids):
             raise ValueError("hf_compress: TTEmbeddingConfig.exact_ids must be token ids >= 0, "
                              f"got {self.exact_ids!r}.")
+        if self.metric not in METRICS:
+            raise ValueError(f"hf_compress: TTEmbeddingConfig.metric must be one of {METRICS}, got {self.metric!r}.")
+        if not self.head_weight > 0:
+            raise ValueError(f"hf_compress: TTEmbeddingConfig.head_weight must be > 0, got {self.head_weight!r}.")
         if self.order < 1 or self.min_rank < 1:
             raise ValueError("hf_compress: TTEmbeddingConfig.order and min_rank must be >= 1.")
 
@@ -217,21 +243,49 @@ def choose_tt_ranks(modes: list[int], budget: float, who: str) -> list[int]:
 # the method
 # ---------------------------------------------------------------------------------------------------------------
 def prepare_tt(model: nn.Module, targets: dict[str, TTEmbeddingConfig], calibration: Any) -> dict[str, Any]:
-    """Per target embedding: ``{"counts": [V] calibration token counts or None, "special": control-token ids}``."""
+    """Per target embedding: ``{"counts": [V] calibration token counts or None, "special": control-token ids}``,
+    plus ``"head_sigma"`` (the tied head's input ``XᵀX/n [d, d]`` over the first ~16k calibration tokens) for
+    ``metric="head"`` / ``"auto"`` and ``"probe"`` (the batches ``"auto"`` scores its candidates on).
+    Encoder-decoder models (Whisper) run only the dict batches (``{"input_features", "decoder_input_ids"}``: audio
+    with its transcript); bare id tensors there only add to the token counts."""
     out = {}
-    for name in targets:
+    heads = {}
+    for name, config in targets.items():
         module = model.get_submodule(name)
         if isinstance(module, nn.Embedding):
             out[name] = {"counts": count_tokens(calibration, module.num_embeddings),
                          "special": special_token_ids(model, module.num_embeddings)}
+            head = tied_head_name(model, module)
+            weighted = config.format == "adaptive" and config.metric != "identity"
+            if weighted and head and config.tied_head == "compressed":
+                heads[name] = head
+    runnable = list(calibration or [])
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):  # bare text ids only count tokens
+        runnable = [b for b in runnable if isinstance(b, dict)]
+    if not runnable:  # metric="auto" falls back to the identity metric
+        heads = {n: h for n, h in heads.items() if targets[n].metric == "head"}
+    if heads and not runnable:
+        raise ValueError("hf_compress: TTEmbeddingConfig(metric='head') weighs rows by the tied head's input "
+                         "statistics: pass calibration batches the model can run (encoder-decoder models: dicts "
+                         "such as {'input_features', 'decoder_input_ids'}), or use metric='identity'.")
+    if heads:
+        from ..calibration import input_covariances
+
+        found = input_covariances(model, sorted(set(heads.values())), probe_batches(runnable, 4 * PROBE_TOKENS))
+        for name, head in heads.items():
+            out[name]["head_sigma"] = found[head].float()
+            if targets[name].metric == "auto":
+                out[name]["probe"] = probe_batches(runnable)
     return out
 
 
 def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: torch.Tensor | None = None,
-                    who: str = "embedding", special: list[int] | None = None, **kwargs: Any) -> nn.Module:
+                    who: str = "embedding", special: list[int] | None = None,
+                    head_sigma: torch.Tensor | None = None, **kwargs: Any) -> nn.Module:
     """Compress a table ``weight [V, d]`` into the format of ``config`` (``kwargs`` -> layer, e.g. embed_scale).
 
-    ``counts [V]``: calibration token counts; ``special``: control-token ids (both used by ``"adaptive"`` only)."""
+    ``counts [V]``: calibration token counts; ``special``: control-token ids; ``head_sigma [d, d]``: the tied head's
+    input second moments (``metric="head"``); all three used by ``"adaptive"`` only."""
     v, d = weight.shape
     budget = None if config.compression is None else v * d / float(config.compression)
     shape = list(config.shape) if config.shape is not None else factorize(d, config.order)
@@ -265,7 +319,10 @@ def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: tor
         weights = token_weights(counts, v, config.prior, config.prior_weight, config.prior_exponent,
                                 config.frequency_smoothing)
         exact = [*(special or [] if config.keep_special else []), *(config.exact_ids or [])]
-    basis, coeffs, tier, slot = adaptive_factors(weight, budget, weights, config.min_rank, single, exact)
+    metric = None
+    if config.format == "adaptive" and config.metric != "identity" and head_sigma is not None:
+        metric = table_sigma(d, head_sigma, config.head_weight)
+    basis, coeffs, tier, slot = adaptive_factors(weight, budget, weights, config.min_rank, single, exact, metric)
     return AdaptiveRankEmbedding.from_factors(basis, coeffs, tier, slot, **kwargs)
 
 
@@ -275,63 +332,19 @@ def _vocab_factors(v: int, order: int) -> list[int]:
     return [*first, math.ceil(v / math.prod(first))]
 
 
-def tied_head_name(model: nn.Module, embedding: nn.Module) -> str | None:
-    """Name of the output head sharing ``embedding.weight`` (``lm_head``, ``proj_out``…), if any."""
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.data_ptr() != embedding.weight.data_ptr():
-        return None
-    return next((n for n, m in model.named_modules() if m is head), None)
-
-
-def untie(model: nn.Module, names: tuple[str, ...]) -> None:
-    """Mark the model untied (``tie_word_embeddings=False``) and drop tie entries touching ``names``."""
-    for module in model.modules():
-        cfg = getattr(module, "config", None)
-        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
-            cfg.tie_word_embeddings = False
-        tied = getattr(module, "all_tied_weights_keys", None)
-        if isinstance(tied, dict):
-            for key in [k for k, val in tied.items() if any(n in k or n in val for n in names)]:
-                tied.pop(key)
-
-
-def embedding_scale(module: nn.Module, who: str, config_name: str) -> float | None:
-    """Check ``module`` is a token table; return its scalar ``embed_scale`` (Gemma's scaled embedding) or ``None``."""
-    if not isinstance(module, nn.Embedding):
-        raise TypeError(f"hf_compress: {who} is a {type(module).__name__}; {config_name} compresses "
-                        "nn.Embedding token tables only (e.g. pattern 'embed_tokens' or 'word_embeddings').")
-    scale = getattr(module, "scalar_embed_scale", None)
-    return None if scale is None else float(scale)
-
-
-def attach_tied_head(ctx: CompressionContext, module: nn.Embedding, new: nn.Module, mode: str) -> None:
-    """If the model's output head shares ``module.weight``: ``mode="compressed"`` swaps in a
-    :class:`TiedEmbeddingHead` reading ``new`` (no parameters but the bias), ``"dense"`` gives the head its own dense
-    copy of the table; either way the model is marked untied."""
-    head_name = tied_head_name(ctx.model, module)
-    if head_name is None:
-        return
-    head = ctx.model.get_submodule(head_name)
-    if mode == "compressed":
-        bias = getattr(head, "bias", None)
-        tied = TiedEmbeddingHead(ctx.name, module.embedding_dim, module.num_embeddings, bias=bias is not None,
-                                 device=module.weight.device, dtype=module.weight.dtype)
-        if bias is not None:
-            tied.bias.data.copy_(bias.detach())
-        tied.__dict__["_embedding"] = new
-        ctx.model.set_submodule(head_name, tied)
-    else:
-        head.weight = nn.Parameter(module.weight.detach().clone())
-    untie(ctx.model, (head_name, ctx.name))
-
-
 def compress_tt_embedding(module: nn.Module, config: TTEmbeddingConfig, ctx: CompressionContext) -> nn.Module | None:
     scale = embedding_scale(module, ctx.name, "TTEmbeddingConfig")
     state = ctx.state or {}
-    new = build_embedding(module.weight, config, state.get("counts"), who=ctx.name, special=state.get("special"),
-                          padding_idx=module.padding_idx, embed_scale=scale)
+    def build(cfg: TTEmbeddingConfig) -> nn.Module:
+        return build_embedding(module.weight, cfg, state.get("counts"), who=ctx.name, special=state.get("special"),
+                               head_sigma=state.get("head_sigma"), padding_idx=module.padding_idx, embed_scale=scale)
+
+    if config.metric == "auto" and state.get("probe"):
+        new, choice = pick_head_weight(module, ctx.model, lambda w: build(dataclasses.replace(
+            config, metric="head" if w > 0 else "identity", head_weight=w if w > 0 else 1.0)), state["probe"])
+        new.metric_choice = choice
+    else:
+        new = build(config)
     attach_tied_head(ctx, module, new, config.tied_head)
     return new
 
