@@ -229,13 +229,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 while other benchmarks share the CPU)")
     parser.add_argument("--calib-per-voice", type=int, default=2, help="train utterances per voice for whitening")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense WER (another process measures it)")
     parser.add_argument("--description", default="", help="appended to the JSON description (e.g. reductions)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     bench = harness.Bench("adaptwin", description=(__doc__.splitlines()[0] + " " + args.description).strip())
     if args.settings or args.compare:
         full = speech.speech_set(tuple(args.voices), args.n_per_voice)
@@ -248,7 +249,7 @@ def main(argv: list[str]) -> int:
                   "warps": args.warps if args.objective == "distill" else [1.0],
                   "lora_targets": "encoder_targets(model)" if args.objective == "distill" else DECODER_TARGETS,
                   "cache_encoder": args.objective != "distill",
-                  "voices": args.voices, "torch_threads": 1}
+                  "voices": args.voices, "torch_threads": args.threads}
         dense, processor = zoo.load(args.model)
         dense.eval()
         dense_rec = None
