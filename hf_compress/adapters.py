@@ -294,7 +294,8 @@ def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any],
     ``pack=k`` (with ``teacher``): train on :func:`pack_utterances` windows (``k`` shuffled passes) instead of one
     utterance per window; ``speeds``: speed-perturbation factors drawn per utterance (:func:`pack_utterances`);
     ``warps`` (with ``teacher``): mel-warp factors drawn per window (:func:`warp_features`; the teacher encodes the
-    same warped input), so the adapter also sees this speaker's voice with a longer or shorter vocal tract."""
+    same warped input; one factor per window for the whole run, so include 1.0 to keep unwarped windows): the
+    adapter sees this speaker's voice with a longer or shorter vocal tract."""
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     t_start = time.perf_counter()
@@ -307,6 +308,9 @@ def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any],
     if pack:
         audios = pack_utterances(audios, repeats=pack, seed=seed, speeds=speeds)
         texts = [""] * len(audios)
+    if not warps or any(not float(a) > 0 for a in warps):
+        raise ValueError(f"hf_compress.adapters: warps= must be a non-empty list of factors > 0 (1.0 = unwarped), "
+                         f"got {list(warps)}.")
     if tuple(warps) != (1.0,) and teacher is None:
         raise ValueError("hf_compress.adapters: warps= perturbs the distillation inputs; pass teacher=dense_model "
                          "too (warped audio no longer matches a transcript's acoustics).")

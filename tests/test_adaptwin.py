@@ -14,6 +14,7 @@ import transformers
 from conftest import ARCHS, tiny_model
 
 import hf_compress
+import hf_compress.adapters as adapters_module
 from hf_compress import CompressionConfig
 from hf_compress.adapters import (
     DECODER_TARGETS,
@@ -339,7 +340,7 @@ def test_mel_warp_moves_a_spectral_peak_by_the_factor() -> None:
         mel_warp_matrix(80, 0.0)
 
 
-def test_packed_distillation_trains_on_windows(tmp_path: Path) -> None:
+def test_packed_distillation_trains_on_windows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sys.path.insert(0, str(EXAMPLE.parent))
     from adaptwin_speaker import TinyProcessor
 
@@ -357,8 +358,15 @@ def test_packed_distillation_trains_on_windows(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="pass pack=k"):
         train_speaker_adapter(student, TinyProcessor(), data, "x", tmp_path, max_steps=1, teacher=teacher,
                               speeds=(0.9, 1.1))
+    with pytest.raises(ValueError, match="warps= must be a non-empty list of factors > 0"):
+        train_speaker_adapter(copy.deepcopy(student), TinyProcessor(), data, "x", tmp_path, max_steps=1,
+                              teacher=teacher, warps=(0.0,))
+    seen: list = []
+    real_warp = adapters_module.warp_features
+    monkeypatch.setattr(adapters_module, "warp_features", lambda f, a, s=0: seen.append(tuple(a)) or real_warp(f, a, s))
     _, stats = train_speaker_adapter(student, TinyProcessor(), data, "spk0", tmp_path, config=config, max_steps=2,
                                      teacher=teacher, pack=2, speeds=(0.9, 1.1), warps=(0.9, 1.0, 1.1))
+    assert seen == [(0.9, 1.0, 1.1)]
     assert stats["utterances"] == 6 and 2 <= stats["windows"] < 12 and stats["steps"] == 2
 
 

@@ -142,18 +142,44 @@ def test_auto_metric_keeps_the_lowest_calibration_loss(arch: Arch, tmp_path: Pat
     choice = model.get_input_embeddings().metric_choice
     losses = {float(k): v for k, v in choice["probe_loss"].items()}
     assert set(losses) == set(HEAD_WEIGHTS) and choice["head_weight"] == min(losses, key=losses.get)
+    assert max(losses.values()) - min(losses.values()) > 1e-4  # the candidates really differ
     again, inputs, logits = run_save_reload(model, arch, tmp_path)
     assert torch.equal(_out(again, inputs), logits)
     for weight, loss in losses.items():  # each candidate was built from the dense table and scored on the probe
         fixed = hf_compress.compress(tiny_model(arch), CompressionConfig(modules={EMBED[arch.name]: TTEmbeddingConfig(
             compression=3.0, metric="head" if weight else "identity", head_weight=weight or 1.0)}),
             calibration=calibration, progress=False)
-        assert next_token_loss(fixed, probe_batches(calibration if arch.name != "whisper" else calibration[-1:])
-                               ) == pytest.approx(loss, abs=1e-4)
+        probe = probe_batches(calibration, seq2seq=arch.name == "whisper")
+        assert next_token_loss(fixed, probe) == pytest.approx(loss, abs=1e-4)
         if weight == choice["head_weight"]:
             assert torch.equal(fixed.get_input_embeddings().weight, model.get_input_embeddings().weight)
     plain = _compress(arch, compression=3.0) if arch.name == "whisper" else None  # ids only: identity, no probe
     assert plain is None or not hasattr(plain.get_input_embeddings(), "metric_choice")
+
+
+def test_next_token_loss_ignores_padding_and_reads_labels() -> None:
+    llama = next(a for a in ARCHS if a.name == "llama")
+    model = tiny_model(llama)
+    ids = torch.randint(0, 90, (1, 10), generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 5)], 1).long()
+    plain = next_token_loss(model, [ids])
+    assert next_token_loss(model, [{"input_ids": padded, "attention_mask": mask}]) == pytest.approx(plain, rel=1e-5)
+    labels = padded.masked_fill(mask == 0, -100)
+    assert next_token_loss(model, [{"input_ids": padded, "attention_mask": mask, "labels": labels}]
+                           ) == pytest.approx(plain, rel=1e-5)
+    assert probe_batches([torch.zeros(1, 1, dtype=torch.long), ids]) == [ids]  # one token: nothing to score
+    with pytest.raises(ValueError, match="no batch has token ids"):
+        next_token_loss(model, [{"attention_mask": mask}])
+
+
+def test_whisper_calibration_with_labels_only_runs_the_auto_metric() -> None:
+    whisper = next(a for a in ARCHS if a.name == "whisper")
+    inputs = whisper.inputs(seed=3)
+    batch = {"input_features": inputs["input_features"], "labels": inputs["decoder_input_ids"]}
+    model = hf_compress.compress(tiny_model(whisper), CompressionConfig(modules={EMBED["whisper"]: TTEmbeddingConfig(
+        compression=3.0)}), calibration=[batch], progress=False)
+    assert set(model.get_input_embeddings().metric_choice["probe_loss"]) == {f"{w:g}" for w in HEAD_WEIGHTS}
 
 
 def test_id_rank_prior_favors_low_ids_and_none_is_uniform() -> None:

@@ -60,7 +60,7 @@ with ``bits_per_weight·d`` an integer. The default group size is the smallest t
 Token embeddings (``nn.Embedding`` targets) become a :class:`CodebookEmbedding` with the same layout; a tied output
 head reads that table. Their ``Σ`` is ``I`` (a lookup's error is its row's own error; no calibration needed), plus,
 with calibration and a tied head, the head's input second moments scaled to the same trace
-(:func:`hf_compress.methods.jlcm_embedding.table_sigma`).
+(:func:`hf_compress.methods.tied.table_sigma`).
 
 Fine-tuning: :func:`mark_codebooks_trainable` leaves only codebooks (and optionally scales, norms, biases)
 trainable, indices stay fixed; train with ``transformers.Trainer`` as usual.

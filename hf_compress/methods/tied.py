@@ -68,12 +68,11 @@ def attach_tied_head(ctx: CompressionContext, module: nn.Embedding, new: nn.Modu
     untie(ctx.model, (head_name, ctx.name))
 
 
-
 def table_sigma(dim: int, head_sigma: torch.Tensor | None, head_weight: float = 1.0) -> torch.Tensor:
     """``Σ [d, d]`` of a token table: ``I`` (a lookup's error is its row's own error), plus the tied head's input
     second moments scaled to ``head_weight`` times the same trace when known (a row's logit error is
     ``(ŵ - w)ᵀ Σ_h (ŵ - w)``)."""
-    eye = torch.eye(dim)
+    eye = torch.eye(dim, device=None if head_sigma is None else head_sigma.device)
     if head_sigma is None:
         return eye
     return eye + head_sigma.float() * (head_weight * dim / torch.diagonal(head_sigma).sum().clamp_min(1e-12))

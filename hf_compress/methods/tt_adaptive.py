@@ -100,14 +100,14 @@ def adaptive_factors(weight: torch.Tensor, budget: float, weights: torch.Tensor 
     ``None``); tokens in ``exact`` (control tokens) take the largest rank in use (full rank ``d``, i.e. exact,
     whenever the budget affords a rank-``d`` tier, as on every real checkpoint measured).
     ``single_rank`` gives the one-tier truncated SVD. ``metric [d, d]`` (symmetric positive definite): measure a
-    row's error as ``δᵀ M δ`` instead of ``δᵀ δ`` (e.g. :func:`~hf_compress.methods.jlcm_embedding.table_sigma`:
+    row's error as ``δᵀ M δ`` instead of ``δᵀ δ`` (e.g. :func:`~hf_compress.methods.tied.table_sigma`:
     lookup error plus a tied head's logit error); the factors are found for ``W M^{1/2}`` and the basis mapped back
     by ``M^{-1/2}`` (same storage, basis no longer orthonormal). Returns ``(basis, coeffs, tier [V], slot [V])``.
     """
     v, d = weight.shape
-    w = weight.detach().to(torch.float32)
+    w = weight.detach().to(device="cpu", dtype=torch.float32)  # factored on the CPU (float64 Gram, bisection)
     if metric is not None:
-        root, inv_root = _sqrt_and_inverse(metric, f"adaptive embedding {v}x{d}")
+        root, inv_root = _sqrt_and_inverse(metric.cpu(), f"adaptive embedding {v}x{d}")
         w = w @ root.float()
     gram = torch.zeros(d, d, dtype=torch.float64, device=w.device)
     for start in range(0, v, 16384):  # in chunks: a float64 copy of a 262k-row table would be 1.3 GB
@@ -120,14 +120,14 @@ def adaptive_factors(weight: torch.Tensor, budget: float, weights: torch.Tensor 
         basis_full = (basis_full.double() @ inv_root).float()  # ŵ = c (B M^{-1/2}): back to the table's space
     if single_rank is not None:
         r = single_rank
-        return (basis_full[:r].to(weight.dtype), [coeff[:, :r].to(weight.dtype).contiguous()],
+        return (basis_full[:r].to(weight), [coeff[:, :r].to(weight).contiguous()],
                 torch.zeros(v, dtype=torch.int32), torch.arange(v, dtype=torch.int32))
     ladder = sorted({max(min_rank, min(d, round(d / 2 ** (i / 2)))) for i in range(40)}, reverse=True)
     csum = coeff.pow(2).cumsum_(1)  # [V, d] energy kept by the first r coefficients
     total = csum[:, -1]
     tails = torch.stack([total - csum[:, r - 1] for r in ladder], 1).clamp_min(0).double()  # [V, K]
     del csum
-    weights = torch.ones(v, dtype=torch.float64) if weights is None else weights.double()
+    weights = torch.ones(v, dtype=torch.float64) if weights is None else weights.double().cpu()
     dist = weights[:, None] * tails
     fixed = torch.tensor(sorted({int(i) for i in exact or [] if 0 <= int(i) < v}), dtype=torch.long)
     rk = torch.tensor(ladder, dtype=torch.float64)
@@ -159,24 +159,39 @@ def adaptive_factors(weight: torch.Tensor, budget: float, weights: torch.Tensor 
         sel = (choice == k).nonzero().squeeze(1)
         tier[sel] = t
         slot[sel] = torch.arange(sel.numel(), dtype=torch.int32)
-        coeffs.append(coeff[sel, : ladder[k]].to(weight.dtype).contiguous())
+        coeffs.append(coeff[sel, : ladder[k]].to(weight).contiguous())
     r_max = ladder[used_tiers[0]]
-    return basis_full[:r_max].to(weight.dtype), coeffs, tier, slot
+    return basis_full[:r_max].to(weight), coeffs, tier, slot
 
 
+def _scored(batch: Any, seq2seq: bool) -> tuple[dict[str, Any], torch.Tensor, bool] | None:
+    """``(model kwargs, targets, shift)`` of a calibration batch: ``labels`` if given (-100 = ignored; causal LMs
+    shift them, seq2seq models align them with the logits), else the (decoder) input ids with padding from the
+    attention mask ignored and shifted by one; ``None`` if the batch has no ids to score."""
+    kwargs = {"input_ids": batch} if isinstance(batch, torch.Tensor) else dict(batch)
+    if isinstance(kwargs.get("labels"), torch.Tensor):
+        return kwargs, kwargs["labels"], not seq2seq
+    ids = kwargs.get("decoder_input_ids" if seq2seq else "input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[1] < 2:
+        return None
+    mask = kwargs.get("decoder_attention_mask" if seq2seq else "attention_mask")
+    return kwargs, (ids if mask is None else ids.masked_fill(mask == 0, -100)), True
 
 
+def _valid(targets: torch.Tensor, shift: bool) -> torch.Tensor:
+    return (targets[:, 1:] if shift else targets) != -100
 
 
-def probe_batches(batches: Sequence[Any], tokens: int = PROBE_TOKENS) -> list[Any]:
-    """The first calibration batches holding ``tokens`` target ids (``input_ids`` / ``decoder_input_ids``)."""
+def probe_batches(batches: Sequence[Any], seq2seq: bool = False, tokens: int = PROBE_TOKENS) -> list[Any]:
+    """The first calibration batches (those with a target to score, see :func:`next_token_loss`) holding
+    ``tokens`` tokens (non-padding ids, or labels other than -100)."""
     out, seen = [], 0
     for batch in batches:
-        ids = batch if isinstance(batch, torch.Tensor) else batch.get("decoder_input_ids", batch.get("input_ids"))
-        if ids is None or ids.shape[-1] < 2:
+        scored = _scored(batch, seq2seq)
+        if scored is None or not bool(_valid(scored[1], scored[2]).any()):
             continue
         out.append(batch)
-        seen += ids.numel()
+        seen += int((scored[1] != -100).sum())
         if seen >= tokens:
             break
     return out
@@ -184,22 +199,32 @@ def probe_batches(batches: Sequence[Any], tokens: int = PROBE_TOKENS) -> list[An
 
 @torch.no_grad()
 def next_token_loss(model: nn.Module, batches: Sequence[Any]) -> float:
-    """Mean next-token cross-entropy (nats) of ``model`` on ``batches``: token ids ``[b, n]`` (causal LMs) or dicts
-    whose ``decoder_input_ids`` / ``input_ids`` are the targets (e.g. Whisper audio + its transcript)."""
+    """Mean next-token cross-entropy (nats per scored token) of a causal LM or seq2seq ``model`` on ``batches``:
+    token ids ``[b, n]`` or dicts of model inputs, scored on their ``labels`` (-100 ignored) or else on their
+    (decoder) input ids shifted by one, padding (``attention_mask == 0``) ignored."""
+    seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         for batch in batches:
-            kwargs = {"input_ids": batch} if isinstance(batch, torch.Tensor) else dict(batch)
-            ids = kwargs.get("decoder_input_ids", kwargs.get("input_ids"))
-            logits = model(**kwargs).logits[:, :-1].float()
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                           reduction="sum"))
-            count += ids[:, 1:].numel()
+            scored = _scored(batch, seq2seq)
+            if scored is None:
+                continue
+            kwargs, targets, shift = scored
+            logits = model(**kwargs).logits.float()
+            if shift:
+                logits, targets = logits[:, :-1], targets[:, 1:]
+            targets = targets.to(logits.device)
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                           ignore_index=-100, reduction="sum"))
+            count += int((targets != -100).sum())
     finally:
         model.train(was_training)
-    return total / max(count, 1)
+    if not count:
+        raise ValueError("hf_compress: next_token_loss: no batch has token ids to score (input_ids, "
+                         "decoder_input_ids or labels).")
+    return total / count
 
 
 def pick_head_weight(table: nn.Embedding, model: nn.Module, build: Callable[[float], nn.Module],

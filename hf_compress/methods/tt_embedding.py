@@ -259,10 +259,11 @@ def prepare_tt(model: nn.Module, targets: dict[str, TTEmbeddingConfig], calibrat
             weighted = config.format == "adaptive" and config.metric != "identity"
             if weighted and head and config.tied_head == "compressed":
                 heads[name] = head
-    runnable = list(calibration or [])
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):  # bare text ids only count tokens
-        runnable = [b for b in runnable if isinstance(b, dict)]
-    if not runnable:  # metric="auto" falls back to the identity metric
+    seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    runnable = [b for b in calibration or [] if isinstance(b, dict) or not seq2seq]  # seq2seq: bare ids only count
+    probe = probe_batches(runnable, seq2seq)
+    generative = callable(getattr(model, "can_generate", None)) and bool(model.can_generate())
+    if not (probe and generative):  # metric="auto" scores next-token loss: else it falls back to identity
         heads = {n: h for n, h in heads.items() if targets[n].metric == "head"}
     if heads and not runnable:
         raise ValueError("hf_compress: TTEmbeddingConfig(metric='head') weighs rows by the tied head's input "
@@ -271,11 +272,12 @@ def prepare_tt(model: nn.Module, targets: dict[str, TTEmbeddingConfig], calibrat
     if heads:
         from ..calibration import input_covariances
 
-        found = input_covariances(model, sorted(set(heads.values())), probe_batches(runnable, 4 * PROBE_TOKENS))
+        stats_batches = probe_batches(runnable, seq2seq, 4 * PROBE_TOKENS) or runnable
+        found = input_covariances(model, sorted(set(heads.values())), stats_batches)
         for name, head in heads.items():
-            out[name]["head_sigma"] = found[head].float()
+            out[name]["head_sigma"] = found[head].float().cpu()
             if targets[name].metric == "auto":
-                out[name]["probe"] = probe_batches(runnable)
+                out[name]["probe"] = probe
     return out
 
 
