@@ -22,7 +22,6 @@ training after that wall time (whatever ``max_steps`` says); the stats report th
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -174,12 +173,6 @@ def change_speed(audio: np.ndarray, factor: float) -> np.ndarray:
     return np.interp(np.arange(max(1, round(n / factor))) * factor, np.arange(n), audio).astype(np.float32)
 
 
-def _hz_to_mel(f: torch.Tensor) -> torch.Tensor:
-    """Slaney mel scale (the one Whisper's filterbank uses): linear below 1 kHz, logarithmic above."""
-    log_part = 15.0 + 27.0 * torch.log(f.clamp_min(1e-6) / 1000.0) / math.log(6.4)
-    return torch.where(f < 1000.0, 3.0 * f / 200.0, log_part)
-
-
 def mel_warp_matrix(n_mels: int, alpha: float, f_max: float = SAMPLE_RATE / 2) -> torch.Tensor:
     """``[n_mels, n_mels]`` linear-interpolation matrix warping log-mel features along frequency by ``alpha``
     (vocal-tract-length perturbation: output bin ``i`` at frequency ``f_i`` reads the input at ``f_i / alpha``; a
@@ -188,11 +181,12 @@ def mel_warp_matrix(n_mels: int, alpha: float, f_max: float = SAMPLE_RATE / 2) -
     if not alpha > 0 or n_mels < 2:
         raise ValueError(f"hf_compress.adapters: mel warp needs alpha > 0 and n_mels >= 2, got alpha={alpha}, "
                          f"n_mels={n_mels}.")
-    m_max = float(_hz_to_mel(torch.tensor(float(f_max), dtype=torch.float64)))
-    centres_mel = m_max * torch.arange(1, n_mels + 1, dtype=torch.float64) / (n_mels + 1)
-    lin = 1000.0 * torch.exp((centres_mel - 15.0) * math.log(6.4) / 27.0)
-    centres_hz = torch.where(centres_mel < 15.0, 200.0 * centres_mel / 3.0, lin)
-    src = ((n_mels + 1) * _hz_to_mel(centres_hz / alpha) / m_max - 1.0).clamp(0, n_mels - 1)
+    from transformers.audio_utils import hertz_to_mel, mel_to_hertz
+
+    m_max = float(hertz_to_mel(float(f_max), mel_scale="slaney"))
+    centres_hz = mel_to_hertz(m_max * np.arange(1, n_mels + 1) / (n_mels + 1), mel_scale="slaney")
+    src_mel = hertz_to_mel(centres_hz / alpha, mel_scale="slaney")
+    src = torch.from_numpy((n_mels + 1) * src_mel / m_max - 1.0).clamp(0, n_mels - 1)
     src = torch.where((src - src.round()).abs() < 1e-9, src.round(), src)  # exact identity at alpha = 1
     lo = src.floor().long().clamp(max=n_mels - 2)
     frac = (src - lo).float()

@@ -77,19 +77,6 @@ def calibration_ids(tok: Any, kind: str, n_samples: int = 128, seq_len: int = 51
     return [ids[s:s + seq_len].unsqueeze(0) for s in starts.tolist()]
 
 
-def speech_calibration(processor: Any, per_voice: int = 16) -> list[dict[str, torch.Tensor]]:
-    """``per_voice`` train utterances of every voice as ``{input_features, decoder_input_ids}`` (audio with its
-    transcript, teacher-forced): the tied head's input statistics for ``metric="head"``; no test sentence."""
-    out = []
-    for split in data.speech_set().values():
-        for u in split["train"][:per_voice]:
-            feats = processor.feature_extractor(data.load_audio(u.path), sampling_rate=16000,
-                                                return_tensors="pt").input_features
-            out.append({"input_features": feats,
-                        "decoder_input_ids": torch.tensor([processor.tokenizer(u.text).input_ids])})
-    return out
-
-
 def run_model(bench: harness.Bench, name: str, args: argparse.Namespace) -> None:
     from hf_compress import CompressionConfig, compress
     from hf_compress.methods.tt_embedding import TTEmbeddingConfig
@@ -103,8 +90,9 @@ def run_model(bench: harness.Bench, name: str, args: argparse.Namespace) -> None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = head is not None and head.weight.data_ptr() == model.get_submodule(emb_name).weight.data_ptr()
     calibration: list[Any] = calibration_ids(text_tok, kind)
-    if kind == "speech-seq2seq":
-        calibration += speech_calibration(tok)
+    if kind == "speech-seq2seq":  # 16 train utterances per voice with their transcripts: the tied head's statistics
+        utterances = [u for split in data.speech_set().values() for u in split["train"][:16]]
+        calibration += data.speech_calibration_batches(tok, utterances, model.config.max_target_positions)
     if args.wer_utterances is not None:
         harness.BUDGETS[budget]["wer_utterances"] = args.wer_utterances  # written into the JSON's "budget"
     print(f"[tt_embedding] {name}: {emb_name} {list(weight.shape)} tied={tied}", file=sys.stderr, flush=True)

@@ -259,6 +259,8 @@ def prepare_tt(model: nn.Module, targets: dict[str, TTEmbeddingConfig], calibrat
             weighted = config.format == "adaptive" and config.metric != "identity"
             if weighted and head and config.tied_head == "compressed":
                 heads[name] = head
+    if not heads:
+        return out
     seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     runnable = [b for b in calibration or [] if isinstance(b, dict) or not seq2seq]  # seq2seq: bare ids only count
     probe = probe_batches(runnable, seq2seq)
