@@ -6,7 +6,11 @@
         --train-seconds 180 --n-train 48 --steps 1000 --batch-size 8 --out out   # decoder-side LoRA, CPU-friendly
     python examples/adaptwin_speaker.py --model whisper-tiny.en --rank 16 --vo-rank 48 --distill \
         --pack 3 --train-seconds 600 --n-train 200 --steps 10000 --batch-size 4 --out out  # encoder LoRA: match dense
+    ... --distill --heal-voices en-gb-scotland en-029+f2 --heal-seconds 900 ...  # generic heal first, then speakers
 
+``--heal-voices`` (with ``--distill``): before the speaker adapters, heal the compressed encoder on those voices
+(``hf_compress.healing.heal_encoder``: the same distillation, LoRA merged into the weights; pick voices other than
+``--voices``), so every speaker starts from a better model.
 ``--model``: a local Whisper folder, a ``benchmarks.zoo`` name (offline materialization) or ``tiny-random``.
 Speakers are espeak-ng voices from ``benchmarks.speech`` (``tiny-random`` uses synthetic noise "speakers").
 Writes ``out/model`` (the compressed model) and ``out/adapters/<speaker>`` (standard PEFT adapter folders), then
@@ -34,6 +38,7 @@ from hf_compress.adapters import (
     set_speaker,
     train_speaker_adapter,
 )
+from hf_compress.healing import heal_encoder
 
 ENC_ATTN = r"encoder\.layers\.\d+\.self_attn$"
 
@@ -88,6 +93,16 @@ def speakers(model_name: str, voices: list[str], n_train: int, n_test: int) -> d
     return {v.replace("+", "_"): {"train": s["train"][:n_train], "test": s["test"][:n_test]} for v, s in sets.items()}
 
 
+def heal_set(model_name: str, voices: list[str], n: int) -> list[Any]:
+    """``n`` utterances per heal voice (train sentences), or noise clips for tiny-random."""
+    if model_name == "tiny-random":
+        rng = np.random.default_rng(1)
+        return [(rng.normal(0, 0.05 * (i % 4 + 1), 400).astype(np.float32), "") for i in range(n * len(voices))]
+    from benchmarks import speech
+
+    return [u for s in speech.speech_set(tuple(voices), n + n // 2).values() for u in s["train"][:n]]
+
+
 @torch.inference_mode()
 def transcribe(model: Any, processor: Any, items: list[Any]) -> list[str]:
     from hf_compress.adapters import audio_and_text
@@ -112,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                         "utterances, this many shuffled passes (0: one utterance a window)")
     parser.add_argument("--warps", nargs="+", type=float, default=[1.0], help="with --distill: mel-warp (vocal "
                         "tract length) factors drawn per window, e.g. 0.9 1.0 1.1 (other voices of the same speaker)")
+    parser.add_argument("--heal-voices", nargs="*", default=[], help="with --distill: heal the compressed encoder "
+                        "on these voices first (hf_compress.healing.heal_encoder), e.g. en-gb-scotland en-029+f2")
+    parser.add_argument("--heal-seconds", type=float, default=None, help="heal training wall-time cap")
     parser.add_argument("--train-seconds", type=float, default=None, help="stop each adapter's training after this")
     parser.add_argument("--n-train", type=int, default=8)
     parser.add_argument("--n-test", type=int, default=2)
@@ -127,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     twin = (ProductTwinConfig(rank=args.rank, vo_rank=args.vo_rank) if args.rank
             else ProductTwinConfig(rank_ratio=0.5, vo_rank=args.vo_rank))
     hf_compress.compress(model, CompressionConfig(modules={ENC_ATTN: twin}), progress=False)
+    if args.heal_voices:
+        if not args.distill:
+            parser.error("--heal-voices needs --distill (the heal matches the dense encoder)")
+        model, stats = heal_encoder(model, processor, heal_set(args.model, args.heal_voices, args.n_train), teacher,
+                                    r=4, max_seconds=args.heal_seconds, max_steps=args.steps,
+                                    batch_size=args.batch_size, learning_rate=args.lr, pack=args.pack)
+        print(f"healed on {args.heal_voices}: {stats['seconds']} s, {stats['steps']} steps")
     model.save_pretrained(out / "model")
     data = speakers(args.model, args.voices, args.n_train, args.n_test)
 

@@ -391,11 +391,13 @@ def test_bad_inputs_have_clear_errors() -> None:
                                        ).modules[ALL_ATTN] == ProductTwinConfig(rank=3)
 
 
-@pytest.mark.parametrize("extra", [[], ["--distill", "--pack", "2", "--warps", "0.9", "1.1"]])
+@pytest.mark.parametrize("extra", [[], ["--distill", "--pack", "2", "--warps", "0.9", "1.1"],
+                                   ["--distill", "--heal-voices", "a", "b"]])
 def test_example_script_runs_on_tiny_whisper(tmp_path: Path, extra: list[str]) -> None:
     proc = subprocess.run([sys.executable, str(EXAMPLE), "--model", "tiny-random", "--out", str(tmp_path),
                            "--steps", "2", "--n-train", "4", *extra], capture_output=True, text=True, timeout=300,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "adapters: ['spk0', 'spk1']" in proc.stdout
+    assert ("healed on ['a', 'b']" in proc.stdout) == ("--heal-voices" in extra)
     assert (tmp_path / "adapters" / "spk1" / "adapter_model.safetensors").is_file()

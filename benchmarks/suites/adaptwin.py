@@ -17,6 +17,12 @@ factors, ``adapters.encoder_targets``) trained to match the dense encoder's outp
 transcripts, on encoder outputs cached once per utterance with the frozen compressed encoder
 (``cache_encoder=True``). Training stops after ``--train-seconds``.
 
+``--heal-seconds S`` (off by default): before the speaker adapters, heal the compressed encoder with
+``hf_compress.healing.heal_encoder`` (the same distillation objective, LoRA merged back, parameter count unchanged)
+on ``--heal-voices`` (espeak-ng voices disjoint from the test voices, ``--heal-per-voice`` utterances each, read from
+the train sentences). Rows ``product_twin+heal`` (no speaker LoRA), ``product_twin+heal+own-lora`` and
+``product_twin+heal+other-lora``.
+
 ``--compare``: product twin vs separate SVD of q/k/v/out at equal parameters (encoder attention −50 %: twin rank
 32/32 vs SVD rank 96 of each projection; plain and whitened), compressed WER. ``--smollm``: SmolLM2-135M
 perplexity at −20 % attention parameters: VO twin rank 38 (RoPE: no QK twin) vs separate SVD of q_proj and
@@ -36,6 +42,7 @@ import torch
 import hf_compress
 from hf_compress import CompressionConfig, LowRankConfig
 from hf_compress.adapters import DECODER_TARGETS, encoder_targets, lora_config, train_speaker_adapter
+from hf_compress.healing import heal_encoder
 from hf_compress.methods.adaptwin import ProductTwinConfig
 
 from .. import asr, data, harness, metrics, speech, zoo
@@ -45,6 +52,8 @@ ENC_PROJ = r"model\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj$"
 ENC_FFN = r"model\.encoder\.layers\.\d+\.fc(1|2)$"
 MAX_NEW_TOKENS = 48
 QK_RANK, VO_RANK = 16, 48
+# --heal: espeak-ng voices disjoint from the test voices (other accents, other pitch variants than +f3)
+HEAL_VOICES = ("en-gb-scotland", "en-029+f2", "en-gb-x-rp+f4", "en-us-nyc+m3")
 
 
 def encoder_params(model: torch.nn.Module) -> int:
@@ -91,6 +100,16 @@ def calibration_batches(model: Any, processor: Any, sets: dict[str, Any], per_vo
              "decoder_input_ids": start} for s in sets.values() for u in s["train"][:per_voice]]
 
 
+def heal_utterances(full: dict[str, Any], voices: list[str], per_voice: int) -> list[Any]:
+    """``per_voice`` utterances of each heal voice, read from the test voices' *train* sentences (a different
+    slice per voice), so no test sentence is heard; synthesizes what is not cached."""
+    texts = [u.text for u in next(iter(full.values()))["train"]]
+    utts = [speech.Utterance(speech.utterance_path(v, t), t, v) for i, v in enumerate(voices)
+            for t in (texts * 2)[(i * per_voice) % len(texts):][:per_voice]]
+    speech.synthesize_all(utts)
+    return utts
+
+
 def _size(model: Any, dense_params: int) -> dict[str, Any]:
     enc = encoder_params(model)
     return {"params": sum(p.numel() for p in model.parameters()), "encoder_params": enc,
@@ -116,6 +135,17 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
                  quality=quality, size=size, dense=dense_rec)
     bench.save(args.out)
     print(f"[adaptwin] {setting}: {size} compressed {quality}", flush=True)
+    prefix = "product_twin"
+    if args.heal_seconds > 0:
+        model, heal_stats = heal_encoder(model, processor, args.heal_utts, dense, r=args.lora_r,
+                                         max_seconds=args.heal_seconds, learning_rate=args.lr, pack=args.pack or 3)
+        info["heal"] = {"voices": args.heal_voices, "per_voice": args.heal_per_voice, **heal_stats}
+        prefix = "product_twin+heal"
+        quality = wer_by_voice(model, processor, sets)
+        bench.record(args.model, prefix, {"setting": setting, **info, "lora": None, "budget": budget},
+                     quality=quality, size=_size(model, encoder_params(dense)), dense=dense_rec)
+        bench.save(args.out)
+        print(f"[adaptwin] {setting}: healed {heal_stats} {quality}", flush=True)
     train_s: dict[str, float] = {}
     stats_by_voice: dict[str, Any] = {}
     peft_model: Any = model
@@ -142,7 +172,7 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
             other[f"wer_{voice}"] = _wer(peft_model, processor, sets[voice]["test"])
             other[f"donor_{voice}"] = donor
     lora = {"budget": budget, "train_seconds": train_s, "train_stats": stats_by_voice, "objective": args.objective}
-    for method, q in (("product_twin+own-lora", own), ("product_twin+other-lora", other)):
+    for method, q in ((f"{prefix}+own-lora", own), (f"{prefix}+other-lora", other)):
         bench.record(args.model, method, {"setting": setting, **info, **lora}, quality=with_mean(q), size=size,
                      dense=dense_rec)
     path = bench.save(args.out)
@@ -226,6 +256,12 @@ def main(argv: list[str]) -> int:
                         "factors drawn per utterance (adapters.change_speed), e.g. 0.9 1.0 1.1 1.2")
     parser.add_argument("--warps", nargs="+", type=float, default=[1.0], help="distill: mel-warp (vocal tract "
                         "length) factors drawn per window (adapters.warp_features), e.g. 0.85 0.9 ... 1.2")
+    parser.add_argument("--heal-seconds", type=float, default=0.0, help="before the speaker adapters: heal the "
+                        "compressed encoder (hf_compress.healing.heal_encoder, LoRA merged) on --heal-voices for this "
+                        "wall time; 0 = off")
+    parser.add_argument("--heal-voices", nargs="+", default=list(HEAL_VOICES), help="--heal: espeak-ng voices, "
+                        "disjoint from --voices")
+    parser.add_argument("--heal-per-voice", type=int, default=50, help="--heal: utterances per heal voice")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora-r", type=int, default=16)
@@ -250,6 +286,11 @@ def main(argv: list[str]) -> int:
                   "lora_targets": "encoder_targets(model)" if args.objective == "distill" else DECODER_TARGETS,
                   "cache_encoder": args.objective != "distill",
                   "voices": args.voices, "torch_threads": args.threads}
+        shared = sorted(set(args.heal_voices) & set(args.voices))
+        if shared:
+            parser.error(f"--heal-voices must be disjoint from --voices (shared: {shared})")
+        args.heal_utts = heal_utterances(full, args.heal_voices, args.heal_per_voice) if args.heal_seconds > 0 else []
+        budget["heal_seconds"] = args.heal_seconds
         dense, processor = zoo.load(args.model)
         dense.eval()
         dense_rec = None

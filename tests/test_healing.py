@@ -1,0 +1,76 @@
+"""hf_compress.healing.heal_encoder on a tiny random Whisper with a twin + low-rank compressed encoder."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ARCHS, tiny_model
+
+import hf_compress
+from hf_compress import CompressionConfig, LowRankConfig
+from hf_compress.adapters import encoder_targets, lora_config, train_speaker_adapter
+from hf_compress.healing import heal_encoder
+from hf_compress.methods.adaptwin import ProductTwinConfig
+
+WHISPER = next(a for a in ARCHS if a.name == "whisper")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture()
+def setup() -> tuple:
+    sys.path.insert(0, str(EXAMPLES))
+    from adaptwin_speaker import TinyProcessor
+
+    teacher = tiny_model(WHISPER)
+    plan = CompressionConfig(modules={r"encoder\.layers\.\d+\.self_attn$": ProductTwinConfig(rank=3),
+                                      r"encoder\.layers\.\d+\.fc1$": LowRankConfig(rank=4)})
+    student = hf_compress.compress(copy.deepcopy(teacher), plan, progress=False)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(400, generator=g).numpy(), "") for _ in range(6)]
+    return teacher, student, TinyProcessor(), data
+
+
+def _gap(model: torch.nn.Module, teacher: torch.nn.Module, feats: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model.get_encoder()(feats).last_hidden_state
+                      - teacher.get_encoder()(feats).last_hidden_state).pow(2).mean())
+
+
+def test_heal_merges_and_keeps_structure(setup: tuple, tmp_path: Path) -> None:
+    teacher, student, proc, data = setup
+    feats = proc.feature_extractor([a for a, _ in data], sampling_rate=16000, return_tensors="pt").input_features
+    before, n_params = _gap(student, teacher, feats), sum(p.numel() for p in student.parameters())
+    kinds, cls = {n: type(m).__name__ for n, m in student.named_modules()}, type(student)
+    healed, stats = heal_encoder(student, proc, data, teacher, r=2, max_seconds=None, max_steps=30, pack=0,
+                                 learning_rate=2e-2)
+    assert type(healed) is cls and stats["steps"] == 30 and stats["objective"] == "distill"
+    assert {n: type(m).__name__ for n, m in healed.named_modules()} == kinds  # no LoRA wrappers left
+    assert sum(p.numel() for p in healed.parameters()) == n_params
+    assert _gap(healed, teacher, feats) < 0.5 * before
+    # the healed model saves/reloads exactly and takes a speaker adapter like any compressed model
+    healed.save_pretrained(tmp_path / "healed")
+    reloaded = WHISPER.auto_class.from_pretrained(tmp_path / "healed").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded.get_encoder()(feats).last_hidden_state,
+                           healed.get_encoder()(feats).last_hidden_state)
+    peft_model, _ = train_speaker_adapter(healed, proc, data[:2], "spk", tmp_path / "a",
+                                          config=lora_config(r=2, alpha=4, target_modules=encoder_targets(healed)),
+                                          max_steps=1, teacher=teacher)
+    assert any(n.endswith("lora_A.spk") for n, _ in peft_model.named_modules())
+
+
+def test_heal_rejects_bad_input(setup: tuple, tmp_path: Path) -> None:
+    teacher, student, proc, data = setup
+    with pytest.raises(ValueError, match="positive int"):
+        heal_encoder(student, proc, data, teacher, r=0)
+    with pytest.raises(ValueError, match="needs utterances"):
+        heal_encoder(student, proc, [], teacher)
+    peft_model, _ = train_speaker_adapter(student, proc, data[:2], "spk", tmp_path,
+                                          config=lora_config(r=2, alpha=4, target_modules=encoder_targets(student)),
+                                          max_steps=1, teacher=teacher)
+    with pytest.raises(ValueError, match="merges its LoRA"):
+        heal_encoder(peft_model, proc, data, teacher)
