@@ -12,7 +12,8 @@ square of the teacher's output): no transcripts are used, and every utterance gi
 of a few tokens. On Whisper tiny.en with a 30 % smaller encoder (WER > 1 before adaptation), ~12 minutes per voice
 brought two of three espeak voices back to their dense WER where decoder-side LoRA on transcripts (an earlier,
 shorter run) stayed far above it; an adapter helps its own voice much more than the others
-(``benchmarks/results/adaptwin.json``).
+(``benchmarks/results/adaptwin.json``). :func:`hf_compress.healing.heal_encoder` runs the same distillation on
+other voices first and merges it into the weights (a speaker-independent heal).
 
 ``cache_encoder=True`` trains decoder-side adapters only (``DECODER_TARGETS``, incl. the cross-attention that reads
 the encoder states) on encoder outputs computed once per utterance with the frozen (compressed) encoder: on a CPU a

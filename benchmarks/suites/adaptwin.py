@@ -138,7 +138,7 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
     prefix = "product_twin"
     if args.heal_seconds > 0:
         model, heal_stats = heal_encoder(model, processor, args.heal_utts, dense, r=args.lora_r,
-                                         max_seconds=args.heal_seconds, learning_rate=args.lr, pack=args.pack or 3)
+                                         max_seconds=args.heal_seconds, learning_rate=args.lr, pack=args.pack)
         info["heal"] = {"voices": args.heal_voices, "per_voice": args.heal_per_voice, **heal_stats}
         prefix = "product_twin+heal"
         quality = wer_by_voice(model, processor, sets)
