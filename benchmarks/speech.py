@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import wave
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,18 @@ def speech_set(voices: tuple[str, ...] = DEFAULT_VOICES, n_per_voice: int = 300,
            for v in voices}
     synthesize_all([u for v in out.values() for part in ("train", "test") for u in v[part]])
     return out
+
+
+def voice_utterances(voices: Sequence[str], texts: Sequence[str], per_voice: int) -> list[Utterance]:
+    """``per_voice`` of ``texts`` spoken by each of ``voices``, a different (wrapping) slice of ``texts`` per voice
+    (more distinct sentences than one shared slice); synthesizes what is not cached. Pass train sentences (e.g.
+    ``speech_set(...)[v]["train"]`` texts) to keep every test sentence unheard."""
+    if not texts or per_voice < 1:
+        raise ValueError(f"voice_utterances: needs texts and per_voice >= 1, got {len(texts)} texts, {per_voice}")
+    picked = [(v, texts[(i * per_voice + j) % len(texts)]) for i, v in enumerate(voices) for j in range(per_voice)]
+    utts = [Utterance(utterance_path(v, t), t, v) for v, t in picked]
+    synthesize_all(utts)
+    return utts
 
 
 def load_audio(path: str | os.PathLike) -> np.ndarray:

@@ -93,14 +93,15 @@ def speakers(model_name: str, voices: list[str], n_train: int, n_test: int) -> d
     return {v.replace("+", "_"): {"train": s["train"][:n_train], "test": s["test"][:n_test]} for v, s in sets.items()}
 
 
-def heal_set(model_name: str, voices: list[str], n: int) -> list[Any]:
-    """``n`` utterances per heal voice (train sentences), or noise clips for tiny-random."""
+def heal_set(model_name: str, voices: list[str], train: list[Any], n: int) -> list[Any]:
+    """``n`` utterances per heal voice of the speakers' ``train`` sentences (no test sentence), or noise clips for
+    tiny-random."""
     if model_name == "tiny-random":
         rng = np.random.default_rng(1)
         return [(rng.normal(0, 0.05 * (i % 4 + 1), 400).astype(np.float32), "") for i in range(n * len(voices))]
     from benchmarks import speech
 
-    return [u for s in speech.speech_set(tuple(voices), n + n // 2).values() for u in s["train"][:n]]
+    return speech.voice_utterances(voices, [u.text for u in train], n)
 
 
 @torch.inference_mode()
@@ -145,15 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     twin = (ProductTwinConfig(rank=args.rank, vo_rank=args.vo_rank) if args.rank
             else ProductTwinConfig(rank_ratio=0.5, vo_rank=args.vo_rank))
     hf_compress.compress(model, CompressionConfig(modules={ENC_ATTN: twin}), progress=False)
+    data = speakers(args.model, args.voices, args.n_train, args.n_test)
     if args.heal_voices:
         if not args.distill:
             parser.error("--heal-voices needs --distill (the heal matches the dense encoder)")
-        model, stats = heal_encoder(model, processor, heal_set(args.model, args.heal_voices, args.n_train), teacher,
-                                    r=4, max_seconds=args.heal_seconds, max_steps=args.steps,
-                                    batch_size=args.batch_size, learning_rate=args.lr, pack=args.pack)
+        heal = heal_set(args.model, args.heal_voices, next(iter(data.values()))["train"], args.n_train)
+        model, stats = heal_encoder(model, processor, heal, teacher, r=4, max_seconds=args.heal_seconds,
+                                    max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                                    pack=args.pack)
         print(f"healed on {args.heal_voices}: {stats['seconds']} s, {stats['steps']} steps")
     model.save_pretrained(out / "model")
-    data = speakers(args.model, args.voices, args.n_train, args.n_test)
 
     peft_model: Any = model
     targets: Any = DECODER_TARGETS if args.cache_encoder else ("q_proj", "v_proj")

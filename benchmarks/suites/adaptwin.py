@@ -100,16 +100,6 @@ def calibration_batches(model: Any, processor: Any, sets: dict[str, Any], per_vo
              "decoder_input_ids": start} for s in sets.values() for u in s["train"][:per_voice]]
 
 
-def heal_utterances(full: dict[str, Any], voices: list[str], per_voice: int) -> list[Any]:
-    """``per_voice`` utterances of each heal voice, read from the test voices' *train* sentences (a different
-    slice per voice), so no test sentence is heard; synthesizes what is not cached."""
-    texts = [u.text for u in next(iter(full.values()))["train"]]
-    utts = [speech.Utterance(speech.utterance_path(v, t), t, v) for i, v in enumerate(voices)
-            for t in (texts * 2)[(i * per_voice) % len(texts):][:per_voice]]
-    speech.synthesize_all(utts)
-    return utts
-
-
 def _size(model: Any, dense_params: int) -> dict[str, Any]:
     enc = encoder_params(model)
     return {"params": sum(p.numel() for p in model.parameters()), "encoder_params": enc,
@@ -289,7 +279,9 @@ def main(argv: list[str]) -> int:
         shared = sorted(set(args.heal_voices) & set(args.voices))
         if shared:
             parser.error(f"--heal-voices must be disjoint from --voices (shared: {shared})")
-        args.heal_utts = heal_utterances(full, args.heal_voices, args.heal_per_voice) if args.heal_seconds > 0 else []
+        train_texts = [u.text for u in next(iter(full.values()))["train"]]  # the same sentences for every voice
+        args.heal_utts = (speech.voice_utterances(args.heal_voices, train_texts, args.heal_per_voice)
+                          if args.heal_seconds > 0 else [])
         budget["heal_seconds"] = args.heal_seconds
         dense, processor = zoo.load(args.model)
         dense.eval()
