@@ -8,15 +8,23 @@ parameter count (a LoRA on a low-rank factor or a twin projection merges into th
 saves, reloads and takes per-speaker adapters exactly as before. Use voices other than those you evaluate on: the
 heal is then a generic recovery step, and a speaker adapter on top only has to fix what is left for its speaker.
 This step is ours, not the AdaPTwin paper's (which adapts the compressed model per speaker directly).
+
+``distill_logits(model, teacher, batches)`` is the general form for any compressed model: it trains whatever
+parameters of ``model`` require grad (e.g. after :func:`hf_compress.methods.jlcm.mark_codebooks_trainable`: JLCM
+codebooks, scales and norms, indices fixed) with the HF ``Trainer`` to match the dense ``teacher``'s output
+distribution, ``KL(p_teacher || p_model)`` per token, averaged over all positions of the batches.
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from .adapters import encoder_targets, lora_config, train_speaker_adapter
+import torch
+
+from .adapters import _time_limit, encoder_targets, lora_config, train_speaker_adapter
 
 HEAL_ADAPTER = "heal"
 
@@ -54,3 +62,87 @@ def heal_encoder(model: Any, processor: Any, utterances: Sequence[Any], teacher:
     healed.eval()
     stats = {k: v for k, v in stats.items() if k != "path"}
     return healed, {**stats, "lora_r": r}
+
+
+class _LogitDistiller(torch.nn.Module):
+    """Trainer-facing wrapper: ``forward(**inputs)`` -> ``{"loss": mean_tokens KL(teacher || student)}``; the
+    teacher is held outside the module tree (not trained, not saved, no optimizer state). The student stays in
+    eval mode while training (dropout off: the target is the teacher's deterministic output)."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+        super().__init__()
+        self.student = student
+        self._teacher = (teacher,)
+
+    def train(self, mode: bool = True) -> _LogitDistiller:
+        self.training = mode
+        self.student.eval()
+        return self
+
+    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            target = torch.log_softmax(self._teacher[0](**inputs).logits.float(), dim=-1)
+        logp = torch.log_softmax(self.student(**inputs).logits.float(), dim=-1)
+        kl = (target.exp() * (target - logp)).sum(-1)  # [batch, seq]
+        mask = inputs.get("attention_mask")
+        loss = kl.mean() if mask is None or mask.shape != kl.shape else (kl * mask).sum() / mask.sum().clamp_min(1)
+        return {"loss": loss}
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self, batches: Sequence[Any]) -> None:
+        self.items = [b if isinstance(b, dict) else {"input_ids": b} for b in batches]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.items[i]
+
+
+def _concat(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    keys = items[0].keys()
+    shapes = {k: {tuple(it[k].shape) for it in items} for k in keys}
+    if any(len(v) > 1 for v in shapes.values()) or any(it.keys() != keys for it in items):
+        raise ValueError("hf_compress.healing: distill_logits batches differ in keys or shapes; give equal-length "
+                         "batches (e.g. fixed-length calibration windows) or batch_size=1.")
+    return {k: torch.cat([it[k] for it in items]) for k in keys}
+
+
+def distill_logits(model: torch.nn.Module, teacher: torch.nn.Module, batches: Sequence[Any], max_steps: int = 500,
+                   max_seconds: float | None = None, batch_size: int = 4, learning_rate: float = 1e-4,
+                   warmup_steps: int = 10, seed: int = 0) -> dict[str, Any]:
+    """Train ``model``'s parameters that require grad (in place) to match ``teacher``'s logits on ``batches``
+    (``[1, seq]`` input-id tensors or dicts of model inputs with a leading batch dimension of 1, equal shapes;
+    ``batch_size`` of them per step) with ``transformers.Trainer`` (AdamW, constant rate after warmup).
+    Stops at ``max_steps`` or ``max_seconds`` of training wall time. Returns ``{"seconds", "steps", "train_loss",
+    "trainable_params", ...}``; ``model`` is left in eval mode."""
+    from transformers import Trainer, TrainingArguments
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ValueError("hf_compress.healing: distill_logits found no trainable parameter in the model; mark what "
+                         "to train first (e.g. hf_compress.methods.jlcm.mark_codebooks_trainable(model)).")
+    if not batches:
+        raise ValueError("hf_compress.healing: distill_logits needs calibration batches (token windows).")
+    if not isinstance(max_steps, int) or max_steps < 1 or batch_size < 1:
+        raise ValueError(f"hf_compress.healing: max_steps and batch_size must be positive ints, got {max_steps!r}, "
+                         f"{batch_size!r}.")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hf_compress_distill_") as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=batch_size, max_steps=max_steps,
+            learning_rate=learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=warmup_steps,
+            weight_decay=0.0, logging_steps=max(1, max_steps // 10), save_strategy="no", report_to=[], seed=seed,
+            remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True)
+        trainer = Trainer(model=_LogitDistiller(model, teacher), args=args, train_dataset=_Batches(batches),
+                          data_collator=_concat, callbacks=[_time_limit(max_seconds)] if max_seconds else None)
+        result = trainer.train()
+    model.eval()
+    return {"seconds": round(time.perf_counter() - t0, 1), "steps": int(trainer.state.global_step),
+            "max_steps": max_steps, "train_loss": float(result.training_loss), "trainable_params": trainable,
+            "batches": len(batches), "batch_size": batch_size, "learning_rate": learning_rate}

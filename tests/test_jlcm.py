@@ -15,7 +15,13 @@ from safetensors.torch import load_file, save_file
 import hf_compress
 from hf_compress import CompressionConfig
 from hf_compress.layers.codebook import CodebookLinear, perm_bits
-from hf_compress.methods.jlcm import CodebookConfig, codebook_from_dense, layer_bits, mark_codebooks_trainable
+from hf_compress.methods.jlcm import (
+    CodebookConfig,
+    codebook_from_dense,
+    freeze_codebooks,
+    layer_bits,
+    mark_codebooks_trainable,
+)
 from hf_compress.packing import pack_bits, packed_nbytes, unpack_bits
 
 
@@ -217,8 +223,12 @@ def test_finetune_codebooks_with_trainer_indices_fixed(tmp_path: Path) -> None:
                                           learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=100,
                                           use_cpu=True)
     transformers.Trainer(model=model, args=args, train_dataset=data).train()
-    assert eval_loss() < before
+    trained = eval_loss()
+    assert trained < before
     assert all(torch.equal(b, indices[n]) for n, b in model.named_buffers() if n in indices)
+    assert freeze_codebooks(model) > 0 and all(p.dtype == torch.float16 for n, p in model.named_parameters()
+                                                if n.endswith(("codebooks", "scales")))
+    assert eval_loss() == pytest.approx(trained, rel=1e-2)  # fp16 storage rounding only
 
 
 # ---- config errors ---------------------------------------------------------------------------------------------

@@ -113,13 +113,10 @@ def _model_state(name: str, args: argparse.Namespace, bench: Any, states: dict[s
 def run_model(name: str, bits: list[float], methods: list[str], args: argparse.Namespace, bench: Any,
               states: dict[str, dict]) -> None:
     import hf_compress
-    from benchmarks import harness, metrics
-    from benchmarks.runner import _reload_class
     from hf_compress.methods.jlcm import CodebookConfig, reuse_covariances
 
     st = _model_state(name, args, bench, states)
-    kind, dense_model, tok, dense = st["kind"], st["dense_model"], st["tok"], st["dense"]
-    calib, sigmas, calib_s = st["calib"], st["sigmas"], st["calib_s"]
+    dense_model, sigmas, calib_s = st["dense_model"], st["sigmas"], st["calib_s"]
     pattern = MODELS[name]
     for bpw in bits:
         for method in methods:
@@ -134,31 +131,73 @@ def run_model(name: str, bits: list[float], methods: list[str], args: argparse.N
             compress_s = time.perf_counter() - t0 + (calib_s if method in ("jlcm", "gptq") else 0.0)
             extra: dict[str, Any] = {"compress_s": compress_s, "layer_loss": _layer_loss(model, dense_model, sigmas),
                                      **_bits(model)}
-            lat: dict[str, Any] = {}
-            if method == "jlcm" or args.all_latency:  # dense measured right beside it: the CPU is shared
-                extra["dense_forward_s_now"] = harness.latency(dense_model, kind, args.budget)["forward_s"]
-                lat = harness.latency(model, kind, args.budget)
-                extra["latency_ratio_vs_dense_now"] = lat["forward_s"] / extra["dense_forward_s_now"]
-            with tempfile.TemporaryDirectory() as tmp:
-                model.save_pretrained(tmp)
-                disk = metrics.disk_bytes(tmp)["weights"]
-                if method == "jlcm":
-                    extra["reload_identical"] = _reload_identical(model, _reload_class(kind).from_pretrained(tmp),
-                                                                  calib[0])
-            if method == "jlcm" and not st.get("lookup_done"):
-                st["lookup_done"] = True
-                extra["latency_lookup_mode"] = _lookup_latency(model, kind, args.budget)
-            disk16 = _fp16_disk(model)  # the rest of the model (embeddings, norms, biases) in fp16 too
-            size = {"params": metrics.param_count(model), "disk_bytes": disk, "disk_bytes_fp16": disk16,
-                    "disk_fp16_vs_dense_fp16": disk16 / dense["size"]["disk_bytes_fp16"],
-                    "quantized_linears_bytes": extra["bpw_effective"] * extra["quantized_weights"] / 8,
-                    "quantized_linears_fp16_bytes": 2 * extra["quantized_weights"]}
-            bench.record(name, method, setting={"bits_per_weight": bpw, **cfg.to_dict()},
-                         quality=_quality(model, tok, kind, args), size=size, latency=lat,
-                         extra=extra, dense=dense)
-            bench.save(args.out)
+            _measure(name, method, bpw, cfg, model, extra, st, args, bench)
+            if method in args.finetune_methods and args.finetune_seconds > 0:
+                _finetune(name, method, bpw, cfg, model, extra, st, args, bench)
             del model
             gc.collect()
+
+
+def _measure(name: str, method: str, bpw: float, cfg: Any, model: torch.nn.Module, extra: dict[str, Any],
+             st: dict[str, Any], args: argparse.Namespace, bench: Any) -> None:
+    """Latency (JLCM rows), bytes on disk, reload check and quality of one compressed ``model``; one record."""
+    from benchmarks import harness, metrics
+    from benchmarks.runner import _reload_class
+
+    kind, dense_model, tok, dense, calib = st["kind"], st["dense_model"], st["tok"], st["dense"], st["calib"]
+    lat: dict[str, Any] = {}
+    if method.startswith("jlcm") or args.all_latency:  # dense measured right beside it: the CPU is shared
+        extra["dense_forward_s_now"] = harness.latency(dense_model, kind, args.budget)["forward_s"]
+        lat = harness.latency(model, kind, args.budget)
+        extra["latency_ratio_vs_dense_now"] = lat["forward_s"] / extra["dense_forward_s_now"]
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        disk = metrics.disk_bytes(tmp)["weights"]
+        if method.startswith("jlcm"):
+            extra["reload_identical"] = _reload_identical(model, _reload_class(kind).from_pretrained(tmp),
+                                                          calib[0])
+    if method == "jlcm" and not st.get("lookup_done"):
+        st["lookup_done"] = True
+        extra["latency_lookup_mode"] = _lookup_latency(model, kind, args.budget)
+    disk16 = _fp16_disk(model)  # the rest of the model (embeddings, norms, biases) in fp16 too
+    size = {"params": metrics.param_count(model), "disk_bytes": disk, "disk_bytes_fp16": disk16,
+            "disk_fp16_vs_dense_fp16": disk16 / dense["size"]["disk_bytes_fp16"],
+            "quantized_linears_bytes": extra["bpw_effective"] * extra["quantized_weights"] / 8,
+            "quantized_linears_fp16_bytes": 2 * extra["quantized_weights"]}
+    bench.record(name, method, setting={"bits_per_weight": bpw, **cfg.to_dict()},
+                 quality=_quality(model, tok, kind, args), size=size, latency=lat,
+                 extra=extra, dense=dense)
+    bench.save(args.out)
+
+
+def _finetune(name: str, method: str, bpw: float, cfg: Any, model: torch.nn.Module, extra: dict[str, Any],
+              st: dict[str, Any], args: argparse.Namespace, bench: Any) -> None:
+    """Distill ``model`` (codebooks, scales/offsets, norms, biases trainable; indices fixed) toward the dense model
+    on calibration-split windows for ``--finetune-seconds``; recorded as ``<method>+ft``."""
+    from benchmarks import data
+    from hf_compress.healing import distill_logits
+    from hf_compress.methods.jlcm import freeze_codebooks, mark_codebooks_trainable
+
+    if st["kind"] != "causal-lm":
+        print(f"[jlcm] {name}: fine-tuning is run for causal LMs only; skipped", flush=True)
+        return
+    print(f"[jlcm] {name}: {method} {bpw} bits/weight + distillation fine-tuning", flush=True)
+    batches = data.calibration_batches(st["tok"], n_samples=args.finetune_samples, seq_len=args.calib_len, seed=1)
+    mark_codebooks_trainable(model)
+    torch.set_num_threads(args.finetune_threads)
+    try:
+        stats = distill_logits(model, st["dense_model"], batches, max_steps=100_000,
+                               max_seconds=args.finetune_seconds, batch_size=args.finetune_batch,
+                               learning_rate=args.finetune_lr)
+    finally:
+        torch.set_num_threads(1)
+    freeze_codebooks(model)
+    keep = ("compress_s", "bpw_index", "bpw_effective", "quantized_weights")
+    extra = {**{k: extra[k] for k in keep}, "finetune": stats, "layer_loss": _layer_loss(model, st["dense_model"],
+                                                                                         st["sigmas"]),
+             "layer_loss_before_finetune": extra["layer_loss"],
+             "compress_s_with_finetune": extra["compress_s"] + stats["seconds"]}
+    _measure(name, f"{method}+ft", bpw, cfg, model, extra, st, args, bench)
 
 
 def _quality(model: torch.nn.Module, tok: Any, kind: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -217,6 +256,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--voices", nargs="+", default=None, help="Whisper test voices (default: all)")
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-len", type=int, default=256)
+    parser.add_argument("--finetune-seconds", type=float, default=0.0,
+                        help="after each --finetune-methods row of a causal LM: distill its codebooks, scales, norms "
+                             "and biases toward the dense model (hf_compress.healing.distill_logits, indices fixed) "
+                             "for this wall time and record '<method>+ft'; 0 = off")
+    parser.add_argument("--finetune-methods", nargs="+", default=["jlcm"], choices=list(METHODS))
+    parser.add_argument("--finetune-samples", type=int, default=256,
+                        help="calibration-split windows (--calib-len tokens, seed 1) to distill on")
+    parser.add_argument("--finetune-batch", type=int, default=4)
+    parser.add_argument("--finetune-lr", type=float, default=2e-4)
+    parser.add_argument("--finetune-threads", type=int, default=1)
     parser.add_argument("--all-latency", action="store_true", help="measure latency for every method, not only JLCM")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/jlcm.json)")
     args = parser.parse_args(argv)
@@ -243,7 +292,11 @@ def main(argv: list[str]) -> int:
         " (rtn = asymmetric round-to-nearest with that group). SmolLM2 weights are dequantized Q4_1 (4-bit grid "
         f"per 32-input block); a {args.block_size}-column block spans several Q4_1 blocks, so 4 bits is not "
         "lossless. bits_per_weight counts index bits; extra.bpw_effective adds fp16 codebooks, scales, offsets and "
-        f"the row permutation. Schedule: {' '.join(args.schedule)}."))
+        f"the row permutation. Schedule: {' '.join(args.schedule)}." + (
+            f" Rows '<method>+ft': that model after {args.finetune_seconds:.0f} s of distillation from the dense "
+            f"model (KL on {args.finetune_samples} calibration-split windows, batch {args.finetune_batch}, AdamW lr "
+            f"{args.finetune_lr}, {args.finetune_threads} thread(s)) of codebooks, scales/offsets, norms and biases; "
+            "indices fixed, same bytes." if args.finetune_seconds > 0 else "")))
     states: dict[str, dict] = {}
     for name, bits in phases:
         try:

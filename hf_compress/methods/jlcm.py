@@ -63,7 +63,8 @@ with calibration and a tied head, the head's input second moments scaled to the 
 (:func:`hf_compress.methods.tied.table_sigma`).
 
 Fine-tuning: :func:`mark_codebooks_trainable` leaves only codebooks (and optionally scales, norms, biases)
-trainable, indices stay fixed; train with ``transformers.Trainer`` as usual.
+trainable (fp32 master copies), indices stay fixed; train with ``transformers.Trainer`` as usual (or distill from the
+dense model with :func:`hf_compress.healing.distill_logits`), then :func:`freeze_codebooks` returns them to fp16.
 """
 
 from __future__ import annotations
@@ -320,9 +321,11 @@ def compress_jlcm(module: nn.Module, config: CodebookConfig, ctx: CompressionCon
 
 
 def mark_codebooks_trainable(model: nn.Module, scales: bool = True, norms: bool = True,
-                             biases: bool = True) -> list[str]:
-    """Freeze everything but codebooks (+ scales, LayerNorm/RMSNorm weights, biases); indices are buffers and
-    stay fixed. Returns the trainable parameter names."""
+                             biases: bool = True, master_dtype: torch.dtype | None = torch.float32) -> list[str]:
+    """Freeze everything but codebooks (+ scales/offsets, LayerNorm/RMSNorm weights, biases); indices are buffers
+    and stay fixed. The fp16 codebooks/scales/offsets are cast to ``master_dtype`` (fp32 master weights: Adam on
+    fp16 parameters underflows its second moment and turns them into NaN); call :func:`freeze_codebooks` after
+    training to return them to fp16 storage. Returns the trainable parameter names."""
     names = []
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
@@ -333,7 +336,32 @@ def mark_codebooks_trainable(model: nn.Module, scales: bool = True, norms: bool 
         p.requires_grad_(keep)
         if keep:
             names.append(name)
+    for name in names:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if master_dtype is not None and leaf in _STORED and isinstance(owner, CodebookLinear):
+            p = getattr(owner, leaf)
+            p.data = p.data.to(master_dtype)
     return names
+
+
+_STORED = ("codebooks", "scales", "offsets")  # CodebookLinear parameters kept in fp16 on disk
+
+
+def freeze_codebooks(model: nn.Module, dtype: torch.dtype = torch.float16) -> int:
+    """After fine-tuning: every CodebookLinear's codebooks/scales/offsets back to ``dtype`` storage (fp16, what
+    :func:`layer_bits` counts), ``requires_grad`` off and decode caches cleared. Returns the layers touched."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, CodebookLinear):
+            for leaf in _STORED:
+                p = getattr(m, leaf)
+                if p is not None:
+                    p.data = p.data.to(dtype)
+                    p.requires_grad_(False)
+            m.clear_cache()
+            n += 1
+    return n
 
 
 register_method("jlcm", CodebookConfig, compress_jlcm, prepare=prepare_jlcm)
