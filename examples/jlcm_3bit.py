@@ -2,16 +2,20 @@
 
     python examples/jlcm_3bit.py --model smollm2-135m --out smollm2-jlcm3            # benchmarks.zoo name
     python examples/jlcm_3bit.py --model ./my-llama --text calib.txt --steps 10 --out out
+    python examples/jlcm_3bit.py --model smollm2-135m --finetune-seconds 900 --out smollm2-jlcm3-ft
 
 ``--model``: a local folder, a Hub id or a ``benchmarks.zoo`` name. Calibration windows come from ``--text``
 (default: the benchmark calibration text); JLCM fits codebooks and mappings to each layer's outputs on them.
 Prints bytes on disk, the index bits per weight, the held-out loss of the dense and the quantized model, and checks
-that the saved model reloads with plain transformers to identical logits.
+that the saved model reloads with plain transformers to identical logits. ``--finetune-seconds S`` then distils the
+codebooks, scales, norms and biases toward the dense model on the calibration windows for ``S`` seconds
+(``hf_compress.healing.distill_logits``; indices fixed, same bytes) before saving.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,9 @@ from _common import calibration_text, load_causal_lm, token_windows
 
 import hf_compress
 from hf_compress import CodebookConfig, CompressionConfig
+from hf_compress.healing import distill_logits
 from hf_compress.layers.codebook import CodebookLinear
+from hf_compress.methods.jlcm import freeze_codebooks, mark_codebooks_trainable
 
 LINEARS = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$"
 
@@ -47,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="JLCM joint optimization steps per layer")
     parser.add_argument("--n-samples", type=int, default=16, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--finetune-seconds", type=float, default=0.0,
+                        help="after quantizing: distil codebooks/scales/norms toward the dense model this long")
+    parser.add_argument("--finetune-lr", type=float, default=2e-4)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -55,7 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     dense_loss = loss(model, held_out)
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     plan = CompressionConfig(modules={args.pattern: CodebookConfig(bits=args.bits, steps=args.steps)})
+    dense = copy.deepcopy(model) if args.finetune_seconds > 0 else None
     hf_compress.compress(model, plan, calibration=calibration)
+    if dense is not None:
+        print(f"held-out loss before fine-tuning: {loss(model, held_out):.4f}")
+        mark_codebooks_trainable(model)
+        stats = distill_logits(model, dense, calibration, max_steps=100_000, max_seconds=args.finetune_seconds,
+                               batch_size=min(4, len(calibration)), learning_rate=args.finetune_lr)
+        freeze_codebooks(model)
+        print(f"fine-tuned {stats['trainable_params']:,} parameters for {stats['steps']} steps ({stats['seconds']} s)")
     model.save_pretrained(args.out)
 
     layers = [m for m in model.modules() if isinstance(m, CodebookLinear)]

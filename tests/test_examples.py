@@ -84,6 +84,16 @@ def test_jlcm_3bit_example(tiny_lm: tuple[Path, Path], tmp_path: Path) -> None:
     assert ratio < 1.0
 
 
+def test_jlcm_3bit_example_finetune(tiny_lm: tuple[Path, Path], tmp_path: Path) -> None:
+    model, text = tiny_lm
+    proc = _run("jlcm_3bit.py", "--model", str(model), "--text", str(text), "--steps", "3", "--n-samples", "4",
+                "--seq-len", "32", "--finetune-seconds", "3", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "reload identical: True" in proc.stdout and re.search(r"for [1-9]\d* steps", proc.stdout)
+    bits = float(re.search(r"at ([\d.]+) index bits/weight", proc.stdout).group(1))
+    assert 3.0 <= bits < 3.01  # still the packed 3-bit codes
+
+
 def test_subspace_distill_example(tiny_lm: tuple[Path, Path], tmp_path: Path) -> None:
     model, text = tiny_lm
     proc = _run("subspace_distill.py", "--model", str(model), "--text", str(text), "--steps", "16", "--n-samples",
