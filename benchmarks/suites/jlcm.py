@@ -184,13 +184,8 @@ def _finetune(name: str, method: str, bpw: float, cfg: Any, model: torch.nn.Modu
     print(f"[jlcm] {name}: {method} {bpw} bits/weight + distillation fine-tuning", flush=True)
     batches = data.calibration_batches(st["tok"], n_samples=args.finetune_samples, seq_len=args.calib_len, seed=1)
     mark_codebooks_trainable(model)
-    torch.set_num_threads(args.finetune_threads)
-    try:
-        stats = distill_logits(model, st["dense_model"], batches, max_steps=100_000,
-                               max_seconds=args.finetune_seconds, batch_size=args.finetune_batch,
-                               learning_rate=args.finetune_lr)
-    finally:
-        torch.set_num_threads(1)
+    stats = distill_logits(model, st["dense_model"], batches, max_steps=100_000, max_seconds=args.finetune_seconds,
+                           batch_size=args.finetune_batch, learning_rate=args.finetune_lr)
     freeze_codebooks(model)
     keep = ("compress_s", "bpw_index", "bpw_effective", "quantized_weights")
     extra = {**{k: extra[k] for k in keep}, "finetune": stats, "layer_loss": _layer_loss(model, st["dense_model"],
@@ -265,7 +260,7 @@ def main(argv: list[str]) -> int:
                         help="calibration-split windows (--calib-len tokens, seed 1) to distill on")
     parser.add_argument("--finetune-batch", type=int, default=4)
     parser.add_argument("--finetune-lr", type=float, default=2e-4)
-    parser.add_argument("--finetune-threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 while other benchmarks share the CPU)")
     parser.add_argument("--all-latency", action="store_true", help="measure latency for every method, not only JLCM")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/jlcm.json)")
     args = parser.parse_args(argv)
@@ -283,7 +278,7 @@ def main(argv: list[str]) -> int:
                              f"{list(MODELS)}")
         phases.append((name, [float(b) for b in bits.split(",")]))
     torch.manual_seed(0)
-    torch.set_num_threads(1)  # shared CPUs
+    torch.set_num_threads(args.threads)
     bench = Bench("jlcm", budget=args.budget, description=(
         f"JLCM vs RTN vs k-means codebooks vs GPTQ (error feedback onto the RTN grid) on all block linear layers; "
         f"steps={args.steps}, error_feedback={args.error_feedback}, kmeans_iters={args.kmeans_iters}, "
@@ -292,10 +287,10 @@ def main(argv: list[str]) -> int:
         " (rtn = asymmetric round-to-nearest with that group). SmolLM2 weights are dequantized Q4_1 (4-bit grid "
         f"per 32-input block); a {args.block_size}-column block spans several Q4_1 blocks, so 4 bits is not "
         "lossless. bits_per_weight counts index bits; extra.bpw_effective adds fp16 codebooks, scales, offsets and "
-        f"the row permutation. Schedule: {' '.join(args.schedule)}." + (
+        f"the row permutation. Schedule: {' '.join(args.schedule)}; {args.threads} torch thread(s)." + (
             f" Rows '<method>+ft': that model after {args.finetune_seconds:.0f} s of distillation from the dense "
             f"model (KL on {args.finetune_samples} calibration-split windows, batch {args.finetune_batch}, AdamW lr "
-            f"{args.finetune_lr}, {args.finetune_threads} thread(s)) of codebooks, scales/offsets, norms and biases; "
+            f"{args.finetune_lr}) of codebooks, scales/offsets, norms and biases; "
             "indices fixed, same bytes." if args.finetune_seconds > 0 else "")))
     states: dict[str, dict] = {}
     for name, bits in phases:
