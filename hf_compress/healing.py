@@ -64,29 +64,54 @@ def heal_encoder(model: Any, processor: Any, utterances: Sequence[Any], teacher:
     return healed, {**stats, "lora_r": r}
 
 
-class _LogitDistiller(torch.nn.Module):
-    """Trainer-facing wrapper: ``forward(**inputs)`` -> ``{"loss": mean_tokens KL(teacher || student)}``; the
-    teacher is held outside the module tree (not trained, not saved, no optimizer state). The student stays in
-    eval mode while training (dropout off: the target is the teacher's deterministic output)."""
+class _Distiller(torch.nn.Module):
+    """Trainer-facing wrapper: ``forward(input_ids, ...)`` -> ``{"loss"}`` of the student against the frozen teacher.
 
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    ``loss="hidden"``: mean over all hidden states of ``MSE(s, t) / mean(t²)``; ``"logits"``: token-mean
+    ``KL(teacher ‖ student)`` (over ``attention_mask`` positions when given); ``"both"``: their sum. Both models stay
+    in eval mode (no dropout: the target is the teacher's deterministic output). Used by :func:`distill_logits` and
+    :func:`hf_compress.methods.subspace_distill.distill`.
+    """
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, loss: str) -> None:
         super().__init__()
-        self.student = student
-        self._teacher = (teacher,)
+        self.student, self.loss = student, loss
+        self.__dict__["teacher"] = teacher  # not a submodule: never trained, not moved or saved
 
-    def train(self, mode: bool = True) -> _LogitDistiller:
-        self.training = mode
+    def train(self, mode: bool = True) -> _Distiller:
+        super().train(mode)
         self.student.eval()
         return self
 
-    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            target = torch.log_softmax(self._teacher[0](**inputs).logits.float(), dim=-1)
-        logp = torch.log_softmax(self.student(**inputs).logits.float(), dim=-1)
-        kl = (target.exp() * (target - logp)).sum(-1)  # [batch, seq]
-        mask = inputs.get("attention_mask")
-        loss = kl.mean() if mask is None or mask.shape != kl.shape else (kl * mask).sum() / mask.sum().clamp_min(1)
+    def forward(self, input_ids: torch.Tensor | None = None, token_ids: torch.Tensor | None = None,
+                num_items_in_batch: Any = None, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``input_ids [b, seq]`` text rows (other model inputs, e.g. ``attention_mask``, passed through);
+        ``token_ids [k, t]``: isolated-token rows, a second loss term. ``num_items_in_batch`` (from Trainer) unused."""
+        if input_ids is not None:
+            inputs["input_ids"] = input_ids
+        loss = self.match(inputs)
+        if token_ids is not None and token_ids.numel():
+            loss = loss + self.match({"input_ids": token_ids})
         return {"loss": loss}
+
+    def match(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The distillation loss of one batch of model inputs (``input_ids [b, seq]``, ...)."""
+        hidden = self.loss in ("hidden", "both")
+        with torch.no_grad():
+            t = self.teacher(**inputs, output_hidden_states=hidden)
+        s = self.student(**inputs, output_hidden_states=hidden)
+        loss = next(iter(inputs.values())).new_zeros((), dtype=torch.float32)
+        if hidden:
+            terms = [(a.float() - b.float()).pow(2).mean() / b.float().pow(2).mean().clamp_min(1e-12)
+                     for a, b in zip(s.hidden_states, t.hidden_states)]
+            loss = loss + torch.stack(terms).mean()
+        if self.loss in ("logits", "both"):
+            lt = torch.log_softmax(t.logits.float(), -1)
+            kl = (lt.exp() * (lt - torch.log_softmax(s.logits.float(), -1))).sum(-1)  # [b, seq]
+            mask = inputs.get("attention_mask")
+            loss = loss + (kl.mean() if mask is None or mask.shape != kl.shape
+                           else (kl * mask).sum() / mask.sum().clamp_min(1))
+        return loss
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -139,7 +164,7 @@ def distill_logits(model: torch.nn.Module, teacher: torch.nn.Module, batches: Se
             weight_decay=0.0, logging_steps=max(1, max_steps // 10), save_strategy="no", report_to=[], seed=seed,
             remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
             disable_tqdm=True)
-        trainer = Trainer(model=_LogitDistiller(model, teacher), args=args, train_dataset=_Batches(batches),
+        trainer = Trainer(model=_Distiller(model, teacher, "logits"), args=args, train_dataset=_Batches(batches),
                           data_collator=_concat, callbacks=[_time_limit(max_seconds)] if max_seconds else None)
         result = trainer.train()
     model.eval()

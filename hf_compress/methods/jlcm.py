@@ -320,6 +320,9 @@ def compress_jlcm(module: nn.Module, config: CodebookConfig, ctx: CompressionCon
     return layer
 
 
+_STORED = ("codebooks", "scales", "offsets")  # CodebookLinear parameters kept in fp16 on disk
+
+
 def mark_codebooks_trainable(model: nn.Module, scales: bool = True, norms: bool = True,
                              biases: bool = True, master_dtype: torch.dtype | None = torch.float32) -> list[str]:
     """Freeze everything but codebooks (+ scales/offsets, LayerNorm/RMSNorm weights, biases); indices are buffers
@@ -336,16 +339,9 @@ def mark_codebooks_trainable(model: nn.Module, scales: bool = True, norms: bool 
         p.requires_grad_(keep)
         if keep:
             names.append(name)
-    for name in names:
-        owner_name, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        if master_dtype is not None and leaf in _STORED and isinstance(owner, CodebookLinear):
-            p = getattr(owner, leaf)
-            p.data = p.data.to(master_dtype)
+            if master_dtype is not None and leaf in _STORED and isinstance(owner, CodebookLinear):
+                p.data = p.data.to(master_dtype)
     return names
-
-
-_STORED = ("codebooks", "scales", "offsets")  # CodebookLinear parameters kept in fp16 on disk
 
 
 def freeze_codebooks(model: nn.Module, dtype: torch.dtype = torch.float16) -> int:

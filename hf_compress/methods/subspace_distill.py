@@ -11,52 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..healing import _Distiller
 from ..layers.subspace import SubspaceEmbedding
 from ..layers.tt_embedding import TiedEmbeddingHead
 
 __all__ = ["distill", "distillation_loss", "isolated_token_rows"]
-
-
-class _Distiller(nn.Module):
-    """Trainer-facing wrapper: ``forward(input_ids)`` -> ``{"loss"}`` of the student against the frozen teacher.
-
-    ``loss="hidden"``: mean over all hidden states of ``MSE(s, t) / mean(t²)``; ``"logits"``: token-mean
-    ``KL(teacher ‖ student)``; ``"both"``: their sum. Both models stay in eval mode (no dropout).
-    """
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, loss: str) -> None:
-        super().__init__()
-        self.student, self.loss = student, loss
-        self.__dict__["teacher"] = teacher  # not a submodule: never trained, not moved or saved
-
-    def train(self, mode: bool = True) -> _Distiller:
-        super().train(mode)
-        self.student.eval()
-        return self
-
-    def forward(self, input_ids: torch.Tensor, token_ids: torch.Tensor | None = None, **_: Any
-                ) -> dict[str, torch.Tensor]:
-        """``input_ids [b, seq]`` text rows; ``token_ids [k, t]``: isolated-token rows, a second loss term."""
-        loss = self.match(input_ids)
-        if token_ids is not None and token_ids.numel():
-            loss = loss + self.match(token_ids)
-        return {"loss": loss}
-
-    def match(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The distillation loss of one batch ``[b, seq]``."""
-        with torch.no_grad():
-            t = self.teacher(input_ids=input_ids, output_hidden_states=True)
-        s = self.student(input_ids=input_ids, output_hidden_states=True)
-        loss = input_ids.new_zeros((), dtype=torch.float32)
-        if self.loss in ("hidden", "both"):
-            terms = [(a.float() - b.float()).pow(2).mean() / b.float().pow(2).mean().clamp_min(1e-12)
-                     for a, b in zip(s.hidden_states, t.hidden_states)]
-            loss = loss + torch.stack(terms).mean()
-        if self.loss in ("logits", "both"):
-            lt = torch.log_softmax(t.logits.float(), -1)
-            ls = torch.log_softmax(s.logits.float(), -1)
-            loss = loss + (lt.exp() * (lt - ls)).sum(-1).mean()
-        return loss
 
 
 def _register_output_recording(model: nn.Module) -> None:
