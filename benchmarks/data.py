@@ -291,14 +291,17 @@ __all__ = ["Utterance", "cache_dir", "calibration_batches", "calibration_text", 
            "strip_wiki_markup", "tokenizer_bos", "wordsim353"]
 
 
-def speech_calibration_batches(processor: Any, utterances: list[Any], seq_len: int) -> list[dict[str, torch.Tensor]]:
+def speech_calibration_batches(processor: Any, utterances: list[Any], seq_len: int,
+                               start_only: bool = False) -> list[dict[str, torch.Tensor]]:
     """Whisper calibration batches from speech *train* utterances: one ``{"input_features": [1, mels, 3000],
-    "decoder_input_ids": [1, <= seq_len]}`` (the reference transcript) per utterance."""
+    "decoder_input_ids": [1, <= seq_len]}`` (the reference transcript) per utterance. ``start_only``: the decoder
+    gets only ``<|startoftranscript|>`` ``[1, 1]`` (enough to calibrate the encoder)."""
     from . import speech
 
+    start = torch.tensor([[processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")]])
     out = []
     for u in utterances:
         feats = processor.feature_extractor(speech.load_audio(u.path), sampling_rate=16000, return_tensors="pt")
-        ids = processor.tokenizer(u.text, return_tensors="pt")["input_ids"][:, :seq_len]
+        ids = start if start_only else processor.tokenizer(u.text, return_tensors="pt")["input_ids"][:, :seq_len]
         out.append({"input_features": feats.input_features, "decoder_input_ids": ids})
     return out

@@ -66,8 +66,6 @@ def plot_all(results_dir: Path = RESULTS_DIR) -> list[Path]:
     """Plot every ``*.json`` in ``results_dir``; returns the PNG paths written."""
     written = []
     for path in sorted(results_dir.glob("*.json")):
-        if "." in path.stem:  # <suite>.<part>.json: a raw part already merged into <suite>.json
-            continue
         out = plot_file(path)
         if out is not None:
             written.append(out)

@@ -35,8 +35,6 @@ def rows(results_dir: Path = RESULTS_DIR) -> list[str]:
     out = ["| results file | model | setting | quality | params | params / dense | disk MB | latency / dense |",
            "|---|---|---|---|---|---|---|---|"]
     for path in sorted(results_dir.glob("*.json")):
-        if "." in path.stem:  # <suite>.<part>.json: a raw part already merged into <suite>.json
-            continue
         doc = json.loads(path.read_text())
         for rec in doc.get("records", []):
             size, ratios = rec.get("size") or {}, rec.get("ratios") or {}

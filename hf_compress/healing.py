@@ -68,9 +68,9 @@ class _Distiller(torch.nn.Module):
     """Trainer-facing wrapper: ``forward(input_ids, ...)`` -> ``{"loss"}`` of the student against the frozen teacher.
 
     ``loss="hidden"``: mean over all hidden states of ``MSE(s, t) / mean(t²)``; ``"logits"``: token-mean
-    ``KL(teacher ‖ student)`` (over ``attention_mask`` positions when given); ``"both"``: their sum. Both models stay
-    in eval mode (no dropout: the target is the teacher's deterministic output). Used by :func:`distill_logits` and
-    :func:`hf_compress.methods.subspace_distill.distill`.
+    ``KL(teacher ‖ student)`` (over ``decoder_attention_mask``, else ``attention_mask``, positions when given);
+    ``"both"``: their sum. Both models stay in eval mode (no dropout: the target is the teacher's deterministic
+    output). Used by :func:`distill_logits` and :func:`hf_compress.methods.subspace_distill.distill`.
     """
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, loss: str) -> None:
@@ -108,7 +108,7 @@ class _Distiller(torch.nn.Module):
         if self.loss in ("logits", "both"):
             lt = torch.log_softmax(t.logits.float(), -1)
             kl = (lt.exp() * (lt - torch.log_softmax(s.logits.float(), -1))).sum(-1)  # [b, seq]
-            mask = inputs.get("attention_mask")
+            mask = inputs.get("decoder_attention_mask", inputs.get("attention_mask"))
             loss = loss + (kl.mean() if mask is None or mask.shape != kl.shape
                            else (kl * mask).sum() / mask.sum().clamp_min(1))
         return loss
@@ -125,23 +125,42 @@ class _Batches(torch.utils.data.Dataset):
         return self.items[i]
 
 
+MASK_FOR = {"input_ids": "attention_mask", "decoder_input_ids": "decoder_attention_mask"}
+
+
 def _concat(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack ``[1, ...]`` batches into one. ``input_ids`` / ``decoder_input_ids`` of different lengths are right-padded
+    (with 0) and get an ``attention_mask`` / ``decoder_attention_mask`` (the loss skips the padding); every other
+    input must have equal shapes."""
     keys = items[0].keys()
-    shapes = {k: {tuple(it[k].shape) for it in items} for k in keys}
-    if any(len(v) > 1 for v in shapes.values()) or any(it.keys() != keys for it in items):
-        raise ValueError("hf_compress.healing: distill_logits batches differ in keys or shapes; give equal-length "
-                         "batches (e.g. fixed-length calibration windows) or batch_size=1.")
-    return {k: torch.cat([it[k] for it in items]) for k in keys}
+    if any(it.keys() != keys for it in items):
+        raise ValueError("hf_compress.healing: distill_logits batches differ in keys; give every batch the same "
+                         "model inputs.")
+    out = {}
+    for k in keys:
+        if len({tuple(it[k].shape) for it in items}) == 1:
+            out[k] = torch.cat([it[k] for it in items])
+        elif k in MASK_FOR and MASK_FOR[k] not in keys and all(it[k].dim() == 2 for it in items):
+            length = max(it[k].shape[1] for it in items)
+            out[k] = torch.cat([torch.nn.functional.pad(it[k], (0, length - it[k].shape[1])) for it in items])
+            out[MASK_FOR[k]] = torch.cat([torch.nn.functional.pad(torch.ones_like(it[k]), (0, length - it[k].shape[1]))
+                                          for it in items])
+        else:
+            raise ValueError(f"hf_compress.healing: distill_logits batches differ in the shape of {k!r}; only "
+                             "input_ids / decoder_input_ids (without their own masks) are padded. Give equal shapes "
+                             "or batch_size=1.")
+    return out
 
 
 def distill_logits(model: torch.nn.Module, teacher: torch.nn.Module, batches: Sequence[Any], max_steps: int = 500,
                    max_seconds: float | None = None, batch_size: int = 4, learning_rate: float = 1e-4,
                    warmup_steps: int = 10, seed: int = 0) -> dict[str, Any]:
     """Train ``model``'s parameters that require grad (in place) to match ``teacher``'s logits on ``batches``
-    (``[1, seq]`` input-id tensors or dicts of model inputs with a leading batch dimension of 1, equal shapes;
-    ``batch_size`` of them per step) with ``transformers.Trainer`` (AdamW, constant rate after warmup).
-    Stops at ``max_steps`` or ``max_seconds`` of training wall time. Returns ``{"seconds", "steps", "train_loss",
-    "trainable_params", ...}``; ``model`` is left in eval mode."""
+    (``[1, seq]`` input-id tensors or dicts of model inputs with a leading batch dimension of 1, e.g. Whisper's
+    ``{input_features [1, mels, frames], decoder_input_ids [1, t]}``; ids of different lengths are right-padded and
+    masked, other inputs need equal shapes; ``batch_size`` of them per step) with ``transformers.Trainer`` (AdamW,
+    constant rate after warmup). Stops at ``max_steps`` or ``max_seconds`` of training wall time. Returns
+    ``{"seconds", "steps", "train_loss", "trainable_params", ...}``; ``model`` is left in eval mode."""
     from transformers import Trainer, TrainingArguments
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -15,7 +15,7 @@ from conftest import ARCHS, tiny_model
 import hf_compress
 from hf_compress import CompressionConfig, LowRankConfig
 from hf_compress.adapters import encoder_targets, lora_config, train_speaker_adapter
-from hf_compress.healing import distill_logits, heal_encoder
+from hf_compress.healing import _concat, _Distiller, distill_logits, heal_encoder
 from hf_compress.methods.adaptwin import ProductTwinConfig
 
 WHISPER = next(a for a in ARCHS if a.name == "whisper")
@@ -127,6 +127,49 @@ def test_distill_logits_errors() -> None:
     student.lm_head.weight.requires_grad_(True)
     with pytest.raises(ValueError, match="needs calibration batches"):
         distill_logits(student, teacher, [])
-    with pytest.raises(ValueError, match="differ in keys or shapes"):
-        distill_logits(student, teacher, [torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 9, dtype=torch.long)],
+    ragged = [{"input_ids": torch.zeros(1, n, dtype=torch.long), "attention_mask": torch.ones(1, n, dtype=torch.long)}
+              for n in (8, 9)]  # ids with their own masks are not padded
+    with pytest.raises(ValueError, match="differ in the shape of 'input_ids'"):
+        distill_logits(student, teacher, ragged, max_steps=1, batch_size=2)
+    with pytest.raises(ValueError, match="differ in keys"):
+        distill_logits(student, teacher, [ragged[0], {"input_ids": torch.zeros(1, 8, dtype=torch.long)}],
                        max_steps=1, batch_size=2)
+
+
+def test_distill_pads_ragged_ids_and_masks_the_loss() -> None:
+    """Right-padded rows give the token-mean KL of the unpadded rows (padding neither changes the causal logits nor
+    enters the mean)."""
+    arch = next(a for a in ARCHS if a.name == "llama")
+    teacher, student = tiny_model(arch), tiny_model(arch, seed=1)
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 96, (1, n), generator=g) for n in (5, 8)]
+    batch = _concat([{"input_ids": r} for r in rows])
+    assert batch["input_ids"].shape == (2, 8) and batch["attention_mask"].sum().item() == 13
+    wrapper = _Distiller(student, teacher, "logits")
+    with torch.no_grad():
+        padded = float(wrapper(**batch)["loss"])
+        expected = sum(float(wrapper(input_ids=r)["loss"]) * r.shape[1] for r in rows) / 13
+    assert padded == pytest.approx(expected, rel=1e-5)
+
+
+def test_distill_logits_whisper_variable_length_transcripts() -> None:
+    """Whisper batches (equal ``input_features``, transcripts of different lengths) train through the padding."""
+    from hf_compress.methods.jlcm import CodebookConfig, freeze_codebooks, mark_codebooks_trainable
+
+    teacher = tiny_model(WHISPER)
+    student = hf_compress.compress(copy.deepcopy(teacher), CompressionConfig(
+        modules={WHISPER.mlp_pattern: CodebookConfig(bits=2, method="rtn")}), progress=False)
+    mark_codebooks_trainable(student)
+    g = torch.Generator().manual_seed(0)
+    mels, frames = teacher.config.num_mel_bins, 2 * teacher.config.max_source_positions
+    batches = [{"input_features": torch.randn(1, mels, frames, generator=g),
+                "decoder_input_ids": torch.randint(0, 96, (1, n), generator=g)} for n in (3, 5, 7, 4)]
+    wrapper = _Distiller(student, teacher, "logits")
+    with torch.no_grad():
+        before = float(wrapper(**_concat(batches))["loss"])
+    stats = distill_logits(student, teacher, batches, max_steps=20, batch_size=4, learning_rate=1e-2)
+    freeze_codebooks(student)
+    with torch.no_grad():
+        after = float(wrapper(**_concat(batches))["loss"])
+    assert stats["steps"] == 20 and after < 0.8 * before
+

@@ -21,7 +21,10 @@ transcripts, on encoder outputs cached once per utterance with the frozen compre
 ``hf_compress.healing.heal_encoder`` (the same distillation objective, LoRA merged back, parameter count unchanged)
 on ``--heal-voices`` (espeak-ng voices disjoint from the test voices, ``--heal-per-voice`` utterances each, read from
 the train sentences). Rows ``product_twin+heal`` (no speaker LoRA), ``product_twin+heal+own-lora`` and
-``product_twin+heal+other-lora``.
+``product_twin+heal+other-lora``. ``--heal-save DIR`` keeps the healed model (``save_pretrained``) and
+``--heal-load DIR`` reuses it instead of healing again (one setting). ``--lora-replay N`` adds N utterances of each
+heal voice to every speaker adapter's training set (replay, so the adapter keeps working on other voices); its
+rows end in ``+replay``.
 
 ``--compare``: product twin vs separate SVD of q/k/v/out at equal parameters (encoder attention −50 %: twin rank
 32/32 vs SVD rank 96 of each projection; plain and whitened), compressed WER. ``--smollm``: SmolLM2-135M
@@ -33,11 +36,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 import hf_compress
 from hf_compress import CompressionConfig, LowRankConfig
@@ -54,6 +60,7 @@ MAX_NEW_TOKENS = 48
 QK_RANK, VO_RANK = 16, 48
 # --heal: espeak-ng voices disjoint from the test voices (other accents, other pitch variants than +f3)
 HEAL_VOICES = ("en-gb-scotland", "en-029+f2", "en-gb-x-rp+f4", "en-us-nyc+m3")
+HEAL_STATS = "heal_stats.json"  # beside a --heal-save checkpoint
 
 
 def encoder_params(model: torch.nn.Module) -> int:
@@ -92,12 +99,11 @@ def wer_by_voice(model: Any, processor: Any, sets: dict[str, Any]) -> dict[str, 
     return with_mean({f"wer_{v}": _wer(model, processor, s["test"]) for v, s in sets.items()})
 
 
-def calibration_batches(model: Any, processor: Any, sets: dict[str, Any], per_voice: int) -> list[dict[str, Any]]:
-    """``per_voice`` train utterances of every voice as ``{input_features, decoder_input_ids}`` batches."""
-    start = torch.tensor([[model.config.decoder_start_token_id]])
-    return [{"input_features": processor.feature_extractor(speech.load_audio(u.path), sampling_rate=16000,
-                                                           return_tensors="pt").input_features,
-             "decoder_input_ids": start} for s in sets.values() for u in s["train"][:per_voice]]
+def calibration_batches(processor: Any, sets: dict[str, Any], per_voice: int) -> list[dict[str, Any]]:
+    """``per_voice`` train utterances of every voice as ``{input_features, decoder_input_ids}`` batches (the decoder
+    gets only the start token: the plans compress the encoder)."""
+    return data.speech_calibration_batches(processor, [u for s in sets.values() for u in s["train"][:per_voice]], 1,
+                                           start_only=True)
 
 
 def _size(model: Any, dense_params: int) -> dict[str, Any]:
@@ -120,16 +126,30 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
     plan, info = plan_for(setting, dense)
     model = _compressed(dense, plan, calib, info)
     size = _size(model, encoder_params(dense))
-    quality = wer_by_voice(model, processor, sets)
-    bench.record(args.model, "product_twin", {"setting": setting, **info, "lora": None, "budget": budget},
-                 quality=quality, size=size, dense=dense_rec)
-    bench.save(args.out)
-    print(f"[adaptwin] {setting}: {size} compressed {quality}", flush=True)
+    if not args.heal_load:  # a loaded healed model: its compressed (unhealed) WER is in the run that saved it
+        quality = wer_by_voice(model, processor, sets)
+        bench.record(args.model, "product_twin", {"setting": setting, **info, "lora": None, "budget": budget},
+                     quality=quality, size=size, dense=dense_rec)
+        bench.save(args.out)
+        print(f"[adaptwin] {setting}: {size} compressed {quality}", flush=True)
     prefix = "product_twin"
-    if args.heal_seconds > 0:
-        model, heal_stats = heal_encoder(model, processor, args.heal_utts, dense, r=args.lora_r,
-                                         max_seconds=args.heal_seconds, learning_rate=args.lr, pack=args.pack)
-        info["heal"] = {"voices": args.heal_voices, "per_voice": args.heal_per_voice, **heal_stats}
+    if args.heal_seconds > 0 or args.heal_load:
+        if args.heal_load:  # a healed model saved by an earlier --heal-save run (its plan must match this setting)
+            model = transformers.AutoModelForSpeechSeq2Seq.from_pretrained(args.heal_load).eval()
+            heal_stats = json.loads((Path(args.heal_load) / HEAL_STATS).read_text())
+            heal_stats["loaded_from"] = args.heal_load
+        else:
+            model, heal_stats = heal_encoder(model, processor, args.heal_utts, dense, r=args.lora_r,
+                                             max_seconds=args.heal_seconds, learning_rate=args.lr, pack=args.pack)
+            heal_stats = {"voices": args.heal_voices, "per_voice": args.heal_per_voice, **heal_stats}
+            if args.heal_save:
+                model.save_pretrained(args.heal_save)
+                (Path(args.heal_save) / HEAL_STATS).write_text(json.dumps(heal_stats, indent=1))
+        if encoder_params(model) != size["encoder_params"]:
+            raise ValueError(f"adaptwin suite: --heal-load {args.heal_load} holds a model with "
+                             f"{encoder_params(model)} encoder parameters, setting {setting} gives "
+                             f"{size['encoder_params']}; heal it with this setting's plan.")
+        info["heal"] = heal_stats
         prefix = "product_twin+heal"
         quality = wer_by_voice(model, processor, sets)
         bench.record(args.model, prefix, {"setting": setting, **info, "lora": None, "budget": budget},
@@ -144,7 +164,7 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
     with tempfile.TemporaryDirectory() as tmp:
         for voice in args.voices:
             peft_model, stats = train_speaker_adapter(
-                peft_model, processor, sets[voice]["train"], voice.replace("+", "_"), tmp,
+                peft_model, processor, sets[voice]["train"] + args.replay_utts, voice.replace("+", "_"), tmp,
                 config=lora_config(r=args.lora_r, alpha=2 * args.lora_r, target_modules=targets),
                 max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                 max_seconds=args.train_seconds, cache_encoder=not distill, lr_scheduler="constant_with_warmup",
@@ -162,7 +182,8 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
             other[f"wer_{voice}"] = _wer(peft_model, processor, sets[voice]["test"])
             other[f"donor_{voice}"] = donor
     lora = {"budget": budget, "train_seconds": train_s, "train_stats": stats_by_voice, "objective": args.objective}
-    for method, q in ((f"{prefix}+own-lora", own), (f"{prefix}+other-lora", other)):
+    tag = "+replay" if args.lora_replay else ""
+    for method, q in ((f"{prefix}+own-lora{tag}", own), (f"{prefix}+other-lora{tag}", other)):
         bench.record(args.model, method, {"setting": setting, **info, **lora}, quality=with_mean(q), size=size,
                      dense=dense_rec)
     path = bench.save(args.out)
@@ -252,6 +273,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--heal-voices", nargs="+", default=list(HEAL_VOICES), help="--heal: espeak-ng voices, "
                         "disjoint from --voices")
     parser.add_argument("--heal-per-voice", type=int, default=50, help="--heal: utterances per heal voice")
+    parser.add_argument("--heal-save", default=None, help="--heal: save the healed model (save_pretrained) here")
+    parser.add_argument("--heal-load", default=None, help="use a model saved by --heal-save instead of healing "
+                        "(one setting only)")
+    parser.add_argument("--lora-replay", type=int, default=0, help="distill: add this many utterances of each "
+                        "--heal-voices voice (train sentences) to every speaker adapter's training set, so the adapter "
+                        "keeps working on other voices (0 = the speaker's utterances only, the paper's setting)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora-r", type=int, default=16)
@@ -276,13 +303,18 @@ def main(argv: list[str]) -> int:
                   "lora_targets": "encoder_targets(model)" if args.objective == "distill" else DECODER_TARGETS,
                   "cache_encoder": args.objective != "distill",
                   "voices": args.voices, "torch_threads": args.threads}
+        if args.heal_load and len(args.settings) != 1:
+            parser.error("--heal-load holds one healed model: give exactly one --settings value")
         shared = sorted(set(args.heal_voices) & set(args.voices))
         if shared:
             parser.error(f"--heal-voices must be disjoint from --voices (shared: {shared})")
         train_texts = [u.text for u in next(iter(full.values()))["train"]]  # the same sentences for every voice
         args.heal_utts = (speech.voice_utterances(args.heal_voices, train_texts, args.heal_per_voice)
-                          if args.heal_seconds > 0 else [])
+                          if args.heal_seconds > 0 and not args.heal_load else [])
+        args.replay_utts = (speech.voice_utterances(args.heal_voices, train_texts, args.lora_replay)
+                            if args.lora_replay > 0 else [])
         budget["heal_seconds"] = args.heal_seconds
+        budget["lora_replay"] = {"per_voice": args.lora_replay, "voices": args.heal_voices} if args.lora_replay else 0
         dense, processor = zoo.load(args.model)
         dense.eval()
         dense_rec = None
@@ -291,7 +323,7 @@ def main(argv: list[str]) -> int:
                                      quality=wer_by_voice(dense, processor, sets),
                                      size=_size(dense, encoder_params(dense)))
             bench.save(args.out)
-        calib = calibration_batches(dense, processor, sets, args.calib_per_voice)
+        calib = calibration_batches(processor, sets, args.calib_per_voice)
         budget["calibration_utterances"] = len(calib)
         for setting in args.settings:
             run_setting(bench, args, dense, processor, sets, calib, setting, dense_rec, budget)

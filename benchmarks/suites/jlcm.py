@@ -178,11 +178,15 @@ def _finetune(name: str, method: str, bpw: float, cfg: Any, model: torch.nn.Modu
     from hf_compress.healing import distill_logits
     from hf_compress.methods.jlcm import freeze_codebooks, mark_codebooks_trainable
 
-    if st["kind"] != "causal-lm":
-        print(f"[jlcm] {name}: fine-tuning is run for causal LMs only; skipped", flush=True)
+    if st["kind"] == "causal-lm":
+        batches = data.calibration_batches(st["tok"], n_samples=args.finetune_samples, seq_len=args.calib_len, seed=1)
+    elif st["kind"] == "speech-seq2seq":  # train utterances of every voice with their transcripts (test unheard)
+        utts = [u for s in data.speech_set().values() for u in s["train"]][: args.finetune_samples]
+        batches = data.speech_calibration_batches(st["tok"], utts, args.calib_len)
+    else:
+        print(f"[jlcm] {name}: fine-tuning needs output logits (causal LM or Whisper); skipped", flush=True)
         return
     print(f"[jlcm] {name}: {method} {bpw} bits/weight + distillation fine-tuning", flush=True)
-    batches = data.calibration_batches(st["tok"], n_samples=args.finetune_samples, seq_len=args.calib_len, seed=1)
     mark_codebooks_trainable(model)
     stats = distill_logits(model, st["dense_model"], batches, max_steps=100_000, max_seconds=args.finetune_seconds,
                            batch_size=args.finetune_batch, learning_rate=args.finetune_lr)
@@ -252,9 +256,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--finetune-seconds", type=float, default=0.0,
-                        help="after each --finetune-methods row of a causal LM: distill its codebooks, scales, norms "
-                             "and biases toward the dense model (hf_compress.healing.distill_logits, indices fixed) "
-                             "for this wall time and record '<method>+ft'; 0 = off")
+                        help="after each --finetune-methods row of a causal LM or Whisper: distill its codebooks, "
+                             "scales, norms and biases toward the dense model (hf_compress.healing.distill_logits, "
+                             "indices fixed) for this wall time and record '<method>+ft'; 0 = off")
     parser.add_argument("--finetune-methods", nargs="+", default=["jlcm"], choices=list(METHODS))
     parser.add_argument("--finetune-samples", type=int, default=256,
                         help="calibration-split windows (--calib-len tokens, seed 1) to distill on")
@@ -289,7 +293,8 @@ def main(argv: list[str]) -> int:
         "lossless. bits_per_weight counts index bits; extra.bpw_effective adds fp16 codebooks, scales, offsets and "
         f"the row permutation. Schedule: {' '.join(args.schedule)}; {args.threads} torch thread(s)." + (
             f" Rows '<method>+ft': that model after {args.finetune_seconds:.0f} s of distillation from the dense "
-            f"model (KL on {args.finetune_samples} calibration-split windows, batch {args.finetune_batch}, AdamW lr "
+            f"model (KL on {args.finetune_samples} calibration-split windows, or for Whisper as many speech train "
+            f"utterances with their transcripts, batch {args.finetune_batch}, AdamW lr "
             f"{args.finetune_lr}) of codebooks, scales/offsets, norms and biases; "
             "indices fixed, same bytes." if args.finetune_seconds > 0 else "")))
     states: dict[str, dict] = {}
