@@ -151,11 +151,12 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
                              f"{size['encoder_params']}; heal it with this setting's plan.")
         info["heal"] = heal_stats
         prefix = "product_twin+heal"
-        quality = wer_by_voice(model, processor, sets)
-        bench.record(args.model, prefix, {"setting": setting, **info, "lora": None, "budget": budget},
-                     quality=quality, size=_size(model, encoder_params(dense)), dense=dense_rec)
-        bench.save(args.out)
-        print(f"[adaptwin] {setting}: healed {heal_stats} {quality}", flush=True)
+        if not args.heal_load:  # a loaded model's healed WER is in the run that saved it
+            quality = wer_by_voice(model, processor, sets)
+            bench.record(args.model, prefix, {"setting": setting, **info, "lora": None, "budget": budget},
+                         quality=quality, size=_size(model, encoder_params(dense)), dense=dense_rec)
+            bench.save(args.out)
+            print(f"[adaptwin] {setting}: healed {heal_stats} {quality}", flush=True)
     train_s: dict[str, float] = {}
     stats_by_voice: dict[str, Any] = {}
     peft_model: Any = model
