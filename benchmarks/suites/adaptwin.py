@@ -58,8 +58,11 @@ ENC_PROJ = r"model\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj$"
 ENC_FFN = r"model\.encoder\.layers\.\d+\.fc(1|2)$"
 MAX_NEW_TOKENS = 48
 QK_RANK, VO_RANK = 16, 48
-# --heal: espeak-ng voices disjoint from the test voices (other accents, other pitch variants than +f3)
-HEAL_VOICES = ("en-gb-scotland", "en-029+f2", "en-gb-x-rp+f4", "en-us-nyc+m3")
+# --heal: espeak-ng voices disjoint from the test voices (other accents, none built on the en-us / en-gb bases, other
+# pitch variants than +f3). The first four alone were the heal of adaptwin.json's setting-30 rows; all eight, 50
+# utterances each, that of adaptwin.test100.json.
+HEAL_VOICES = ("en-gb-scotland", "en-029+f2", "en-gb-x-rp+f4", "en-us-nyc+m3",
+               "en-gb-x-gbclan+f1", "en-gb-x-gbcwmd+m2", "en-us-nyc+f5", "en-gb-scotland+f2")
 HEAL_STATS = "heal_stats.json"  # beside a --heal-save checkpoint
 
 
