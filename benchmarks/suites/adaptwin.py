@@ -136,30 +136,27 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
         bench.save(args.out)
         print(f"[adaptwin] {setting}: {size} compressed {quality}", flush=True)
     prefix = "product_twin"
-    if args.heal_seconds > 0 or args.heal_load:
-        if args.heal_load:  # a healed model saved by an earlier --heal-save run (its plan must match this setting)
-            model = transformers.AutoModelForSpeechSeq2Seq.from_pretrained(args.heal_load).eval()
-            heal_stats = json.loads((Path(args.heal_load) / HEAL_STATS).read_text())
-            heal_stats["loaded_from"] = args.heal_load
-        else:
-            model, heal_stats = heal_encoder(model, processor, args.heal_utts, dense, r=args.lora_r,
-                                             max_seconds=args.heal_seconds, learning_rate=args.lr, pack=args.pack)
-            heal_stats = {"voices": args.heal_voices, "per_voice": args.heal_per_voice, **heal_stats}
-            if args.heal_save:
-                model.save_pretrained(args.heal_save)
-                (Path(args.heal_save) / HEAL_STATS).write_text(json.dumps(heal_stats, indent=1))
+    if args.heal_load:  # a healed model saved by an earlier --heal-save run; its WERs are in that run
+        model = transformers.AutoModelForSpeechSeq2Seq.from_pretrained(args.heal_load).eval()
         if encoder_params(model) != size["encoder_params"]:
             raise ValueError(f"adaptwin suite: --heal-load {args.heal_load} holds a model with "
                              f"{encoder_params(model)} encoder parameters, setting {setting} gives "
                              f"{size['encoder_params']}; heal it with this setting's plan.")
-        info["heal"] = heal_stats
+        info["heal"] = {**json.loads((Path(args.heal_load) / HEAL_STATS).read_text()), "loaded_from": args.heal_load}
         prefix = "product_twin+heal"
-        if not args.heal_load:  # a loaded model's healed WER is in the run that saved it
-            quality = wer_by_voice(model, processor, sets)
-            bench.record(args.model, prefix, {"setting": setting, **info, "lora": None, "budget": budget},
-                         quality=quality, size=_size(model, encoder_params(dense)), dense=dense_rec)
-            bench.save(args.out)
-            print(f"[adaptwin] {setting}: healed {heal_stats} {quality}", flush=True)
+    elif args.heal_seconds > 0:
+        model, heal_stats = heal_encoder(model, processor, args.heal_utts, dense, r=args.lora_r,
+                                         max_seconds=args.heal_seconds, learning_rate=args.lr, pack=args.pack)
+        info["heal"] = {"voices": args.heal_voices, "per_voice": args.heal_per_voice, **heal_stats}
+        if args.heal_save:
+            model.save_pretrained(args.heal_save)
+            (Path(args.heal_save) / HEAL_STATS).write_text(json.dumps(info["heal"], indent=1))
+        prefix = "product_twin+heal"
+        quality = wer_by_voice(model, processor, sets)
+        bench.record(args.model, prefix, {"setting": setting, **info, "lora": None, "budget": budget},
+                     quality=quality, size=_size(model, encoder_params(dense)), dense=dense_rec)
+        bench.save(args.out)
+        print(f"[adaptwin] {setting}: healed {info['heal']} {quality}", flush=True)
     train_s: dict[str, float] = {}
     stats_by_voice: dict[str, Any] = {}
     peft_model: Any = model
