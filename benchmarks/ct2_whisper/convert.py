@@ -18,44 +18,41 @@ from .reader import _load_token_table, _read_header, _scalar, _token_id, _weight
 _GELU = 3  # ctranslate2.specs.common_spec.Activation.GELU
 
 
+def _unfuse(variables: dict[str, torch.Tensor], aliases: dict[str, str], src: str, n: int, d_model: int,
+            what: str) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Split the fused ``{src}/weight [n·d_model, d_model]`` (and its bias) into ``n`` projections."""
+    w = _weight(variables, aliases, f"{src}/weight")
+    b = _weight(variables, aliases, f"{src}/bias", required=False)
+    if tuple(w.shape) != (n * d_model, d_model):
+        raise ValueError(f"{_MOD}: {src}/weight has shape {tuple(w.shape)}, expected fused {what} "
+                         f"{(n * d_model, d_model)}.")
+    if b is None:
+        biases: list[torch.Tensor | None] = [None] * n
+    elif b.numel() == n * d_model:
+        biases = list(b.split(d_model))
+    elif n == 2 and b.numel() == d_model:  # fused K,V: only V carries a bias
+        biases = [None, b]
+    else:
+        raise ValueError(f"{_MOD}: {src}/bias has {b.numel()} entries, expected {n * d_model}.")
+    return list(w.split(d_model)), biases
+
+
 def _split_attention(variables: dict[str, torch.Tensor], aliases: dict[str, str], src: str, dst: str, d_model: int,
                      cross: bool) -> dict[str, torch.Tensor]:
-    """Unfuse one CT2 attention block into HF ``q_proj``/``k_proj``/``v_proj``/``out_proj``."""
+    """Unfuse one CT2 attention block into HF ``q_proj``/``k_proj``/``v_proj``/``out_proj``.
+
+    Self-attention: ``linear_0`` = fused Q,K,V, ``linear_1`` = output; cross-attention: ``linear_0`` = Q,
+    ``linear_1`` = fused K,V, ``linear_2`` = output.
+    """
     out: dict[str, torch.Tensor] = {}
     if cross:
-        q_w, q_b = _weight(variables, aliases, f"{src}/linear_0/weight"), \
-            _weight(variables, aliases, f"{src}/linear_0/bias", required=False)
-        kv_w = _weight(variables, aliases, f"{src}/linear_1/weight")
-        kv_b = _weight(variables, aliases, f"{src}/linear_1/bias", required=False)
-        o_w, o_b = _weight(variables, aliases, f"{src}/linear_2/weight"), \
-            _weight(variables, aliases, f"{src}/linear_2/bias", required=False)
-        if tuple(kv_w.shape) != (2 * d_model, d_model):
-            raise ValueError(f"{_MOD}: {src}/linear_1/weight has shape {tuple(kv_w.shape)}, expected fused K,V "
-                             f"{(2 * d_model, d_model)}.")
-        weights = [q_w, *kv_w.split(d_model)]
-        if kv_b is None:
-            biases = [q_b, None, None]
-        elif kv_b.numel() == 2 * d_model:
-            biases = [q_b, *kv_b.split(d_model)]
-        elif kv_b.numel() == d_model:  # only V carries a bias
-            biases = [q_b, None, kv_b]
-        else:
-            raise ValueError(f"{_MOD}: {src}/linear_1/bias has {kv_b.numel()} entries, expected {2 * d_model}.")
+        kv_w, kv_b = _unfuse(variables, aliases, f"{src}/linear_1", 2, d_model, "K,V")
+        weights = [_weight(variables, aliases, f"{src}/linear_0/weight"), *kv_w]
+        biases = [_weight(variables, aliases, f"{src}/linear_0/bias", required=False), *kv_b]
     else:
-        qkv_w = _weight(variables, aliases, f"{src}/linear_0/weight")
-        qkv_b = _weight(variables, aliases, f"{src}/linear_0/bias", required=False)
-        o_w, o_b = _weight(variables, aliases, f"{src}/linear_1/weight"), \
-            _weight(variables, aliases, f"{src}/linear_1/bias", required=False)
-        if tuple(qkv_w.shape) != (3 * d_model, d_model):
-            raise ValueError(f"{_MOD}: {src}/linear_0/weight has shape {tuple(qkv_w.shape)}, expected fused Q,K,V "
-                             f"{(3 * d_model, d_model)}.")
-        weights = list(qkv_w.split(d_model))
-        if qkv_b is None:
-            biases = [None, None, None]
-        elif qkv_b.numel() == 3 * d_model:
-            biases = list(qkv_b.split(d_model))
-        else:
-            raise ValueError(f"{_MOD}: {src}/linear_0/bias has {qkv_b.numel()} entries, expected {3 * d_model}.")
+        weights, biases = _unfuse(variables, aliases, f"{src}/linear_0", 3, d_model, "Q,K,V")
+    o = f"{src}/linear_{2 if cross else 1}"
+    o_w, o_b = _weight(variables, aliases, f"{o}/weight"), _weight(variables, aliases, f"{o}/bias", required=False)
     # HF Whisper's k_proj has no bias. A constant key bias shifts every score of a query by the same amount, so the
     # softmax ignores it: dropping it (zero in every CT2 export) never changes the output.
     for proj, w, b in zip(("q_proj", "k_proj", "v_proj", "out_proj"), (*weights, o_w), (*biases, o_b)):
