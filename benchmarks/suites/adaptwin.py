@@ -150,7 +150,9 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
         info["heal"] = {"voices": args.heal_voices, "per_voice": args.heal_per_voice, **heal_stats}
         if args.heal_save:
             model.save_pretrained(args.heal_save)
-            (Path(args.heal_save) / HEAL_STATS).write_text(json.dumps(info["heal"], indent=1))
+            stats_path = Path(args.heal_save) / HEAL_STATS
+            stats_path.with_suffix(".tmp").write_text(json.dumps(info["heal"], indent=1))
+            stats_path.with_suffix(".tmp").replace(stats_path)  # atomic: never a half-written stats file
         prefix = "product_twin+heal"
         quality = wer_by_voice(model, processor, sets)
         bench.record(args.model, prefix, {"setting": setting, **info, "lora": None, "budget": budget},
@@ -270,7 +272,8 @@ def main(argv: list[str]) -> int:
                         "length) factors drawn per window (adapters.warp_features), e.g. 0.85 0.9 ... 1.2")
     parser.add_argument("--heal-seconds", type=float, default=0.0, help="before the speaker adapters: heal the "
                         "compressed encoder (hf_compress.healing.heal_encoder, LoRA merged) on --heal-voices for this "
-                        "wall time; 0 = off")
+                        "training wall time (the dense teacher's output caching comes on top and is included "
+                        "in the reported seconds); 0 = off")
     parser.add_argument("--heal-voices", nargs="+", default=list(HEAL_VOICES), help="--heal: espeak-ng voices, "
                         "disjoint from --voices")
     parser.add_argument("--heal-per-voice", type=int, default=50, help="--heal: utterances per heal voice")
