@@ -150,9 +150,7 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
         info["heal"] = {"voices": args.heal_voices, "per_voice": args.heal_per_voice, **heal_stats}
         if args.heal_save:
             model.save_pretrained(args.heal_save)
-            stats_path = Path(args.heal_save) / HEAL_STATS
-            stats_path.with_suffix(".tmp").write_text(json.dumps(info["heal"], indent=1))
-            stats_path.with_suffix(".tmp").replace(stats_path)  # atomic: never a half-written stats file
+            data._write_atomic(Path(args.heal_save) / HEAL_STATS, json.dumps(info["heal"], indent=1).encode())
         prefix = "product_twin+heal"
         quality = wer_by_voice(model, processor, sets)
         bench.record(args.model, prefix, {"setting": setting, **info, "lora": None, "budget": budget},
