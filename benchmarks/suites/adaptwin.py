@@ -22,7 +22,9 @@ transcripts, on encoder outputs cached once per utterance with the frozen compre
 on ``--heal-voices`` (espeak-ng voices disjoint from the test voices, ``--heal-per-voice`` utterances each, read from
 the train sentences). Rows ``product_twin+heal`` (no speaker LoRA), ``product_twin+heal+own-lora`` and
 ``product_twin+heal+other-lora``. ``--heal-save DIR`` keeps the healed model (``save_pretrained``) and
-``--heal-load DIR`` reuses it instead of healing again (one setting). ``--lora-replay N`` adds N utterances of each
+``--heal-load DIR`` reuses it instead of healing again (one setting); with ``--heal-seconds`` too, the loaded model
+is healed one more round (a fresh LoRA and optimizer, merged; ``heal.round`` counts them, ``heal.earlier`` keeps the
+loaded rounds' statistics). ``--lora-replay N`` adds N utterances of each
 heal voice to every speaker adapter's training set (replay, so the adapter keeps working on other voices); its
 rows end in ``+replay``.
 
@@ -144,10 +146,14 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
                              f"{size['encoder_params']}; heal it with this setting's plan.")
         info["heal"] = {**json.loads((Path(args.heal_load) / HEAL_STATS).read_text()), "loaded_from": args.heal_load}
         prefix = "product_twin+heal"
-    elif args.heal_seconds > 0:
+    if args.heal_seconds > 0:  # after --heal-load: one more round (a new LoRA, merged) on top of the loaded heal
+        earlier = info.get("heal")
+        heal_round = earlier.get("round", 1) + 1 if earlier else 1
         model, heal_stats = heal_encoder(model, processor, args.heal_utts, dense, r=args.lora_r,
-                                         max_seconds=args.heal_seconds, learning_rate=args.lr, pack=args.pack)
-        info["heal"] = {"voices": args.heal_voices, "per_voice": args.heal_per_voice, **heal_stats}
+                                         max_seconds=args.heal_seconds, learning_rate=args.lr, pack=args.pack,
+                                         seed=heal_round - 1)
+        info["heal"] = {"voices": args.heal_voices, "per_voice": args.heal_per_voice, **heal_stats,
+                        "round": heal_round, **({"earlier": earlier} if earlier else {})}
         if args.heal_save:
             model.save_pretrained(args.heal_save)
             data._write_atomic(Path(args.heal_save) / HEAL_STATS, json.dumps(info["heal"], indent=1).encode())
@@ -277,7 +283,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--heal-per-voice", type=int, default=50, help="--heal: utterances per heal voice")
     parser.add_argument("--heal-save", default=None, help="--heal: save the healed model (save_pretrained) here")
     parser.add_argument("--heal-load", default=None, help="use a model saved by --heal-save instead of healing "
-                        "(one setting only)")
+                        "(one setting only); with --heal-seconds, heal it one more round (fresh LoRA, merged)")
     parser.add_argument("--lora-replay", type=int, default=0, help="distill: add this many utterances of each "
                         "--heal-voices voice (train sentences) to every speaker adapter's training set, so the adapter "
                         "keeps working on other voices (0 = the speaker's utterances only, the paper's setting)")
@@ -312,7 +318,7 @@ def main(argv: list[str]) -> int:
             parser.error(f"--heal-voices must be disjoint from --voices (shared: {shared})")
         train_texts = [u.text for u in next(iter(full.values()))["train"]]  # the same sentences for every voice
         args.heal_utts = (speech.voice_utterances(args.heal_voices, train_texts, args.heal_per_voice)
-                          if args.heal_seconds > 0 and not args.heal_load else [])
+                          if args.heal_seconds > 0 else [])
         args.replay_utts = (speech.voice_utterances(args.heal_voices, train_texts, args.lora_replay)
                             if args.lora_replay > 0 else [])
         budget["heal_seconds"] = args.heal_seconds
