@@ -1,4 +1,4 @@
-"""``python -m benchmarks plot``: quality-vs-size and quality-vs-latency PNGs for every results JSON."""
+"""``python -m benchmarks plot``: quality-vs-size (and, where timed, quality-vs-latency) PNGs for every results JSON."""
 
 from __future__ import annotations
 
@@ -31,17 +31,20 @@ def plot_file(path: Path) -> Path | None:
     models = sorted({r["model"] for r in records})
     if not records:
         return None
-    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
+    panels = [("params", "parameters")]
+    if any((r.get("latency") or {}).get("forward_s") is not None for r in records):
+        panels.append(("forward_s", "forward latency (s)"))  # suites that time nothing get no empty panel
+    fig, axes = plt.subplots(len(models), len(panels), figsize=(5.5 * len(panels), 4 * len(models)), squeeze=False)
     for row, model in zip(axes, models):
         recs = [r for r in records if r["model"] == model]
         metric = _primary(recs)
         if metric is None:
             continue
         name, lower = metric
-        for ax, (xkey, xlabel) in zip(row, [("params", "parameters"), ("forward_s", "forward latency (s)")]):
+        for ax, (xkey, xlabel) in zip(row, panels):
             methods = sorted({r["method"] for r in recs})
             for method in methods:
-                pts = [((r["size"] if xkey == "params" else r["latency"]).get(xkey), r["quality"].get(name))
+                pts = [((r["size"] if xkey == "params" else r.get("latency") or {}).get(xkey), r["quality"].get(name))
                        for r in recs if r["method"] == method]
                 pts = sorted(p for p in pts if p[0] is not None and p[1] is not None)
                 if pts:

@@ -1,0 +1,41 @@
+"""``benchmarks.plot``: one PNG per results file, a latency panel only where the suite timed something."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.plot import plot_file
+
+
+def _doc(latency: bool) -> dict:
+    records = []
+    for model, metric in (("m-lm", "ppl"), ("m-asr", "wer")):
+        for method, params, q in (("dense", 100, 1.0), ("a", 80, 1.5), ("a", 60, 2.0)):
+            rec = {"model": model, "method": method, "quality": {metric: q}, "size": {"params": params}}
+            if latency:
+                rec["latency"] = {"forward_s": params / 100}
+            records.append(rec)
+    return {"suite": "t", "created": "now", "records": records}
+
+
+@pytest.mark.parametrize("latency, panels", [(True, 2), (False, 1)])
+def test_plot_draws_a_latency_panel_only_when_timed(tmp_path: Path, latency: bool, panels: int) -> None:
+    import matplotlib.image
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(_doc(latency)))
+    out = plot_file(path)
+    height, width = matplotlib.image.imread(out).shape[:2]
+    assert out == tmp_path / "r.png"
+    assert width == pytest.approx(5.5 * panels * 110, abs=2)  # 5.5 in per panel at 110 dpi
+    assert height == pytest.approx(2 * 4 * 110, abs=2)  # one row per model
+
+
+def test_plot_skips_files_without_plottable_records(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"suite": "t", "records": [{"model": "m", "method": "dense", "quality": {}}]}))
+    assert plot_file(path) is None
+    assert not (tmp_path / "r.png").exists()
