@@ -313,6 +313,9 @@ def main(argv: list[str]) -> int:
                   "voices": args.voices, "torch_threads": args.threads}
         if args.heal_load and len(args.settings) != 1:
             parser.error("--heal-load holds one healed model: give exactly one --settings value")
+        if args.heal_load and args.heal_save and Path(args.heal_load).resolve() == Path(args.heal_save).resolve():
+            parser.error("--heal-save must differ from --heal-load (the loaded checkpoint is kept; save the further "
+                         "healed model to a new folder)")
         shared = sorted(set(args.heal_voices) & set(args.voices))
         if shared:
             parser.error(f"--heal-voices must be disjoint from --voices (shared: {shared})")
