@@ -31,9 +31,10 @@ def plot_file(path: Path) -> Path | None:
     models = sorted({r["model"] for r in records})
     if not records:
         return None
-    panels = [("params", "parameters")]
+    # (record section, x key, axis label); suites that time nothing get no empty latency panel
+    panels = [("size", "params", "parameters")]
     if any((r.get("latency") or {}).get("forward_s") is not None for r in records):
-        panels.append(("forward_s", "forward latency (s)"))  # suites that time nothing get no empty panel
+        panels.append(("latency", "forward_s", "forward latency (s)"))
     fig, axes = plt.subplots(len(models), len(panels), figsize=(5.5 * len(panels), 4 * len(models)), squeeze=False)
     for row, model in zip(axes, models):
         recs = [r for r in records if r["model"] == model]
@@ -41,10 +42,10 @@ def plot_file(path: Path) -> Path | None:
         if metric is None:
             continue
         name, lower = metric
-        for ax, (xkey, xlabel) in zip(row, panels):
+        for ax, (section, xkey, xlabel) in zip(row, panels):
             methods = sorted({r["method"] for r in recs})
             for method in methods:
-                pts = [((r["size"] if xkey == "params" else r.get("latency") or {}).get(xkey), r["quality"].get(name))
+                pts = [((r.get(section) or {}).get(xkey), r["quality"].get(name))
                        for r in recs if r["method"] == method]
                 pts = sorted(p for p in pts if p[0] is not None and p[1] is not None)
                 if pts:
