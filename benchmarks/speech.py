@@ -133,13 +133,17 @@ def speech_set(voices: tuple[str, ...] = DEFAULT_VOICES, n_per_voice: int = 300,
     return out
 
 
-def voice_utterances(voices: Sequence[str], texts: Sequence[str], per_voice: int) -> list[Utterance]:
+def voice_utterances(voices: Sequence[str], texts: Sequence[str], per_voice: int,
+                     offset: int = 0) -> list[Utterance]:
     """``per_voice`` of ``texts`` spoken by each of ``voices``, a different (wrapping) slice of ``texts`` per voice
-    (more distinct sentences than one shared slice); synthesizes what is not cached. Pass train sentences (e.g.
+    (more distinct sentences than one shared slice), every slice shifted by ``offset`` sentences (a later round can
+    take (voice, sentence) pairs an earlier one did not); synthesizes what is not cached. Pass train sentences (e.g.
     ``speech_set(...)[v]["train"]`` texts) to keep every test sentence unheard."""
-    if not texts or per_voice < 1:
-        raise ValueError(f"voice_utterances: needs texts and per_voice >= 1, got {len(texts)} texts, {per_voice}")
-    picked = [(v, texts[(i * per_voice + j) % len(texts)]) for i, v in enumerate(voices) for j in range(per_voice)]
+    if not texts or per_voice < 1 or offset < 0:
+        raise ValueError(f"voice_utterances: needs texts, per_voice >= 1 and offset >= 0, got {len(texts)} texts, "
+                         f"per_voice={per_voice}, offset={offset}")
+    picked = [(v, texts[(offset + i * per_voice + j) % len(texts)])
+              for i, v in enumerate(voices) for j in range(per_voice)]
     utts = [Utterance(utterance_path(v, t), t, v) for v, t in picked]
     synthesize_all(utts)
     return utts

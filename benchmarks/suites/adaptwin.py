@@ -152,7 +152,8 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
         model, heal_stats = heal_encoder(model, processor, args.heal_utts, dense, r=args.lora_r,
                                          max_seconds=args.heal_seconds, learning_rate=args.lr, pack=args.pack,
                                          seed=heal_round - 1)
-        info["heal"] = {"voices": args.heal_voices, "per_voice": args.heal_per_voice, **heal_stats,
+        info["heal"] = {"voices": args.heal_voices, "per_voice": args.heal_per_voice, "offset": args.heal_offset,
+                        **heal_stats,
                         "round": heal_round, **({"earlier": earlier} if earlier else {})}
         if args.heal_save:
             model.save_pretrained(args.heal_save)
@@ -281,6 +282,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--heal-voices", nargs="+", default=list(HEAL_VOICES), help="--heal: espeak-ng voices, "
                         "disjoint from --voices")
     parser.add_argument("--heal-per-voice", type=int, default=50, help="--heal: utterances per heal voice")
+    parser.add_argument("--heal-offset", type=int, default=0, help="--heal: shift each heal voice's slice of "
+                        "train sentences by this many (a further round on pairs the earlier rounds did not hear)")
     parser.add_argument("--heal-save", default=None, help="--heal: save the healed model (save_pretrained) here")
     parser.add_argument("--heal-load", default=None, help="use a model saved by --heal-save instead of healing "
                         "(one setting only); with --heal-seconds, heal it one more round (fresh LoRA, merged)")
@@ -320,7 +323,8 @@ def main(argv: list[str]) -> int:
         if shared:
             parser.error(f"--heal-voices must be disjoint from --voices (shared: {shared})")
         train_texts = [u.text for u in next(iter(full.values()))["train"]]  # the same sentences for every voice
-        args.heal_utts = (speech.voice_utterances(args.heal_voices, train_texts, args.heal_per_voice)
+        args.heal_utts = (speech.voice_utterances(args.heal_voices, train_texts, args.heal_per_voice,
+                                                   args.heal_offset)
                           if args.heal_seconds > 0 else [])
         args.replay_utts = (speech.voice_utterances(args.heal_voices, train_texts, args.lora_replay)
                             if args.lora_replay > 0 else [])
