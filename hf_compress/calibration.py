@@ -15,17 +15,51 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+class _StopForward(Exception):
+    """Raised by :func:`stop_after` once the modules a calibration pass needs have run."""
+
+
+def _forward(model: nn.Module, batch: Any) -> None:
+    """One calibration forward; a pass cut short by :func:`stop_after` ends here."""
+    try:
+        model(**batch) if isinstance(batch, dict) else model(batch)
+    except _StopForward:
+        pass
+
+
+@contextmanager
+def stop_after(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
+    """While active, each calibration forward stops as soon as every module in ``names`` has run once (their input
+    hooks have fired), so the rest of the model is skipped: a sequential pass over block ``i`` costs the blocks up
+    to ``i`` only."""
+    names = set(names)
+    seen: set[str] = set()
+
+    def done(name: str) -> None:
+        seen.add(name)
+        if seen >= names:
+            seen.clear()
+            raise _StopForward
+
+    handles = [model.get_submodule(n).register_forward_hook(lambda *_a, _n=n: done(_n)) for n in names]
+    handles.append(model.register_forward_pre_hook(lambda *_a: seen.clear()))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_batches(model: nn.Module, batches: Iterable[Any], desc: str = "calibration") -> None:
     """Forward every batch through ``model`` (no grad, eval mode restored afterwards)."""
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
-        for batch in tqdm(list(batches), desc=desc, leave=False):
-            if isinstance(batch, dict):
-                model(**batch)
-            else:
-                model(batch)
-    model.train(was_training)
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(list(batches), desc=desc, leave=False):
+                _forward(model, batch)
+    finally:
+        model.train(was_training)
 
 
 @contextmanager
@@ -138,7 +172,7 @@ def _chunk_statistics(model: nn.Module, chunk: list[str], batches: list[Any], st
         with input_hooks(model, chunk, add), torch.inference_mode():
             for batch in tqdm(batches, desc=desc, leave=False):
                 live.clear()
-                model(**batch) if isinstance(batch, dict) else model(batch)
+                _forward(model, batch)
     finally:
         live.clear()
         model.train(was_training)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import stop_after
 from .config import CompressionConfig, MethodConfig
 from .registry import _LAYERS, get_method
 
@@ -70,7 +71,9 @@ def compress(
     Args:
         model: the model to compress (any ``nn.Module``; HF models also get their config updated).
         config: the plan, or its ``to_dict()`` form.
-        calibration: model input batches for methods that need activations (see each method's docs).
+        calibration: model input batches for methods that need activations (see each method's docs). Targets
+            whose config sets ``sequential=True`` are prepared block by block (:func:`stage_of`), just before
+            their block is compressed, on the partly compressed model.
         progress: show a tqdm bar over the modules.
         before_target: called with each target's name just before it is compressed (the streamed
             compress-on-load of :mod:`hf_compress.streaming` reads that module's dense weights there).
@@ -94,18 +97,19 @@ def compress(
                 stacklevel=2,
             )
 
-    states: dict[str, Any] = {}
-    by_method: dict[str, list[str]] = {}
-    for name, (_, cfg) in targets.items():
-        by_method.setdefault(cfg.registry_name, []).append(name)
-    for method_name, names in by_method.items():
-        method = get_method(method_name)
-        if method.prepare is not None:
-            states.update(method.prepare(model, {n: targets[n][1] for n in names}, calibration))
+    sequential = {n for n, (_, cfg) in targets.items() if getattr(cfg, "sequential", False)}
+    states = _prepare(model, {n: t for n, t in targets.items() if n not in sequential}, calibration)
+    stages: dict[str, list[str]] = {}
+    for name in sequential:
+        stages.setdefault(stage_of(name), []).append(name)
 
     with torch.no_grad():
         for name, (_, cfg) in tqdm(targets.items(), desc="hf_compress", disable=not progress or not targets):
             method = get_method(cfg.registry_name)
+            stage = stages.pop(stage_of(name), None) if name in sequential else None
+            if stage:  # calibrate this block on the outputs of the blocks compressed before it
+                with stop_after(model, stage):
+                    states.update(_prepare(model, {n: targets[n] for n in stage}, calibration))
             if before_target is not None:
                 before_target(name)
             module = model.get_submodule(name)
@@ -117,6 +121,30 @@ def compress(
 
     _record(model, config)
     return model
+
+
+def stage_of(name: str) -> str:
+    """The block a module belongs to for sequential calibration: its name up to the first numeric component
+    (``model.layers.3.mlp.up_proj`` → ``model.layers.3``); a module outside numbered blocks is its own stage."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return name
+
+
+def _prepare(model: nn.Module, targets: dict[str, tuple[str, MethodConfig]],
+             calibration: Sequence[Any] | None) -> dict[str, Any]:
+    """Run each method's ``prepare`` once over its targets among ``targets``; merged per-module states."""
+    by_method: dict[str, list[str]] = {}
+    for name, (_, cfg) in targets.items():
+        by_method.setdefault(cfg.registry_name, []).append(name)
+    states: dict[str, Any] = {}
+    for method_name, names in by_method.items():
+        method = get_method(method_name)
+        if method.prepare is not None:
+            states.update(method.prepare(model, {n: targets[n][1] for n in names}, calibration))
+    return states
 
 
 def _record(model: nn.Module, config: CompressionConfig) -> None:

@@ -119,21 +119,25 @@ def run_model(name: str, bits: list[float], methods: list[str], args: argparse.N
     dense_model, sigmas, calib_s = st["dense_model"], st["sigmas"], st["calib_s"]
     pattern = MODELS[name]
     for bpw in bits:
-        for method in methods:
+        runs = [(m, seq) for m in methods for seq in dict.fromkeys(
+            o == "sequential" and m in ("jlcm", "gptq") for o in args.calibration_order)]
+        for method, sequential in runs:
             cfg = CodebookConfig(bits_per_weight=bpw, method=method, steps=args.steps, kmeans_iters=args.kmeans_iters,
                                  block_size=args.block_size or None, group_size=args.group_size,
-                                 error_feedback=args.error_feedback)
-            print(f"[jlcm] {name}: {method} {bpw} bits/weight", flush=True)
+                                 error_feedback=args.error_feedback, sequential=sequential)
+            label = f"{method}-seq" if sequential else method
+            print(f"[jlcm] {name}: {label} {bpw} bits/weight", flush=True)
             model = copy.deepcopy(dense_model)
             t0 = time.perf_counter()
-            with reuse_covariances(sigmas):
-                hf_compress.compress(model, _plan(pattern, cfg), progress=False)
-            compress_s = time.perf_counter() - t0 + (calib_s if method in ("jlcm", "gptq") else 0.0)
+            with reuse_covariances(sigmas):  # sequential configs ignore these and calibrate block by block
+                hf_compress.compress(model, _plan(pattern, cfg), calibration=st["calib"] if sequential else None,
+                                     progress=False)
+            compress_s = time.perf_counter() - t0 + (calib_s if method in ("jlcm", "gptq") and not sequential else 0)
             extra: dict[str, Any] = {"compress_s": compress_s, "layer_loss": _layer_loss(model, dense_model, sigmas),
                                      **_bits(model)}
-            _measure(name, method, bpw, cfg, model, extra, st, args, bench)
+            _measure(name, label, bpw, cfg, model, extra, st, args, bench)
             if method in args.finetune_methods and args.finetune_seconds > 0:
-                _finetune(name, method, bpw, cfg, model, extra, st, args, bench)
+                _finetune(name, label, bpw, cfg, model, extra, st, args, bench)
             del model
             gc.collect()
 
@@ -249,6 +253,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kmeans-iters", type=int, default=10)
     parser.add_argument("--error-feedback", type=int, default=1, help="JLCM GPTQ-style error-feedback rounds")
     parser.add_argument("--block-size", type=int, default=192, help="input columns per scale/offset block (0: none)")
+    parser.add_argument("--calibration-order", nargs="+", default=["dense"], choices=["dense", "sequential"],
+                        help="jlcm/gptq: 'dense' calibrates every layer on the dense model; 'sequential' each block "
+                        "on the already compressed blocks before it (CodebookConfig(sequential=True), rows "
+                        "'<method>-seq'); both: one row of each")
     parser.add_argument("--group-size", type=int, default=32, help="rows per codebook (neuron group)")
     parser.add_argument("--wer-utterances", type=int, default=None,
                         help="override the budget's test utterances per voice for Whisper")
@@ -291,7 +299,10 @@ def main(argv: list[str]) -> int:
         " (rtn = asymmetric round-to-nearest with that group). SmolLM2 weights are dequantized Q4_1 (4-bit grid "
         f"per 32-input block); a {args.block_size}-column block spans several Q4_1 blocks, so 4 bits is not "
         "lossless. bits_per_weight counts index bits; extra.bpw_effective adds fp16 codebooks, scales, offsets and "
-        f"the row permutation. Schedule: {' '.join(args.schedule)}; {args.threads} torch thread(s)." + (
+        "the row permutation." + (" Rows '<method>-seq': jlcm/gptq calibrated block by block on the partly "
+                                  "compressed model (sequential=True); their layer_loss is still on dense inputs."
+                                  if "sequential" in args.calibration_order else "")
+        + f" Schedule: {' '.join(args.schedule)}; {args.threads} torch thread(s)." + (
             f" Rows '<method>+ft': that model after {args.finetune_seconds:.0f} s of distillation from the dense "
             f"model (KL on {args.finetune_samples} calibration-split windows, or for Whisper as many speech train "
             f"utterances with their transcripts, batch {args.finetune_batch}, AdamW lr "

@@ -18,7 +18,9 @@ Per linear layer ``W [out, in]`` (``d`` weights per index, ``K = codebook_size``
    asymmetric RTN with groups of ``B``. Same storage, so all three methods cost exactly the same bytes.
 3. **Joint optimization** (``method="jlcm"``, ``steps`` iterations). The loss is the layer's output
    reconstruction error on calibration activations ``X`` (dense model inputs, collected once by the ``prepare``
-   hook with :func:`hf_compress.calibration.input_covariances`, so layers are independent):
+   hook with :func:`hf_compress.calibration.input_covariances`, so layers are independent; with
+   ``sequential=True`` each block's ``X`` comes from the model whose earlier blocks are already compressed, as in
+   GPTQ, one truncated calibration pass per block):
 
    .. math:: L(C, I) = \|X\hat W^\top - XW^\top\|_F^2 = \mathrm{tr}(E\,\Sigma\,E^\top),\quad E = \hat W - W,
              \ \Sigma = X^\top X / n\ (+\ \text{damping}\cdot\overline{\mathrm{diag}}\,I),
@@ -126,6 +128,9 @@ class CodebookConfig(MethodConfig):
     damping: float = field(default=0.01, metadata={"help": "added to diag(XᵀX/n), relative to its mean"})
     error_feedback: int = field(default=0, metadata={"help": "jlcm: rounds of GPTQ-style error-feedback mapping "
                                                             "(each followed by the joint steps); 0: off"})
+    sequential: bool = field(default=False, metadata={"help": "jlcm/gptq: calibrate each block on the outputs of the "
+                                                              "blocks compressed before it (one partial pass per "
+                                                              "block) instead of on the dense model"})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -297,11 +302,12 @@ def prepare_jlcm(model: nn.Module, targets: dict[str, CodebookConfig], calibrati
               if isinstance(model.get_submodule(n), nn.Embedding)}
     names = [n for n in calibrated if n not in tables]
     heads = [h for h in tables.values() if h is not None] if calibration else []
-    todo = [n for n in [*names, *heads] if n not in _PRECOMPUTED]
+    reuse = {} if any(c.sequential for c in targets.values()) else _PRECOMPUTED  # dense statistics would be stale
+    todo = [n for n in [*names, *heads] if n not in reuse]
     if todo and not calibration:  # heads are only asked for with calibration
         raise ValueError("hf_compress: CodebookConfig(method='jlcm' or 'gptq') needs calibration batches: "
                          "compress(model, config, calibration=[...]); or use method='kmeans' / 'rtn'.")
-    found = {**_PRECOMPUTED, **(input_covariances(model, todo, calibration) if todo else {})}
+    found = {**reuse, **(input_covariances(model, todo, calibration) if todo else {})}
     state = {n: found[n].float() for n in names}
     state.update({t: found[h].float() for t, h in tables.items() if h in heads})
     return state

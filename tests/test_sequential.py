@@ -1,0 +1,95 @@
+"""Sequential calibration (``sequential=True``): each block is calibrated on the partly compressed model, in
+block order, with calibration passes cut short after the block; table-driven over the architectures."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import ARCHS, Arch, tiny_model
+from conftest import model_output as _out
+
+import hf_compress
+from hf_compress import CompressionConfig
+from hf_compress.calibration import input_covariances, stop_after
+from hf_compress.compress import find_targets, stage_of
+from hf_compress.layers.codebook import CodebookLinear
+from hf_compress.methods.jlcm import CodebookConfig
+
+
+def _calibration(arch: Arch) -> list:
+    batches = [arch.inputs(seed=s) for s in range(2)]
+    return batches if arch.name == "whisper" else [b["input_ids"] for b in batches]
+
+
+def _plan(arch: Arch, sequential: bool, names: list[str] | None = None) -> CompressionConfig:
+    cfg = CodebookConfig(bits=3, method="jlcm", steps=2, kmeans_iters=3, sequential=sequential)
+    pattern = "|".join(re.escape(n) for n in names) if names else f"{arch.attn_pattern}|{arch.mlp_pattern}"
+    return CompressionConfig(modules={pattern: cfg})
+
+
+def _codes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Per CodebookLinear: its indices and fp16 codebooks, flattened into one float64 vector."""
+    return {n: torch.cat([m.indices.double().flatten(), m.codebooks.double().flatten()])
+            for n, m in model.named_modules() if isinstance(m, CodebookLinear)}
+
+
+@pytest.mark.parametrize(("name", "stage"), [
+    ("model.layers.3.self_attn.q_proj", "model.layers.3"),
+    ("model.encoder.layers.0.fc1", "model.encoder.layers.0"),
+    ("transformer.h.11.attn.c_attn", "transformer.h.11"),
+    ("lm_head", "lm_head"),
+])
+def test_stage_is_the_numbered_block(name: str, stage: str) -> None:
+    assert stage_of(name) == stage
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[a.name for a in ARCHS])
+def test_sequential_equals_compressing_block_by_block(arch: Arch) -> None:
+    calib = _calibration(arch)
+    model = tiny_model(arch)
+    hf_compress.compress(model, _plan(arch, sequential=True), calibration=calib, progress=False)
+
+    by_hand = tiny_model(arch)  # each block compressed (non-sequentially) on the model compressed so far
+    stages: dict[str, list[str]] = {}
+    for name in find_targets(by_hand, _plan(arch, sequential=False)):
+        stages.setdefault(stage_of(name), []).append(name)
+    assert len(stages) > 1
+    for names in stages.values():
+        hf_compress.compress(by_hand, _plan(arch, False, names), calibration=calib, progress=False)
+
+    at_once = tiny_model(arch)
+    hf_compress.compress(at_once, _plan(arch, sequential=False), calibration=calib, progress=False)
+    seq, hand, once = _codes(model), _codes(by_hand), _codes(at_once)
+    assert seq.keys() == hand.keys() == once.keys()
+    assert all(torch.equal(seq[n], hand[n]) for n in seq)
+    assert not all(torch.equal(seq[n], once[n]) for n in seq)  # later blocks saw compressed inputs
+    inputs = arch.inputs()
+    assert torch.equal(_out(model, inputs), _out(by_hand, inputs))
+    assert not torch.equal(_out(model, inputs), _out(at_once, inputs))
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[a.name for a in ARCHS])
+def test_stop_after_skips_the_rest_of_the_model_and_keeps_statistics(arch: Arch) -> None:
+    model = tiny_model(arch)
+    calib = _calibration(arch)
+    names = list(find_targets(model, _plan(arch, sequential=False)))
+    first = [n for n in names if stage_of(n) == stage_of(names[0])]
+    last = names[-1]
+    calls: list[str] = []
+    hook = model.get_submodule(last).register_forward_hook(lambda *_a: calls.append(last))
+    full = input_covariances(model, first, calib)
+    assert len(calls) == len(calib)
+    with stop_after(model, first):
+        cut = input_covariances(model, first, calib)
+    hook.remove()
+    assert len(calls) == len(calib)  # the last target never ran during the cut passes
+    assert cut.keys() == full.keys() and all(torch.equal(cut[n], full[n]) for n in full)
+    assert torch.isfinite(_out(model, arch.inputs())).all()  # hooks removed: a plain forward runs whole
+
+
+def test_sequential_round_trips_through_the_plan() -> None:
+    cfg = CodebookConfig(bits=3, sequential=True)
+    again = CompressionConfig.from_dict(CompressionConfig(modules={"q_proj": cfg}).to_dict())
+    assert again.modules["q_proj"].sequential is True
