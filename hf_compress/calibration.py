@@ -16,38 +16,30 @@ from tqdm.auto import tqdm
 
 
 class _StopForward(Exception):
-    """Raised by :func:`stop_after` once the modules a calibration pass needs have run."""
+    """Raised inside a truncated calibration pass once every hooked module has run (see :func:`truncated_passes`)."""
+
+
+_truncate = False  # set by truncated_passes()
+
+
+@contextmanager
+def truncated_passes() -> Iterator[None]:
+    """While active, every calibration pass (:func:`input_hooks`) stops as soon as each module it hooks has run once,
+    so the rest of the model is skipped: statistics of block ``i`` cost the blocks up to ``i`` only."""
+    global _truncate
+    previous, _truncate = _truncate, True
+    try:
+        yield
+    finally:
+        _truncate = previous
 
 
 def _forward(model: nn.Module, batch: Any) -> None:
-    """One calibration forward; a pass cut short by :func:`stop_after` ends here."""
+    """One calibration forward; a pass cut short by :func:`truncated_passes` ends here."""
     try:
         model(**batch) if isinstance(batch, dict) else model(batch)
     except _StopForward:
         pass
-
-
-@contextmanager
-def stop_after(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
-    """While active, each calibration forward stops as soon as every module in ``names`` has run once (their input
-    hooks have fired), so the rest of the model is skipped: a sequential pass over block ``i`` costs the blocks up
-    to ``i`` only."""
-    names = set(names)
-    seen: set[str] = set()
-
-    def done(name: str) -> None:
-        seen.add(name)
-        if seen >= names:
-            seen.clear()
-            raise _StopForward
-
-    handles = [model.get_submodule(n).register_forward_hook(lambda *_a, _n=n: done(_n)) for n in names]
-    handles.append(model.register_forward_pre_hook(lambda *_a: seen.clear()))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def run_batches(model: nn.Module, batches: Iterable[Any], desc: str = "calibration") -> None:
@@ -64,11 +56,23 @@ def run_batches(model: nn.Module, batches: Iterable[Any], desc: str = "calibrati
 
 @contextmanager
 def input_hooks(model: nn.Module, names: Iterable[str], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """While active, call ``fn(name, x)`` with each named module's first input ``x [..., in_features]``."""
+    """While active, call ``fn(name, x)`` with each named module's first input ``x [..., in_features]``; inside
+    :func:`truncated_passes`, a forward of ``model`` also stops once every named module has run."""
+    names = list(dict.fromkeys(names))
     handles = []
     for name in names:
         module = model.get_submodule(name)
         handles.append(module.register_forward_pre_hook(lambda _m, args, _n=name: fn(_n, args[0])))
+    if _truncate and names:
+        seen: set[str] = set()
+
+        def done(name: str) -> None:
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _StopForward
+
+        handles += [model.get_submodule(n).register_forward_hook(lambda *_a, _n=n: done(_n)) for n in names]
+        handles.append(model.register_forward_pre_hook(lambda *_a: seen.clear()))  # each forward starts afresh
     try:
         yield
     finally:

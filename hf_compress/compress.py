@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import stop_after
+from .calibration import truncated_passes
 from .config import CompressionConfig, MethodConfig
 from .registry import _LAYERS, get_method
 
@@ -97,18 +97,19 @@ def compress(
                 stacklevel=2,
             )
 
-    sequential = {n for n, (_, cfg) in targets.items() if getattr(cfg, "sequential", False)}
+    stages: dict[str, list[str]] = {}  # sequential targets by block, in model order
+    for name, (_, cfg) in targets.items():
+        if getattr(cfg, "sequential", False):
+            stages.setdefault(stage_of(name), []).append(name)
+    sequential = {n for names in stages.values() for n in names}
     states = _prepare(model, {n: t for n, t in targets.items() if n not in sequential}, calibration)
-    stages: dict[str, list[str]] = {}
-    for name in sequential:
-        stages.setdefault(stage_of(name), []).append(name)
 
     with torch.no_grad():
         for name, (_, cfg) in tqdm(targets.items(), desc="hf_compress", disable=not progress or not targets):
             method = get_method(cfg.registry_name)
             stage = stages.pop(stage_of(name), None) if name in sequential else None
             if stage:  # calibrate this block on the outputs of the blocks compressed before it
-                with stop_after(model, stage):
+                with truncated_passes():  # each pass stops once the modules it hooks have run
                     states.update(_prepare(model, {n: targets[n] for n in stage}, calibration))
             if before_target is not None:
                 before_target(name)

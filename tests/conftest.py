@@ -99,6 +99,12 @@ def dense_dir(arch: Arch, tmp_path_factory: pytest.TempPathFactory) -> tuple[Arc
 EMBED = {"llama": "embed_tokens", "gpt2": "wte", "bert": "word_embeddings", "whisper": r"decoder\.embed_tokens"}
 
 
+def calibration_batches(arch: Arch, n: int = 2) -> list[Any]:
+    """``n`` calibration batches of ``arch``: input-id tensors, or Whisper's input dicts."""
+    batches = [arch.inputs(seed=s) for s in range(n)]
+    return batches if arch.name == "whisper" else [b["input_ids"] for b in batches]
+
+
 def model_output(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """Logits, or the last hidden state for base models, without gradients."""
     with torch.no_grad():

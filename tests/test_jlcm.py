@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, Arch, tiny_model
+from conftest import ARCHS, Arch, calibration_batches, tiny_model
 from conftest import model_output as _out
 from safetensors.torch import load_file, save_file
 
@@ -25,11 +25,6 @@ from hf_compress.methods.jlcm import (
 from hf_compress.packing import pack_bits, packed_nbytes, unpack_bits
 
 
-def _calibration(arch: Arch) -> list:
-    batches = [arch.inputs(seed=s) for s in range(2)]
-    return batches if arch.name == "whisper" else [b["input_ids"] for b in batches]
-
-
 # ---- life cycle ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("method", "bpw"), [("jlcm", 3), ("kmeans", 2.5), ("rtn", 4), ("gptq", 3)])
 def test_compress_forward_save_reload_bit_identical(arch: Arch, method: str, bpw: float, tmp_path: Path) -> None:
@@ -38,7 +33,7 @@ def test_compress_forward_save_reload_bit_identical(arch: Arch, method: str, bpw
     plan = CompressionConfig(modules={f"{arch.attn_pattern}|{arch.mlp_pattern}":
                                       CodebookConfig(bits_per_weight=bpw, method=method, steps=3, kmeans_iters=4)})
     dense_logits = _out(model, inputs)
-    hf_compress.compress(model, plan, calibration=_calibration(arch), progress=False)
+    hf_compress.compress(model, plan, calibration=calibration_batches(arch), progress=False)
     layers = [m for m in model.modules() if isinstance(m, CodebookLinear)]
     assert layers and all(m.indices.dtype == torch.uint8 and m.codebooks.dtype == torch.float16 for m in layers)
     logits = _out(model, inputs)
@@ -340,7 +335,7 @@ def test_block_compress_save_reload(tmp_path: Path) -> None:
     model = tiny_model(arch)
     inputs = arch.inputs()
     plan = CompressionConfig(modules={arch.mlp_pattern: CodebookConfig(bits=3, block_size=16, steps=2)})
-    hf_compress.compress(model, plan, calibration=_calibration(arch), progress=False)
+    hf_compress.compress(model, plan, calibration=calibration_batches(arch), progress=False)
     layers = [m for m in model.modules() if isinstance(m, CodebookLinear)]
     assert layers and all(m.block_size == 16 and m.offsets is not None for m in layers)
     logits = _out(model, inputs)

@@ -7,20 +7,16 @@ import re
 
 import pytest
 import torch
-from conftest import ARCHS, Arch, tiny_model
+from conftest import ARCHS, Arch, calibration_batches, tiny_model
 from conftest import model_output as _out
 
 import hf_compress
 from hf_compress import CompressionConfig
-from hf_compress.calibration import input_covariances, stop_after
+from hf_compress.calibration import input_covariances, truncated_passes
 from hf_compress.compress import find_targets, stage_of
 from hf_compress.layers.codebook import CodebookLinear
 from hf_compress.methods.jlcm import CodebookConfig
-
-
-def _calibration(arch: Arch) -> list:
-    batches = [arch.inputs(seed=s) for s in range(2)]
-    return batches if arch.name == "whisper" else [b["input_ids"] for b in batches]
+from hf_compress.methods.tied import tied_head_name
 
 
 def _plan(arch: Arch, sequential: bool, names: list[str] | None = None) -> CompressionConfig:
@@ -47,7 +43,7 @@ def test_stage_is_the_numbered_block(name: str, stage: str) -> None:
 
 @pytest.mark.parametrize("arch", ARCHS, ids=[a.name for a in ARCHS])
 def test_sequential_equals_compressing_block_by_block(arch: Arch) -> None:
-    calib = _calibration(arch)
+    calib = calibration_batches(arch)
     model = tiny_model(arch)
     hf_compress.compress(model, _plan(arch, sequential=True), calibration=calib, progress=False)
 
@@ -71,9 +67,9 @@ def test_sequential_equals_compressing_block_by_block(arch: Arch) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=[a.name for a in ARCHS])
-def test_stop_after_skips_the_rest_of_the_model_and_keeps_statistics(arch: Arch) -> None:
+def test_truncated_passes_skip_the_rest_of_the_model_and_keep_statistics(arch: Arch) -> None:
     model = tiny_model(arch)
-    calib = _calibration(arch)
+    calib = calibration_batches(arch)
     names = list(find_targets(model, _plan(arch, sequential=False)))
     first = [n for n in names if stage_of(n) == stage_of(names[0])]
     last = names[-1]
@@ -81,12 +77,29 @@ def test_stop_after_skips_the_rest_of_the_model_and_keeps_statistics(arch: Arch)
     hook = model.get_submodule(last).register_forward_hook(lambda *_a: calls.append(last))
     full = input_covariances(model, first, calib)
     assert len(calls) == len(calib)
-    with stop_after(model, first):
+    with truncated_passes():
         cut = input_covariances(model, first, calib)
     hook.remove()
     assert len(calls) == len(calib)  # the last target never ran during the cut passes
     assert cut.keys() == full.keys() and all(torch.equal(cut[n], full[n]) for n in full)
     assert torch.isfinite(_out(model, arch.inputs())).all()  # hooks removed: a plain forward runs whole
+
+
+def test_sequential_tied_embedding_gets_its_head_statistics() -> None:
+    """A token table's prepare also reads the tied head's input, outside the table's stage: the truncated pass
+    must run until the head too, so the first stage matches dense calibration exactly."""
+    arch = next(a for a in ARCHS if a.name == "llama")
+    calib = calibration_batches(arch)
+    tables = []
+    for sequential in (True, False):
+        model = tiny_model(arch)
+        assert tied_head_name(model, model.get_input_embeddings()) == "lm_head"
+        cfg = CodebookConfig(bits=3, method="jlcm", steps=2, kmeans_iters=3, sequential=sequential)
+        hf_compress.compress(model, CompressionConfig(modules={"embed_tokens": cfg}), calibration=calib,
+                             progress=False)
+        tables.append({k: v.clone() for k, v in model.model.embed_tokens.state_dict().items()})
+    seq, dense = tables
+    assert seq.keys() == dense.keys() and all(torch.equal(seq[k], dense[k]) for k in seq)
 
 
 def test_sequential_round_trips_through_the_plan() -> None:
