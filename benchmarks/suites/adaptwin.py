@@ -153,8 +153,7 @@ def run_setting(bench: harness.Bench, args: Any, dense: Any, processor: Any, set
                                          max_seconds=args.heal_seconds, learning_rate=args.lr, pack=args.pack,
                                          seed=heal_round - 1)
         info["heal"] = {"voices": args.heal_voices, "per_voice": args.heal_per_voice, "offset": args.heal_offset,
-                        **heal_stats,
-                        "round": heal_round, **({"earlier": earlier} if earlier else {})}
+                        **heal_stats, "round": heal_round, **({"earlier": earlier} if earlier else {})}
         if args.heal_save:
             model.save_pretrained(args.heal_save)
             data._write_atomic(Path(args.heal_save) / HEAL_STATS, json.dumps(info["heal"], indent=1).encode())

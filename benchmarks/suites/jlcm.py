@@ -113,14 +113,15 @@ def _model_state(name: str, args: argparse.Namespace, bench: Any, states: dict[s
 def run_model(name: str, bits: list[float], methods: list[str], args: argparse.Namespace, bench: Any,
               states: dict[str, dict]) -> None:
     import hf_compress
-    from hf_compress.methods.jlcm import CodebookConfig, reuse_covariances
+    from hf_compress.methods.jlcm import CALIBRATED, CodebookConfig, reuse_covariances
 
     st = _model_state(name, args, bench, states)
     dense_model, sigmas, calib_s = st["dense_model"], st["sigmas"], st["calib_s"]
     pattern = MODELS[name]
     for bpw in bits:
-        runs = [(m, seq) for m in methods for seq in dict.fromkeys(
-            o == "sequential" and m in ("jlcm", "gptq") for o in args.calibration_order)]
+        # a calibrated method once per --calibration-order; rtn/kmeans never calibrate, so once
+        runs = [(m, o == "sequential") for m in methods
+                for o in (dict.fromkeys(args.calibration_order) if m in CALIBRATED else ["dense"])]
         for method, sequential in runs:
             cfg = CodebookConfig(bits_per_weight=bpw, method=method, steps=args.steps, kmeans_iters=args.kmeans_iters,
                                  block_size=args.block_size or None, group_size=args.group_size,
@@ -132,7 +133,7 @@ def run_model(name: str, bits: list[float], methods: list[str], args: argparse.N
             with reuse_covariances(sigmas):  # sequential configs ignore these and calibrate block by block
                 hf_compress.compress(model, _plan(pattern, cfg), calibration=st["calib"] if sequential else None,
                                      progress=False)
-            compress_s = time.perf_counter() - t0 + (calib_s if method in ("jlcm", "gptq") and not sequential else 0)
+            compress_s = time.perf_counter() - t0 + (calib_s if method in CALIBRATED and not sequential else 0)
             extra: dict[str, Any] = {"compress_s": compress_s, "layer_loss": _layer_loss(model, dense_model, sigmas),
                                      **_bits(model)}
             _measure(name, label, bpw, cfg, model, extra, st, args, bench)
