@@ -179,7 +179,10 @@ def test_global_allocation_meets_the_budget_and_reloads(method: str, tmp_path) -
      ({"method": "tucker", "tucker_ranks": [1, 2]}, "3 positive ints"),
      ({"energy": 1.5}, r"energy must be in \(0, 1\]"),
      ({"rank": 2, "energy": 0.5}, "exactly one"),
-     ({"method": "whitened", "rank": 2, "damping": -1.0}, "damping and .alpha must be >= 0")],
+     ({"method": "whitened", "rank": 2, "damping": -1.0}, "damping and .alpha must be >= 0"),
+     ({"rank": 2, "sequential": True}, r"sequential=True\) applies to the calibrated methods.*method='svd'"),
+     ({"method": "whitened", "rank_ratio": 0.5, "allocation": "global", "sequential": True},
+      "allocation='global'")],
 )
 def test_bad_configs(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -1,5 +1,6 @@
-"""Sequential calibration (``sequential=True``): each block is calibrated on the partly compressed model, in
-block order, with calibration passes cut short after the block; table-driven over the architectures."""
+"""Sequential calibration (``sequential=True``, JLCM and activation-aware low rank): each block is calibrated on
+the partly compressed model, in block order, with calibration passes cut short after the block; table-driven over
+the architectures and methods."""
 
 from __future__ import annotations
 
@@ -15,20 +16,27 @@ from hf_compress import CompressionConfig
 from hf_compress.calibration import input_covariances, truncated_passes
 from hf_compress.compress import find_targets, stage_of
 from hf_compress.layers.codebook import CodebookLinear
+from hf_compress.layers.lowrank import LowRankLinear
 from hf_compress.methods.jlcm import CodebookConfig
+from hf_compress.methods.lowrank import LowRankConfig
 from hf_compress.methods.tied import tied_head_name
 
+METHODS = {  # sequential-capable method configs, by name
+    "jlcm": lambda seq: CodebookConfig(bits=3, method="jlcm", steps=2, kmeans_iters=3, sequential=seq),
+    "whitened": lambda seq: LowRankConfig(method="whitened", rank_ratio=0.5, sequential=seq),
+    "asvd": lambda seq: LowRankConfig(method="asvd", rank_ratio=0.5, sequential=seq),
+}
 
-def _plan(arch: Arch, sequential: bool, names: list[str] | None = None) -> CompressionConfig:
-    cfg = CodebookConfig(bits=3, method="jlcm", steps=2, kmeans_iters=3, sequential=sequential)
+
+def _plan(arch: Arch, sequential: bool, names: list[str] | None = None, method: str = "jlcm") -> CompressionConfig:
     pattern = "|".join(re.escape(n) for n in names) if names else f"{arch.attn_pattern}|{arch.mlp_pattern}"
-    return CompressionConfig(modules={pattern: cfg})
+    return CompressionConfig(modules={pattern: METHODS[method](sequential)})
 
 
 def _codes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Per CodebookLinear: its indices and fp16 codebooks, flattened into one float64 vector."""
-    return {n: torch.cat([m.indices.double().flatten(), m.codebooks.double().flatten()])
-            for n, m in model.named_modules() if isinstance(m, CodebookLinear)}
+    """Per compressed layer (CodebookLinear / LowRankLinear): its stored tensors in one float64 vector."""
+    return {n: torch.cat([t.double().flatten() for t in m.state_dict().values()])
+            for n, m in model.named_modules() if isinstance(m, CodebookLinear | LowRankLinear)}
 
 
 @pytest.mark.parametrize(("name", "stage"), [
@@ -41,22 +49,25 @@ def test_stage_is_the_numbered_block(name: str, stage: str) -> None:
     assert stage_of(name) == stage
 
 
-@pytest.mark.parametrize("arch", ARCHS, ids=[a.name for a in ARCHS])
-def test_sequential_equals_compressing_block_by_block(arch: Arch) -> None:
+CASES = [(a, m) for a in ARCHS for m in ("jlcm", "whitened")] + [(ARCHS[0], "asvd")]
+
+
+@pytest.mark.parametrize(("arch", "method"), CASES, ids=[f"{a.name}-{m}" for a, m in CASES])
+def test_sequential_equals_compressing_block_by_block(arch: Arch, method: str) -> None:
     calib = calibration_batches(arch)
     model = tiny_model(arch)
-    hf_compress.compress(model, _plan(arch, sequential=True), calibration=calib, progress=False)
+    hf_compress.compress(model, _plan(arch, True, method=method), calibration=calib, progress=False)
 
     by_hand = tiny_model(arch)  # each block compressed (non-sequentially) on the model compressed so far
     stages: dict[str, list[str]] = {}
-    for name in find_targets(by_hand, _plan(arch, sequential=False)):
+    for name in find_targets(by_hand, _plan(arch, False, method=method)):
         stages.setdefault(stage_of(name), []).append(name)
     assert len(stages) > 1
     for names in stages.values():
-        hf_compress.compress(by_hand, _plan(arch, False, names), calibration=calib, progress=False)
+        hf_compress.compress(by_hand, _plan(arch, False, names, method), calibration=calib, progress=False)
 
     at_once = tiny_model(arch)
-    hf_compress.compress(at_once, _plan(arch, sequential=False), calibration=calib, progress=False)
+    hf_compress.compress(at_once, _plan(arch, False, method=method), calibration=calib, progress=False)
     seq, hand, once = _codes(model), _codes(by_hand), _codes(at_once)
     assert seq.keys() == hand.keys() == once.keys()
     assert all(torch.equal(seq[n], hand[n]) for n in seq)
@@ -102,7 +113,7 @@ def test_sequential_tied_embedding_gets_its_head_statistics() -> None:
     assert seq.keys() == dense.keys() and all(torch.equal(seq[k], dense[k]) for k in seq)
 
 
-def test_sequential_round_trips_through_the_plan() -> None:
-    cfg = CodebookConfig(bits=3, sequential=True)
-    again = CompressionConfig.from_dict(CompressionConfig(modules={"q_proj": cfg}).to_dict())
+@pytest.mark.parametrize("method", list(METHODS))
+def test_sequential_round_trips_through_the_plan(method: str) -> None:
+    again = CompressionConfig.from_dict(CompressionConfig(modules={"q_proj": METHODS[method](True)}).to_dict())
     assert again.modules["q_proj"].sequential is True

@@ -4,6 +4,7 @@
 ratio chosen so the whole model loses 10/20/30 % of its parameters; perplexity for svd, asvd, whitened, tucker in
 one run. Tucker decomposes attention only (``[heads, head_dim, hidden]`` tensors); to reach the same budget its
 MLP layers get plain SVD at the same ratio (a matrix is a 2-way tensor, whose Tucker form is the SVD).
+Optional rows ``whitened-seq`` / ``asvd-seq`` (``--methods``): the same ratios with ``sequential=True``.
 ``sweep``: ``hf_compress.sweep`` (whitened) chooses a plan at ≈ -9 % model size on SmolLM2 and Whisper tiny.en;
 quality drop, forward latency ratio and decode tokens/s ratio vs dense.
 
@@ -14,6 +15,7 @@ own sensitivity metric also uses news text, so the reported perplexity is on tex
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import re
@@ -64,8 +66,12 @@ def uniform_ratio(model: torch.nn.Module, pattern: str, cut: float) -> float:
 
 
 def plan_for(method: str, rho: float, model: str = "smollm2-135m") -> CompressionConfig:
-    """``method``: svd / asvd / whitened / tucker, or ``<svd method>-global`` (ranks allocated across layers)."""
+    """``method``: svd / asvd / whitened / tucker, ``<svd method>-global`` (ranks allocated across layers) or
+    ``<whitened|asvd>-seq`` (each block calibrated on the already compressed blocks, ``sequential=True``)."""
     linear, attn, mlp = PATTERNS[model]
+    if method.endswith("-seq"):
+        return CompressionConfig(modules={linear: LowRankConfig(method=method.removesuffix("-seq"), rank_ratio=rho,
+                                                                sequential=True)})
     if method.endswith("-global"):
         return CompressionConfig(modules={linear: LowRankConfig(method=method.removesuffix("-global"),
                                                                 rank_ratio=rho, allocation="global")})
@@ -124,6 +130,9 @@ def run_methods(bench: harness.Bench, budget: str, cuts: list[float], methods: l
     names = [n for n, _, _ in _linears(model, linear)]
     lr.CALIBRATION_CHUNK_BYTES = 2 * 2**30  # one calibration pass (SmolLM2: ~0.8 GB of float64 covariances)
     for method in methods:
+        if method.endswith("-seq"):
+            _run_sequential(bench, name, model, tok, budget, method, rhos, calib, dense, seq, label)
+            continue
         start = time.perf_counter()
         spec_method = "svd" if method == "tucker" else method.removesuffix("-global")
         glob = method.endswith("-global")
@@ -159,6 +168,33 @@ def run_methods(bench: harness.Bench, budget: str, cuts: list[float], methods: l
             swapper.restore(undo)
             bench.save()
         del swapper
+
+
+def _run_sequential(bench: harness.Bench, name: str, model: Any, tok: Any, budget: str, method: str,
+                    rhos: dict[float, float], calib: list[Any], dense: dict[str, Any], seq: int, label: str) -> None:
+    """``<method>-seq`` rows: per cut, ``compress`` a copy of the dense model with ``sequential=True`` (the
+    activations of block ``i`` are measured after blocks ``< i`` were compressed, so nothing is shared across
+    cuts)."""
+    kind = harness.model_kind(model)
+    for cut, rho in rhos.items():
+        plan = plan_for(method, rho, name)
+        work = copy.deepcopy(model)
+        start = time.perf_counter()
+        with metrics.PeakRSS() as rss:
+            hf_compress.compress(work, plan, calibration=calib, progress=False)
+        extra = {"compress_s": round(time.perf_counter() - start, 1), "compress_peak_rss_delta_bytes": rss.delta,
+                 "source_run": label or "methods"}
+        setting = {"target_cut": cut, "rank_ratio": round(rho, 4), "plan": plan.to_dict(), "layers": "attention+mlp",
+                   "calibration": f"{len(calib)}x{seq} news tokens, block by block on the compressed model"}
+        q = harness.quality(work, tok, kind, budget=budget)
+        size = {"params": metrics.param_count(work)}
+        extra["params_cut"] = 1 - size["params"] / dense["size"]["params"]
+        rec = bench.record(name, method + label, setting, quality=q, size=size,
+                           latency=_forward_s(work, kind, budget), extra=extra, dense=dense)
+        print(f"[lowrank] {name} {method}{label} cut={cut}: {q} params_cut={extra['params_cut']:.4f} "
+              f"ratios={rec['ratios']}", flush=True)
+        del work
+        bench.save()
 
 
 def _news_ppl_fn(tok: Any, tokens: int) -> Any:

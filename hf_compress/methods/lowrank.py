@@ -5,6 +5,9 @@ Activation-aware methods need calibration batches: ``compress(model, plan, calib
 ``prepare`` hook streams the calibration in chunks of layers (one forward pass per chunk, at most
 ``CALIBRATION_CHUNK_BYTES`` of statistics alive), factors each layer as soon as its chunk is measured and keeps
 only the truncated factors; :data:`CALIBRATION_REPORT` holds the last pass's passes, tokens and peak bytes.
+With ``sequential=True`` each block's statistics are measured on the model whose earlier blocks are already
+low-rank (as GPTQ does; :func:`hf_compress.compress.compress` runs one truncated pass per block), so a layer's
+truncation also answers for the error its inputs already carry.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ class LowRankConfig(MethodConfig):
     head_dim: int | None = field(default=None, metadata={"help": "tucker: head size (default: the model config's)"})
     allocation: str = field(default="uniform", metadata={"help": f"one of {_ALLOCATIONS}: 'global' reads rank_ratio "
                                                                  "as the share kept over all such targets together"})
+    sequential: bool = field(default=False, metadata={"help": "whitened/asvd: measure each block's activations on the "
+                                                              "model whose earlier blocks are already compressed "
+                                                              "(one truncated calibration pass per block)"})
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -94,6 +100,11 @@ class LowRankConfig(MethodConfig):
         if self.allocation == "global" and (self.rank_ratio is None or self.method == "tucker"):
             raise ValueError("hf_compress: LowRankConfig(allocation='global') needs rank_ratio (the share of the "
                              "targets' parameters kept) and an SVD method ('svd', 'whitened' or 'asvd').")
+        if self.sequential and (self.method not in _CALIBRATED or self.allocation == "global"):
+            raise ValueError(f"hf_compress: LowRankConfig(sequential=True) applies to the calibrated methods "
+                             f"{tuple(_CALIBRATED)} with allocation='uniform' (global allocation needs every "
+                             f"layer's spectrum at once); got method={self.method!r}, "
+                             f"allocation={self.allocation!r}.")
 
     def rank_for(self, out_features: int, in_features: int) -> int:
         """The rank this config gives a ``[out_features, in_features]`` weight (``rank`` / ``rank_ratio`` only)."""
