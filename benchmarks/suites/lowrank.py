@@ -92,6 +92,18 @@ def _measure(bench: harness.Bench, name: str, model: Any, tok: Any, kind: str, b
     return rec
 
 
+def _record_cut(bench: harness.Bench, name: str, model: Any, tok: Any, kind: str, budget: str, method: str,
+                cut: float, setting: dict[str, Any], extra: dict[str, Any], dense: dict[str, Any]) -> None:
+    """Quality, parameters (and the cut they give vs ``dense``) and forward latency of one low-rank row."""
+    q = harness.quality(model, tok, kind, budget=budget)
+    size = {"params": metrics.param_count(model)}
+    extra["params_cut"] = 1 - size["params"] / dense["size"]["params"]
+    rec = bench.record(name, method, setting, quality=q, size=size, latency=_forward_s(model, kind, budget),
+                       extra=extra, dense=dense)
+    print(f"[lowrank] {name} {method} cut={cut}: {q} params_cut={extra['params_cut']:.4f} ratios={rec['ratios']}",
+          flush=True)
+
+
 def _forward_s(model: Any, kind: str, budget: str) -> dict[str, float]:
     """Median forward latency only (decode throughput is measured for the sweep plans)."""
     b = harness.BUDGETS[budget]
@@ -158,13 +170,7 @@ def run_methods(bench: harness.Bench, budget: str, cuts: list[float], methods: l
             extra = {**prep, "build_s": round(time.perf_counter() - start, 1), "source_run": label or "methods"}
             if glob:
                 extra["ranks"] = ranks
-            q = harness.quality(model, tok, kind, budget=budget)
-            size = {"params": metrics.param_count(model)}
-            extra["params_cut"] = 1 - size["params"] / dense["size"]["params"]
-            rec = bench.record(name, method + label, setting, quality=q, size=size,
-                               latency=_forward_s(model, kind, budget), extra=extra, dense=dense)
-            print(f"[lowrank] {name} {method}{label} cut={cut}: {q} params_cut={extra['params_cut']:.4f} "
-                  f"ratios={rec['ratios']}", flush=True)
+            _record_cut(bench, name, model, tok, kind, budget, method + label, cut, setting, extra, dense)
             swapper.restore(undo)
             bench.save()
         del swapper
@@ -186,13 +192,7 @@ def _run_sequential(bench: harness.Bench, name: str, model: Any, tok: Any, budge
                  "source_run": label or "methods"}
         setting = {"target_cut": cut, "rank_ratio": round(rho, 4), "plan": plan.to_dict(), "layers": "attention+mlp",
                    "calibration": f"{len(calib)}x{seq} news tokens, block by block on the compressed model"}
-        q = harness.quality(work, tok, kind, budget=budget)
-        size = {"params": metrics.param_count(work)}
-        extra["params_cut"] = 1 - size["params"] / dense["size"]["params"]
-        rec = bench.record(name, method + label, setting, quality=q, size=size,
-                           latency=_forward_s(work, kind, budget), extra=extra, dense=dense)
-        print(f"[lowrank] {name} {method}{label} cut={cut}: {q} params_cut={extra['params_cut']:.4f} "
-              f"ratios={rec['ratios']}", flush=True)
+        _record_cut(bench, name, work, tok, kind, budget, method + label, cut, setting, extra, dense)
         del work
         bench.save()
 
