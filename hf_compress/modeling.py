@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto import modeling_auto
 
-from .registry import layer_from_spec
+from .registry import build_compressed_structure, resolve_layer_names
 from .saving import CompressedSaveMixin
 
 PREFIX = "hf_compress_"
@@ -37,22 +37,6 @@ TASKS: dict[str, tuple[str, dict[str, str]]] = {
 }
 _CONFIGS: dict[str, type[PretrainedConfig]] = {}  # base model_type -> compressed config class
 _MODELS: dict[type, type[PreTrainedModel]] = {}  # base model class -> compressed model class
-
-
-def build_compressed_structure(model: nn.Module, compression_config: dict[str, Any] | None) -> None:
-    """Replace the modules named in ``compression_config["layers"]`` by empty compressed layers (shapes only)."""
-    for name, spec in ((compression_config or {}).get("layers") or {}).items():
-        try:
-            model.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(
-                f"hf_compress: the checkpoint's compression_config names module {name!r}, which "
-                f"{type(model).__name__} does not have; the config does not belong to this architecture."
-            ) from err
-        model.set_submodule(name, layer_from_spec(spec))
-    for module in model.modules():  # layers that read another module (e.g. a head tied to a compressed table)
-        if callable(getattr(module, "bind_model", None)):
-            module.bind_model(model)
 
 
 class CompressedModelMixin(CompressedSaveMixin):
@@ -81,7 +65,7 @@ class CompressedModelMixin(CompressedSaveMixin):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         layers = (getattr(model.config, "compression_config", None) or {}).get("layers") or {}
-        names = _prefixed(model, layers)
+        names = _prefixed(model, list(resolve_layer_names(model, layers).values()))
         missing = [k for k in info.get("missing_keys", []) if any(k.startswith(n + ".") for n in names)]
         if missing:
             raise ValueError(
@@ -139,12 +123,10 @@ def group_offload_hooks(model: nn.Module) -> None:
         done.append(name)
 
 
-def _prefixed(model: nn.Module, layers: dict[str, Any]) -> list[str]:
+def _prefixed(model: nn.Module, names: list[str]) -> list[str]:
     """Layer names as they appear in loading-info keys (with and without the base-model prefix)."""
     prefix = getattr(model, "base_model_prefix", "")
-    out = list(layers)
-    out += [n[len(prefix) + 1:] for n in layers if prefix and n.startswith(prefix + ".")]
-    return out
+    return names + [n[len(prefix) + 1:] for n in names if prefix and n.startswith(prefix + ".")]
 
 
 def _make_config_class(base: type[PretrainedConfig]) -> type[PretrainedConfig]:

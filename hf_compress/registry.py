@@ -86,3 +86,50 @@ def layer_from_spec(spec: dict[str, Any]) -> nn.Module:
 
 def _load_builtin_methods() -> None:
     from . import methods  # noqa: F401  (registers the built-in methods on import)
+
+
+def resolve_layer_names(model: nn.Module, layers: dict[str, Any]) -> dict[str, str]:
+    """Recorded compressed-layer name -> its name in ``model``.
+
+    Names are recorded on the model that was compressed. A base model (``AutoModel``) built from a task model's
+    checkpoint drops the ``base_model_prefix`` and skips the task's head (``lm_head``, ``score``); a task model built
+    from a base model's checkpoint adds the prefix. A name whose first part ``model`` has but whose module it lacks
+    is an error (the config belongs to another architecture).
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    is_base = bool(prefix) and not hasattr(model, prefix)
+    out: dict[str, str] = {}
+    for name in layers:
+        if is_base and name.startswith(prefix + "."):
+            candidates = [name[len(prefix) + 1:]]
+        elif prefix and not is_base and not name.startswith(prefix + "."):
+            candidates = [name, f"{prefix}.{name}"]
+        else:
+            candidates = [name]
+        found = next((c for c in candidates if _has_submodule(model, c)), None)
+        if found is not None:
+            out[name] = found
+        elif any(_has_submodule(model, c.split(".")[0]) for c in candidates):  # a part model has, lacking it
+            raise ValueError(
+                f"hf_compress: the checkpoint's compression_config names module {name!r}, which "
+                f"{type(model).__name__} does not have; the config does not belong to this architecture."
+            )
+    return out
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def build_compressed_structure(model: nn.Module, compression_config: dict[str, Any] | None) -> None:
+    """Replace the modules named in ``compression_config["layers"]`` by empty compressed layers (shapes only)."""
+    layers = (compression_config or {}).get("layers") or {}
+    for name, target in resolve_layer_names(model, layers).items():
+        model.set_submodule(target, layer_from_spec(layers[name]))
+    for module in model.modules():  # layers that read another module (e.g. a head tied to a compressed table)
+        if callable(getattr(module, "bind_model", None)):
+            module.bind_model(model)

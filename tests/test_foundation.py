@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import ARCHS, Arch, tiny_model
 from conftest import model_output as _out
 from conftest import short_generate as _generate
@@ -58,6 +59,35 @@ def test_compress_on_load_matches_in_place(dense_dir: tuple[Arch, str]) -> None:
     assert type(loaded) is type(in_place)
     assert torch.equal(_out(loaded, inputs), _out(in_place, inputs))
     assert loaded.config.compression_config["base_model"] == path
+
+
+# Each row's other Auto class: the base model of a task checkpoint, or (BERT) a task model of a base checkpoint.
+OTHER_AUTO = {"llama": transformers.AutoModel, "gpt2": transformers.AutoModel, "whisper": transformers.AutoModel,
+              "bert": transformers.AutoModelForMaskedLM}
+
+
+def test_other_auto_class_rebuilds_the_compressed_base_model(arch: Arch, tmp_path: Path) -> None:
+    model = hf_compress.compress(tiny_model(arch), _plan(arch), progress=False)
+    model.save_pretrained(tmp_path)
+    other = OTHER_AUTO[arch.name].from_pretrained(tmp_path)
+    assert type(other).__name__.startswith("Compressed")
+    base, other_base = (getattr(m, m.base_model_prefix, m) for m in (model, other))
+    count = [sum(isinstance(m, LowRankLinear) for m in b.modules()) for b in (base, other_base)]
+    assert count[0] > 0 and count[0] == count[1]
+    inputs = arch.inputs()
+    with torch.no_grad():
+        assert torch.equal(base(**inputs).last_hidden_state, other_base(**inputs).last_hidden_state)
+
+
+def test_compression_config_naming_a_missing_module_is_rejected(tmp_path: Path) -> None:
+    arch = ARCHS[0]
+    hf_compress.compress(tiny_model(arch), _plan(arch), progress=False).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    layers = config["compression_config"]["layers"]
+    layers["model.layers.7.self_attn.q_proj"] = layers.pop("model.layers.1.self_attn.q_proj")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"names module 'model\.layers\.7\.self_attn\.q_proj'"):
+        arch.auto_class.from_pretrained(tmp_path)
 
 
 def test_trust_remote_code_in_fresh_process(tmp_path: Path) -> None:
