@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=64, help="--budget: tokens per calibration window")
     p.add_argument("--plan-out", help="--budget: also write the plan, table and search path as JSON")
     p.add_argument("--task", help="head: causal-lm, speech-seq2seq, base, masked-lm, sequence-classification")
-    p.add_argument("--dtype", default="float32", help="load dtype (float32, bfloat16, float16, auto)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="load dtype")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="measure quality of a saved model")

@@ -116,7 +116,8 @@ class CompressionConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
         data = dict(data)
-        data.pop("layers", None)  # resolved per-layer specs live beside the plan in a model's config
+        for key in ("layers", "base_model"):  # what a model's config records beside the plan
+            data.pop(key, None)
         unknown = sorted(set(data) - {"version", "modules", "skip_modules"})
         if unknown:
             raise ValueError(f"hf_compress: unknown CompressionConfig key(s) {unknown}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -11,9 +12,8 @@ from typing import Any
 
 REMOTE_CODE_FILE = "modeling_hf_compress.py"
 # Files a fresh save_pretrained owns: never carried over from a previous checkpoint in the same folder.
-_OWNED_PREFIXES = ("model", "pytorch_model", "config.json", "generation_config.json", "README.md",
-                   REMOTE_CODE_FILE)
-
+_OWNED = re.compile(r"^((model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?|config\.json|"
+                    r"generation_config\.json|README\.md|" + re.escape(REMOTE_CODE_FILE) + r")$")
 
 def _remote_code(model: Any) -> tuple[str, dict[str, str]]:
     """Source of the ``trust_remote_code`` shim for ``model``'s family, and the ``auto_map`` pointing into it."""
@@ -41,21 +41,60 @@ def _remote_code(model: Any) -> tuple[str, dict[str, str]]:
     return source, auto_map
 
 
+def stage_directory(target: Path) -> Path:
+    """A new, empty folder on ``target``'s filesystem for a save to be written into: beside ``target``, or inside
+    it when ``target`` is a mount point (which cannot be renamed). Made with the umask's mode, as any folder."""
+    parent = target if target.is_dir() and os.path.ismount(target) else target.parent
+    stage = parent / f".{target.name}.hf_compress-tmp-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    return stage
+
+
 def replace_directory(new: Path, target: Path) -> None:
-    """Move the finished folder ``new`` to ``target``; files of an old ``target`` that the save does not own
-    (tokenizer, trainer state, user files) are kept. The old folder is only deleted once ``new`` is in place."""
+    """Move the finished save ``new`` (from :func:`stage_directory`) to ``target``.
+
+    Files of an old ``target`` that the save does not own (tokenizer, trainer state, user files) are kept, as hard
+    links (copies across devices) in the folder that replaces it; the old folder is deleted once ``new`` is in
+    place, so an interrupted save leaves it whole. A mount point cannot be swapped: its files are replaced one by
+    one instead (each atomically, ``config.json`` last), then the old checkpoint's other owned files are removed.
+    """
     if not target.exists():
         os.replace(new, target)
         return
     if not target.is_dir():
         raise NotADirectoryError(f"hf_compress: save path {target} exists and is not a directory.")
+    if new.parent == target:
+        names = sorted((p.name for p in new.iterdir()), key=lambda n: n == "config.json")
+        for name in names:
+            os.replace(new / name, target / name)
+        for entry in target.iterdir():
+            if entry.name not in names and _OWNED.match(entry.name) and entry.is_file():
+                entry.unlink()
+        return
     for entry in target.iterdir():
-        if not (new / entry.name).exists() and not entry.name.startswith(_OWNED_PREFIXES):
-            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, new / entry.name)
+        if not (new / entry.name).exists() and not _OWNED.match(entry.name):
+            _link_tree(entry, new / entry.name)
     old = target.with_name(f".{target.name}.hf_compress-old-{uuid.uuid4().hex[:8]}")
     os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_file(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``src`` (file, folder or symlink) recreated at ``dst`` with hard-linked files: no data is copied."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_file)
+    else:
+        _link_file(str(src), str(dst))
 
 
 class CompressedSaveMixin:
@@ -66,16 +105,17 @@ class CompressedSaveMixin:
         shim and a model card; atomic: an interrupted save leaves any previous checkpoint intact."""
         if kwargs.pop("push_to_hub", False):
             repo_id = kwargs.pop("repo_id", None) or Path(save_directory).name
+            push = {k: kwargs.pop(k) for k in ("private", "commit_message", "create_pr", "revision") if k in kwargs}
             self.save_pretrained(save_directory, *args, **kwargs)
-            upload_folder(save_directory, repo_id, token=kwargs.get("token"))
+            upload_folder(save_directory, repo_id, token=kwargs.get("token"), **push)
             return
         if kwargs.get("safe_serialization") is False:
             raise ValueError("hf_compress: checkpoints are safetensors only; drop safe_serialization=False.")
         if not kwargs.get("is_main_process", True):
             return super().save_pretrained(save_directory, *args, **kwargs)
-        target = Path(save_directory).absolute()
+        target = Path(save_directory).resolve()  # a symlinked folder: save into the folder it points to
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.hf_compress-tmp-", dir=target.parent))
+        tmp = stage_directory(target)
         try:
             source, auto_map = _remote_code(self)
             self.config.auto_map = auto_map
@@ -95,8 +135,16 @@ class CompressedSaveMixin:
     ) -> Any:
         """Save through ``save_pretrained`` (weights, config with ``auto_map``, remote code, model card) into a
         temporary folder and upload it to ``repo_id``."""
+        tags = kwargs.pop("tags", None)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, max_shard_size=kwargs.pop("max_shard_size", "5GB"))
+            if tags:  # the Hub reads tags from the model card's metadata
+                from huggingface_hub import ModelCard
+
+                card = ModelCard.load(Path(tmp) / "README.md")
+                card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *([tags] if isinstance(tags, str)
+                                                                                 else tags)]))
+                card.save(Path(tmp) / "README.md")
             return upload_folder(tmp, repo_id, private=private, token=token, commit_message=commit_message, **kwargs)
 
 

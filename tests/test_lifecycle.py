@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from unittest import mock
 
@@ -160,6 +161,52 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path: Path) -> N
     assert (tmp_path / "model.safetensors").read_bytes() != before["model.safetensors"]
 
 
+def test_save_links_foreign_files_keeps_symlinks_and_the_umask_mode(tmp_path: Path) -> None:
+    model = _compressed_llama()
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    (real / "optimizer.safetensors").write_bytes(b"x" * 1024)  # a Trainer's file beside the model
+    (real / "model_notes.txt").write_text("mine")  # starts with "model" but is not a checkpoint file
+    link.symlink_to(real, target_is_directory=True)
+    inode = (real / "optimizer.safetensors").stat().st_ino
+    model.save_pretrained(link)
+    assert link.is_symlink() and (real / "model.safetensors").exists()
+    assert (real / "optimizer.safetensors").stat().st_ino == inode  # hard-linked, not copied
+    assert (real / "model_notes.txt").read_text() == "mine"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert real.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    again = transformers.AutoModelForCausalLM.from_pretrained(link)
+    ids = LLAMA.inputs()["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_save_into_a_mount_point_replaces_files_one_by_one(tmp_path: Path) -> None:
+    model = _compressed_llama()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    (tmp_path / "tokenizer.json").write_text("{}")
+    real_replace = os.replace
+
+    def replace(src: object, dst: object) -> None:  # a mount point cannot be renamed
+        if Path(src) == tmp_path:
+            raise OSError(16, "Device or resource busy")
+        real_replace(src, dst)
+
+    with mock.patch("os.path.ismount", side_effect=lambda p: Path(p) == tmp_path), \
+            mock.patch("os.replace", replace):
+        model.save_pretrained(tmp_path)  # staged inside the mount point, files moved one by one
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["README.md", "config.json", "generation_config.json", "model.safetensors",
+                     "modeling_hf_compress.py", "tokenizer.json"]
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = LLAMA.inputs()["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
 def test_push_to_hub_uploads_the_save_path(tmp_path: Path) -> None:
     model = _compressed_llama()
     seen: dict[str, object] = {}
@@ -173,12 +220,23 @@ def test_push_to_hub_uploads_the_save_path(tmp_path: Path) -> None:
 
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")) as create, \
             mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload):
-        url = model.push_to_hub("me/tiny")
-    create.assert_called_once()
+        url = model.push_to_hub("me/tiny", private=True, tags=["speech"])
+    create.assert_called_once_with("me/tiny", private=True, exist_ok=True)
     assert url == "https://hub/me/tiny"
     assert {"config.json", "model.safetensors", "modeling_hf_compress.py", "README.md"} <= set(seen["files"])
     assert seen["config"]["auto_map"]["AutoModelForCausalLM"] == "modeling_hf_compress.CompressedLlamaForCausalLM"
     assert "library_name: transformers" in seen["card"] and "hf_compress" in seen["card"]
+    assert "- speech" in seen["card"]
+
+
+def test_save_pretrained_push_to_hub_passes_privacy_and_message(tmp_path: Path) -> None:
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")) as create, \
+            mock.patch("huggingface_hub.HfApi.upload_folder", return_value="url") as upload:
+        _compressed_llama().save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="me/tiny", private=True,
+                                            commit_message="msg")
+    create.assert_called_once_with("me/tiny", private=True, exist_ok=True)
+    assert upload.call_args.kwargs["commit_message"] == "msg"
+    assert (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_compression_config_json_round_trip(tmp_path: Path) -> None:
@@ -191,6 +249,8 @@ def test_compression_config_json_round_trip(tmp_path: Path) -> None:
     assert json.loads(cfg.to_json())["version"] == 1
     with pytest.raises(ValueError, match="newer than this hf_compress supports"):
         CompressionConfig.from_dict({"version": 99, "modules": {}})
+    recorded = {**cfg.to_dict(), "layers": {}, "base_model": "some/model"}  # a compressed model's config entry
+    assert CompressionConfig.from_dict(recorded) == cfg
 
 
 def test_skip_modules_and_pattern_semantics() -> None:
