@@ -33,12 +33,13 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     if values.is_floating_point() or values.is_complex():
         raise TypeError(f"hf_compress: pack_bits needs an integer tensor, got {values.dtype}.")
-    flat = values.reshape(-1).to(torch.int32)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
+    flat = values.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):  # checked before narrowing
         raise ValueError(
             f"hf_compress: pack_bits: values must lie in [0, {1 << bits}) for {bits} bits; got range "
             f"[{int(flat.min())}, {int(flat.max())}]."
         )
+    flat = flat.to(torch.int32)
     shifts = torch.arange(bits, dtype=torch.int32, device=flat.device)
     stream = ((flat[:, None] >> shifts) & 1).reshape(-1).to(torch.uint8)  # [n·bits] bits, LSB first
     pad = (-stream.numel()) % 8

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..packing import pack_bits, packed_nbytes, unpack_bits
 from ..registry import register_layer
-from .common import content_key
+from .common import content_key, reusable
 
 MODES = ("cached", "lookup")
 
@@ -151,7 +151,7 @@ class CodebookLinear(nn.Module):
     def codes(self) -> torch.Tensor:
         """Unpacked indices ``[out, in/d]`` (sorted row order; cached, int16/int32)."""
         key = content_key(self.indices)
-        if self._codes_cache is None or self._codes_cache[0] != key:
+        if self._codes_cache is None or self._codes_cache[0] != key or not reusable(self._codes_cache[1]):
             n = self.out_features * self.in_features // self.vector_dim
             small = torch.int16 if self.bits <= 15 else torch.int32
             codes = unpack_bits(self.indices, self.bits, n, dtype=small).view(self.out_features, -1)
@@ -180,6 +180,8 @@ class CodebookLinear(nn.Module):
         return self._dequantize(self.codebooks.dtype if self.codebooks.is_floating_point() else torch.float32)
 
     def clear_cache(self) -> None:
+        """Drop the decoded caches. They are keyed on the tensors' in-place version counters, which writes through
+        ``.data`` (``p.data.mul_(2)``) do not bump: call this after such writes."""
         self._codes_cache = self._weight_cache = None
 
     def dense_weight(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
@@ -192,7 +194,7 @@ class CodebookLinear(nn.Module):
             return self._dequantize(dtype)
         key = (*map(content_key, (self.codebooks, self.scales, self.indices, self.perm)), dtype, device,
                None if self.offsets is None else content_key(self.offsets))
-        if self._weight_cache is None or self._weight_cache[0] != key:
+        if self._weight_cache is None or self._weight_cache[0] != key or not reusable(self._weight_cache[1]):
             with torch.no_grad():
                 self._weight_cache = (key, self._dequantize(dtype).detach())
             self._codes_cache = None  # cached mode keeps only the dense weight (4 B/weight in fp32), not the codes

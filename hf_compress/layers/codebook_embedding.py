@@ -3,8 +3,9 @@
 
 A lookup reads rows of the decoded table; a tied output head (``TiedEmbeddingHead``) multiplies by the same decoded
 table, so an untied copy is never stored. The table is decoded by ``CodebookLinear.dense_weight``: in the default
-``"cached"`` mode it stays in memory (fp32 ``V·d``) until the codebooks, scales or indices change (the checkpoint is
-small, the resident model is not); while codebooks or scales are trained it is rebuilt differentiably at every call.
+``"cached"`` mode it stays in memory (``V·d`` in the model's dtype) until the codebooks, scales or indices change (the
+checkpoint is small, the resident model is not); while codebooks or scales are trained it is rebuilt differentiably at
+every call.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class CodebookEmbedding(CompressedEmbedding):
                              f"CodebookLinear({embedding_dim}->{num_embeddings}), got {table!r}.")
         self.num_embeddings = num_embeddings
         self.table = table
+        # Follows .to()/.half()/from_pretrained(dtype=): the dtype rows are decoded in (the table's fp16 codebooks
+        # are storage and keep theirs). Only its dtype is read; not saved.
+        self.register_buffer("compute_dtype_anchor", torch.empty(0), persistent=False)
 
     @classmethod
     def from_codebook(cls, table: CodebookLinear, padding_idx: int | None = None,
@@ -43,8 +47,9 @@ class CodebookEmbedding(CompressedEmbedding):
         return cls(table.out_features, table.in_features, table, padding_idx=padding_idx, embed_scale=embed_scale)
 
     def _table(self) -> torch.Tensor:
-        """The decoded ``[V, d]`` table in fp32 (``CodebookLinear.dense_weight``: cached unless being trained)."""
-        return self.table.dense_weight(torch.float32, self.table.codebooks.device)
+        """The decoded ``[V, d]`` table in the model's dtype (``CodebookLinear.dense_weight``: cached unless being
+        trained)."""
+        return self.table.dense_weight(self.compute_dtype_anchor.dtype, self.table.codebooks.device)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -33,6 +33,12 @@ def check_rank(rank: int, limit: int, who: str, what: str = "min(in_features, ou
         )
 
 
+def reusable(cached: torch.Tensor) -> bool:
+    """Whether a cached tensor may be used now: one built under ``torch.inference_mode()`` (calibration, a sweep's
+    evaluation) cannot enter autograd outside it ("Inference tensors cannot be saved for backward"): rebuild it."""
+    return torch.is_inference_mode_enabled() or not cached.is_inference()
+
+
 def content_key(t: torch.Tensor) -> tuple[int, int]:
     """Identity of a tensor's current contents: (storage pointer, in-place version counter); a cache keyed on it is
     invalidated by in-place writes and by replacing the tensor."""

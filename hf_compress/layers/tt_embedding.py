@@ -46,11 +46,11 @@ def check_tt_shape_ranks(dim: int, shape: list[int], ranks: list[int], who: str)
 def contract_cores(cores: list[torch.Tensor]) -> torch.Tensor:
     """Batched TT contraction: cores ``[B, r_{k-1}, n_k, r_k]`` (``r_0 = r_N = 1``) -> ``[B, ∏ n_k]``."""
     b = cores[0].shape[0]
-    out = cores[0].reshape(b, -1, cores[0].shape[-1])  # [B, n_1, r_1]
+    out = cores[0].reshape(b, cores[0].shape[2], cores[0].shape[3])  # [B, n_1, r_1] (explicit sizes: B may be 0)
     for core in cores[1:]:
         r_prev, n, r = core.shape[1:]
-        out = torch.bmm(out, core.reshape(b, r_prev, n * r)).reshape(b, -1, r)  # [B, P·n, r]
-    return out.reshape(b, -1)
+        out = torch.bmm(out, core.reshape(b, r_prev, n * r)).reshape(b, out.shape[1] * n, r)  # [B, P·n, r]
+    return out.reshape(b, out.shape[1] * out.shape[2])
 
 
 class CompressedEmbedding(nn.Module):

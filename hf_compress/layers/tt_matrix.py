@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..registry import register_layer
+from .common import content_key, reusable
 from .tt_embedding import CompressedEmbedding, check_tt_shape_ranks
 
 
@@ -88,7 +89,7 @@ class TTMatrixEmbedding(CompressedEmbedding):
                 sel = (digits[k] == j).nonzero().squeeze(1)
                 nxt[sel] = (out[sel] @ core[:, j].reshape(r_prev, n * r)).reshape(sel.numel(), -1, r)
             out = nxt
-        return out.reshape(b, -1)
+        return out.reshape(b, out.shape[1] * out.shape[2])
 
     def keep_rows(self, ids: torch.Tensor) -> None:
         self.row_index = self.row_index[ids.to(self.row_index.device)].contiguous()
@@ -166,9 +167,9 @@ class AdaptiveRankEmbedding(CompressedEmbedding):
 
     def _order(self) -> torch.Tensor:
         """``[V]`` position of each token in the tier-concatenated logits (cached per tier layout)."""
-        key = (self.tier.data_ptr(), self.slot.data_ptr(), self.num_embeddings, tuple(self.tier_sizes))
+        key = (content_key(self.tier), content_key(self.slot), self.num_embeddings, tuple(self.tier_sizes))
         cached = self.__dict__.get("_order_cache")
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] != key or not reusable(cached[1]):
             offsets = torch.tensor([0, *self.tier_sizes[:-1]], device=self.tier.device).cumsum(0)
             cached = (key, offsets[self.tier.long()] + self.slot.long())
             self.__dict__["_order_cache"] = cached
@@ -185,7 +186,7 @@ class AdaptiveRankEmbedding(CompressedEmbedding):
 
     def _identity(self) -> bool:
         cached = self.__dict__.get("_identity_cache")
-        key = (self.slot.data_ptr(), self.num_embeddings)
+        key = (content_key(self.slot), self.num_embeddings)
         if cached is None or cached[0] != key:
             cached = (key, bool(torch.equal(self.slot.long(), torch.arange(self.num_embeddings,
                                                                            device=self.slot.device))))

@@ -67,7 +67,10 @@ def choose_ranks(t: torch.Tensor, max_params: int | None = None, energy: float |
         score = torch.where(ok & (params <= max_params), kept, -1.0)
     else:
         score = torch.where(ok & (kept >= energy - 1e-12), -params, -float("inf"))
-    best = int(torch.argmax(score.flatten()))  # nothing fits max_params -> (1, 1, 1), rejected by the caller
+    if max_params is not None and float(score.max()) < 0:
+        raise ValueError(f"hf_compress: Tucker: no ranks of a {[h, d, n]} tensor fit max_params={max_params} (ranks "
+                         f"(1, 1, 1) need {int(params[0, 0, 0])}); allow more parameters or give ranks.")
+    best = int(torch.argmax(score.flatten()))
     return (best // (d * n) + 1, best // n % d + 1, best % n + 1)
 
 
@@ -154,6 +157,11 @@ class TuckerLinear(nn.Module):
         (``max_params`` weights / ``energy`` fraction), see :func:`choose_ranks`."""
         weight, bias = linear_weight_and_bias(linear, "TuckerLinear.from_dense")
         out_f, in_f = weight.shape
+        if heads_on not in ("out", "in"):
+            raise ValueError(f"hf_compress: TuckerLinear.from_dense: heads_on must be 'out' or 'in', got {heads_on!r}.")
+        if ranks is None and (max_params is None) == (energy is None):
+            raise ValueError(f"hf_compress: TuckerLinear.from_dense({in_f}->{out_f}): give ranks=(r1, r2, r3), or "
+                             "exactly one of max_params / energy to choose them.")
         split = out_f if heads_on == "out" else in_f
         if head_dim < 1 or split % head_dim:
             raise ValueError(f"hf_compress: TuckerLinear: {heads_on}_features={split} is not a multiple of "

@@ -1,0 +1,128 @@
+"""Edge cases every compressed layer must survive: caches built in inference mode, caches after
+``load_state_dict``, empty inputs, half-precision models, and clear errors for bad Tucker / packing input."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import ARCHS, EMBED, tiny_model
+
+import hf_compress
+from hf_compress import CompressionConfig
+from hf_compress.layers.codebook import CodebookLinear
+from hf_compress.layers.codebook_embedding import CodebookEmbedding
+from hf_compress.layers.subspace import SubspaceEmbedding
+from hf_compress.layers.tt_embedding import TTEmbedding
+from hf_compress.layers.tt_matrix import AdaptiveRankEmbedding, TTMatrixEmbedding
+from hf_compress.layers.tucker import TuckerLinear
+from hf_compress.methods.jlcm import CodebookConfig
+from hf_compress.packing import pack_bits, unpack_bits
+
+
+def _codebook_linear(mode: str = "cached", trainable: bool = False, out: int = 8, inn: int = 16,
+                     bias: bool = True) -> CodebookLinear:
+    g = torch.Generator().manual_seed(0)
+    layer = CodebookLinear.from_codes(torch.randint(0, 4, (out, inn), generator=g), torch.randperm(out, generator=g),
+                                      torch.randn(1, 4, 1, generator=g), torch.ones(1),
+                                      torch.zeros(out) if bias else None, 2, dtype=torch.float32)
+    layer.mode = mode
+    return layer.requires_grad_(trainable)
+
+
+def _adaptive() -> AdaptiveRankEmbedding:
+    torch.manual_seed(0)
+    layer = AdaptiveRankEmbedding(10, 8, [4, 2], [4, 6])
+    for p in layer.parameters():
+        torch.nn.init.normal_(p)
+    return layer
+
+
+def _embeddings() -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    table = torch.randn(12, 8)
+    sub = SubspaceEmbedding(12, 8, 4, num_subspaces=2)
+    for t in sub.tables:
+        torch.nn.init.normal_(t)
+    return {
+        "tt": TTEmbedding.from_dense(table, [2, 4], ranks=[2]),
+        "tt_matrix": TTMatrixEmbedding.from_dense(table, [4, 4], [2, 4], [3]),
+        "adaptive": _adaptive(),
+        "subspace": sub,
+        "codebook": CodebookEmbedding.from_codebook(_codebook_linear(out=12, inn=8, bias=False)),
+    }
+
+
+# name -> (inference-mode call, then the same call with autograd): caches built in the first must not break the second
+CACHED_CALLS: dict[str, Callable[[], Callable[[bool], torch.Tensor]]] = {
+    "codebook_frozen": lambda: (lambda layer, x: lambda grad: layer(x.requires_grad_(grad)))(
+        _codebook_linear(), torch.randn(3, 16)),
+    "codebook_lookup_trainable": lambda: (lambda layer, x: lambda grad: layer(x))(
+        _codebook_linear("lookup", trainable=True), torch.randn(3, 16)),
+    "adaptive_logits": lambda: (lambda layer, h: lambda grad: layer.logits(h))(_adaptive(), torch.randn(2, 8)),
+}
+
+
+@pytest.mark.parametrize("name", list(CACHED_CALLS))
+def test_caches_built_in_inference_mode_serve_training(name: str) -> None:
+    call = CACHED_CALLS[name]()
+    with torch.inference_mode():
+        expected = call(False).clone()
+    out = call(True)
+    out.sum().backward()  # raised "Inference tensors cannot be saved for backward"
+    assert torch.allclose(out.detach(), expected)
+
+
+def test_adaptive_logits_follow_a_loaded_token_layout() -> None:
+    src, dst = _adaptive(), _adaptive()
+    with torch.no_grad():
+        src.tier.copy_(torch.tensor([1, 0, 1, 0, 1, 0, 1, 0, 1, 1], dtype=src.tier.dtype))
+        src.slot.copy_(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 5], dtype=src.slot.dtype))
+    h = torch.randn(2, 8)
+    with torch.no_grad():
+        dst.logits(h)  # caches the token order of dst's layout
+        dst.load_state_dict(src.state_dict())  # copies in place: same storage
+        assert torch.allclose(dst.logits(h), h @ dst.weight.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tt", "tt_matrix", "adaptive", "subspace", "codebook"])
+def test_empty_and_odd_id_tensors(name: str) -> None:
+    layer = _embeddings()[name]
+    table, v = layer.weight.detach(), layer.num_embeddings
+    for ids in (torch.empty(2, 0, dtype=torch.long), torch.tensor(5), torch.randint(0, v, (3, 2)).t(),
+                torch.randint(0, v, (2, 3), dtype=torch.int32)):
+        out = layer(ids)
+        assert out.shape == (*ids.shape, 8)
+        assert torch.allclose(out, table[ids.long()], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("arch", ARCHS[:2], ids=[a.name for a in ARCHS[:2]])
+def test_codebook_embedding_runs_in_the_model_dtype(arch: object, dtype: torch.dtype) -> None:
+    model = tiny_model(arch)
+    cfg = CompressionConfig(modules={EMBED[arch.name]: CodebookConfig(bits=4, method="kmeans", steps=1)})
+    hf_compress.compress(model, cfg, progress=False)
+    model.to(dtype)
+    ids = arch.inputs()["input_ids"]
+    assert model.get_input_embeddings()(ids).dtype == dtype
+    with torch.no_grad():
+        logits = model(ids).logits  # raised "expected m1 and m2 to have the same dtype"
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+def test_tucker_from_dense_rejects_missing_or_unmeetable_ranks() -> None:
+    linear = torch.nn.Linear(16, 16)
+    with pytest.raises(ValueError, match="give ranks"):
+        TuckerLinear.from_dense(linear, head_dim=4)
+    with pytest.raises(ValueError, match="fit max_params=10"):
+        TuckerLinear.from_dense(linear, head_dim=4, max_params=10)
+    with pytest.raises(ValueError, match="heads_on must be"):
+        TuckerLinear.from_dense(linear, head_dim=4, ranks=(2, 2, 2), heads_on="side")
+
+
+def test_pack_bits_checks_the_range_before_narrowing() -> None:
+    with pytest.raises(ValueError, match=r"values must lie in \[0, 16\)"):
+        pack_bits(torch.tensor([2**32 + 3]), 4)
+    values = torch.tensor([3, 0, 15, 7])
+    assert torch.equal(unpack_bits(pack_bits(values, 4), 4, 4).long(), values)
