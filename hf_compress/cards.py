@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -67,7 +68,8 @@ def model_card(model: Any, repo_id: str | None = None, figures: dict[str, Any] |
     task, auto_class = _task_of(model)
     methods = sorted({m.get("type", "?") for m in (cc.get("modules") or {}).values()})
     base_model = cc.get("base_model")
-    base_is_hub = isinstance(base_model, str) and base_model.count("/") == 1 and not base_model.startswith((".", "/"))
+    base_is_hub = (isinstance(base_model, str) and base_model.count("/") == 1
+                   and not base_model.startswith((".", "/")) and not Path(base_model).exists())  # not a local folder
     data = ModelCardData(
         library_name="transformers",
         base_model=base_model if base_is_hub else None,

@@ -286,3 +286,14 @@ def test_in_place_compression_keeps_output_hidden_states() -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-1] == str(ARCHS[2].make_config().num_hidden_layers + 1)
+
+
+def test_model_card_links_hub_ids_but_not_local_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hf_compress.cards import model_card
+
+    model = _compressed_llama()
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    for base, linked in (("models/tiny", False), ("HuggingFaceTB/SmolLM2-135M", True)):
+        model.config.compression_config = {**model.config.compression_config, "base_model": base}
+        assert (model_card(model).data.base_model == base) is linked
