@@ -107,7 +107,8 @@ class CompressedSaveMixin:
             repo_id = kwargs.pop("repo_id", None) or Path(save_directory).name
             push = {k: kwargs.pop(k) for k in ("private", "commit_message", "create_pr", "revision") if k in kwargs}
             self.save_pretrained(save_directory, *args, **kwargs)
-            upload_folder(save_directory, repo_id, token=kwargs.get("token"), **push)
+            if kwargs.get("is_main_process", True):  # one upload, from the process that wrote the files
+                upload_folder(save_directory, repo_id, token=kwargs.get("token"), **push)
             return
         if kwargs.get("safe_serialization") is False:
             raise ValueError("hf_compress: checkpoints are safetensors only; drop safe_serialization=False.")

@@ -237,6 +237,11 @@ def test_save_pretrained_push_to_hub_passes_privacy_and_message(tmp_path: Path) 
     create.assert_called_once_with("me/tiny", private=True, exist_ok=True)
     assert upload.call_args.kwargs["commit_message"] == "msg"
     assert (tmp_path / "out" / "model.safetensors").exists()
+    with mock.patch("huggingface_hub.HfApi.create_repo") as create, \
+            mock.patch("huggingface_hub.HfApi.upload_folder") as upload:
+        _compressed_llama().save_pretrained(tmp_path / "rank1", push_to_hub=True, is_main_process=False)
+    create.assert_not_called()
+    upload.assert_not_called()
 
 
 def test_compression_config_json_round_trip(tmp_path: Path) -> None:
