@@ -35,6 +35,8 @@ _LAZY = {
     "sweep": ".sweep",
     "plan": ".planning",
     "adapters": ".adapters",
+    "vocab": ".vocab",
+    "healing": ".healing",
 }
 
 

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,10 +34,28 @@ def truncated_passes() -> Iterator[None]:
         _truncate = previous
 
 
+def as_batches(calibration: Any) -> list[Any] | None:
+    """Calibration data as a list of batches: ``LongTensor [batch, seq]`` (a 1-D row gains the batch axis) or plain
+    dicts of model inputs (``BatchEncoding`` included). A lone tensor or mapping is one batch."""
+    if calibration is None:
+        return None
+    items = [calibration] if isinstance(calibration, (torch.Tensor, Mapping)) else list(calibration)
+    out: list[Any] = []
+    for i, b in enumerate(items):
+        if isinstance(b, Mapping):
+            out.append(dict(b))
+        elif isinstance(b, torch.Tensor):
+            out.append(b[None] if b.ndim == 1 else b)
+        else:
+            raise TypeError(f"hf_compress: calibration batch {i} is a {type(b).__name__}; give LongTensor [batch, seq] "
+                            "batches of token ids, or dicts of model inputs (e.g. a tokenizer's output).")
+    return out
+
+
 def _forward(model: nn.Module, batch: Any) -> None:
     """One calibration forward; a pass cut short by :func:`truncated_passes` ends here."""
     try:
-        model(**batch) if isinstance(batch, dict) else model(batch)
+        model(**batch) if isinstance(batch, Mapping) else model(batch)
     except _StopForward:
         pass
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import truncated_passes
+from .calibration import as_batches, truncated_passes
 from .config import CompressionConfig, MethodConfig
 from .registry import _LAYERS, get_method
 
@@ -82,7 +82,7 @@ def compress(
         config = CompressionConfig.from_dict(config)
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"hf_compress.compress: config must be a CompressionConfig, got {type(config).__name__}.")
-    calibration = list(calibration) if calibration is not None else None
+    calibration = as_batches(calibration)
 
     from .modeling import adopt_compressed_class
 
@@ -114,14 +114,31 @@ def compress(
             if before_target is not None:
                 before_target(name)
             module = model.get_submodule(name)
+            tied_to = _tied_input_embedding(model, module)
             ctx = CompressionContext(model=model, name=name, calibration=calibration, state=states.pop(name, None))
             new = method.compress(module, cfg, ctx)
             if new is not None and new is not module:
                 model.set_submodule(name, new)
+                if tied_to is not None:  # a head sharing the dense table no longer does: record the model untied
+                    from .methods.tied import untie
+
+                    untie(model, (name, tied_to))
             del module, new
 
     _record(model, config)
     return model
+
+
+def _tied_input_embedding(model: nn.Module, module: nn.Module) -> str | None:
+    """Name of the input embedding whose weight ``module`` (an output head, not the table itself) shares."""
+    getter = getattr(model, "get_input_embeddings", None)
+    emb = getter() if callable(getter) else None
+    weight, table = getattr(module, "weight", None), getattr(emb, "weight", None)
+    if module is emb or not isinstance(weight, torch.Tensor) or not isinstance(table, torch.Tensor):
+        return None
+    if weight is not table and (weight.device.type == "meta" or weight.data_ptr() != table.data_ptr()):
+        return None
+    return next((n for n, m in model.named_modules() if m is emb), None)
 
 
 def stage_of(name: str) -> str:

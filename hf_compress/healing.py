@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -116,7 +116,7 @@ class _Distiller(torch.nn.Module):
 
 class _Batches(torch.utils.data.Dataset):
     def __init__(self, batches: Sequence[Any]) -> None:
-        self.items = [b if isinstance(b, dict) else {"input_ids": b} for b in batches]
+        self.items = [dict(b) if isinstance(b, Mapping) else {"input_ids": b} for b in batches]
 
     def __len__(self) -> int:
         return len(self.items)

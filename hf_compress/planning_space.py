@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +69,7 @@ def default_quality_fn(model: nn.Module, batches: Sequence[Any]) -> tuple[Callab
     first = batches[0]
     if isinstance(first, torch.Tensor) and hasattr(model, "generate") and model.can_generate():
         return perplexity_fn(batches), "ppl"
-    if isinstance(first, dict) and "decoder_input_ids" in first and first["decoder_input_ids"].shape[1] > 1:
+    if isinstance(first, Mapping) and "decoder_input_ids" in first and first["decoder_input_ids"].shape[1] > 1:
         return sequence_nll_fn(batches), "seq2seq_ppl"
     return output_error_fn(model, batches), "output_error"
 

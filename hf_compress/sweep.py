@@ -15,7 +15,7 @@ import sys
 import time
 import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,9 @@ def sweep(
     """
     if eval_fn is None:
         raise ValueError("hf_compress.sweep: pass eval_fn (model -> float), e.g. a perplexity function.")
+    if budget is None:
+        raise ValueError("hf_compress.sweep: pass budget=, e.g. 0.91 (keep 91 % of the parameters) or "
+                         "{'quality': 1.05} (stay within 1.05x dense quality).")
     budget = {"params": float(budget)} if isinstance(budget, (int, float)) else dict(budget or {})
     if len(budget) != 1 or next(iter(budget)) not in ("params", "quality", "quality_delta"):
         raise ValueError("hf_compress.sweep: budget must be a params fraction (0.91), {'params': f}, "
@@ -354,7 +357,7 @@ def text_batches(tokenizer: Any, text: str, n: int = 8, seq: int = 128) -> list[
 
 
 def _outputs(model: nn.Module, batch: Any) -> torch.Tensor:
-    out = model(**batch) if isinstance(batch, dict) else model(batch)
+    out = model(**batch) if isinstance(batch, Mapping) else model(batch)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
@@ -371,7 +374,7 @@ def output_error_fn(model: nn.Module, batches: Sequence[Any]) -> Callable[[nn.Mo
 
 
 def perplexity_fn(batches: Sequence[torch.Tensor]) -> Callable[[nn.Module], float]:
-    """``m -> exp(mean next-token NLL)`` of a causal LM over ``[1, seq]`` windows."""
+    """``m -> exp(mean next-token NLL)`` of a causal LM over ``[batch, seq]`` windows of token ids."""
     def fn(m: nn.Module) -> float:
         nll, count = 0.0, 0
         with torch.inference_mode():
@@ -379,7 +382,7 @@ def perplexity_fn(batches: Sequence[torch.Tensor]) -> Callable[[nn.Module], floa
                 logits = m(b).logits[:, :-1].float()
                 nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(),
                                                                reduction="sum"))
-                count += b.shape[1] - 1
+                count += b[:, 1:].numel()
         return math.exp(nll / count)
     return fn
 

@@ -69,20 +69,33 @@ def add_tokens(model: nn.Module, tokenizer: Any, new_tokens: Sequence[Any],
     """Add ``new_tokens`` to ``tokenizer`` (may be ``None``) and their ``vectors [m, d]`` to the compressed table.
 
     Without ``vectors`` new rows start at the mean embedding. A dense untied head gets the same vectors as rows (the
-    tied initialization); a ``TiedEmbeddingHead`` reads them from the table (its bias gets zeros). Returns the ids.
+    tied initialization); a ``TiedEmbeddingHead`` reads them from the table (its bias gets zeros). Tokens the
+    tokenizer already has are skipped, as ``tokenizer.add_tokens`` skips them (their rows are kept). Returns the
+    ids of all ``new_tokens``. Everything is checked before the tokenizer or the table changes.
     """
     emb = _embedding(model)
     v_old, m = emb.num_embeddings, len(new_tokens)
+    names = [str(t) for t in new_tokens]
+    if len(set(names)) != m:
+        dups = sorted({t for t in names if names.count(t) > 1})
+        raise ValueError(f"hf_compress.vocab.add_tokens: new_tokens has duplicates {dups}; give each token once.")
     if vectors is None:
         vectors = emb.weight.detach().mean(0, keepdim=True).expand(m, -1)
     if vectors.ndim != 2 or vectors.shape != (m, emb.embedding_dim):
         raise ValueError(f"hf_compress.vocab.add_tokens: vectors must be [{m}, {emb.embedding_dim}] (one row per new "
                          f"token), got {list(vectors.shape)}.")
+    known = tokenizer.get_vocab() if tokenizer is not None else {}
+    fresh = [i for i, t in enumerate(names) if t not in known]
+    grows = (len(tokenizer) if tokenizer is not None else v_old) + len(fresh) > v_old
+    if grows and type(emb).add_rows is CompressedEmbedding.add_rows:
+        raise NotImplementedError(f"hf_compress.vocab.add_tokens: {type(emb).__name__} does not support adding "
+                                  "tokens; nothing was changed.")
     if tokenizer is not None:
-        tokenizer.add_tokens(list(new_tokens), special_tokens=special_tokens)
-        ids = [int(i) for i in tokenizer.convert_tokens_to_ids([str(t) for t in new_tokens])]
+        tokenizer.add_tokens([new_tokens[i] for i in fresh], special_tokens=special_tokens)
+        all_ids = [int(i) for i in tokenizer.convert_tokens_to_ids(names)]
     else:
-        ids = list(range(v_old, v_old + m))
+        all_ids = list(range(v_old, v_old + m))
+    ids, vectors = [all_ids[i] for i in fresh], vectors[fresh]
     inside = [i for i, t in enumerate(ids) if t < v_old]
     outside = [i for i, t in enumerate(ids) if t >= v_old]
     if sorted(ids[i] for i in outside) != list(range(v_old, v_old + len(outside))):
@@ -108,7 +121,7 @@ def add_tokens(model: nn.Module, tokenizer: Any, new_tokens: Sequence[Any],
                     head.bias = nn.Parameter(torch.cat([head.bias.data, head.bias.data.new_zeros(len(outside))]))
                 head.out_features = head.weight.shape[0]
     _refresh(model, emb.num_embeddings)
-    return ids
+    return all_ids
 
 
 def prune_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import math
 import re
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,7 +178,7 @@ def calibration_statistics(model: nn.Module, configs: dict[str, LowRankConfig], 
 def _count_tokens(batches: Any) -> int:
     total = 0
     for b in batches:
-        x = b if not isinstance(b, dict) else next(iter(v for v in b.values() if hasattr(v, "numel")), None)
+        x = b if not isinstance(b, Mapping) else next(iter(v for v in b.values() if hasattr(v, "numel")), None)
         total += int(x.numel()) if x is not None else 0
     return total
 

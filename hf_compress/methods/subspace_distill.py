@@ -91,27 +91,33 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tens
     if not tables:
         raise ValueError("hf_compress.subspace.distill: the student has no SubspaceEmbedding; compress it first.")
     norms = [p for m in student.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)]
+    collate = _collator(student, tokenizer, isolated_tokens, seed)  # validates before anything changes
+    was_training = student.training
     flags = {p: p.requires_grad for p in student.parameters()}
-    for p in student.parameters():
-        p.requires_grad_(False)
-    train = tables + (norms if train_norms else [])
-    for p in train:
-        p.requires_grad_(True)
-    eval_batches = [torch.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-    before = distillation_loss(student, teacher, eval_batches, kind)
-    wrap = _Distiller(student, teacher, kind)
-    collate = _collator(student, tokenizer, isolated_tokens, seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size,
-                                 learning_rate=lr, weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0,
-                                 logging_steps=max(1, steps // 10), save_strategy="no", report_to=[], use_cpu=True,
-                                 disable_tqdm=not progress, remove_unused_columns=False, seed=seed,
-                                 dataloader_num_workers=0)
-        trainer = Trainer(model=wrap, args=args, train_dataset=[{"input_ids": r} for r in rows],
-                          data_collator=collate)
-        result = trainer.train()
-    for p, flag in flags.items():
-        p.requires_grad_(flag)
+    try:
+        for p in student.parameters():
+            p.requires_grad_(False)
+        train = tables + (norms if train_norms else [])
+        for p in train:
+            p.requires_grad_(True)
+        eval_batches = [torch.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+        before = distillation_loss(student, teacher, eval_batches, kind)
+        wrap = _Distiller(student, teacher, kind)
+        with tempfile.TemporaryDirectory() as tmp:
+            args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size,
+                                     learning_rate=lr, weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0,
+                                     logging_steps=max(1, steps // 10), save_strategy="no", report_to=[],
+                                     use_cpu=True, disable_tqdm=not progress, remove_unused_columns=False, seed=seed,
+                                     dataloader_num_workers=0)
+            trainer = Trainer(model=wrap, args=args, train_dataset=[{"input_ids": r} for r in rows],
+                              data_collator=collate)
+            result = trainer.train()
+    except BaseException:
+        student.train(was_training)
+        raise
+    finally:
+        for p, flag in flags.items():  # the caller's trainable flags, on success or failure
+            p.requires_grad_(flag)
     student.eval()
     after = distillation_loss(student, teacher, eval_batches, kind)
     return {"loss_before": before, "loss_after": after, "trainable_params": sum(p.numel() for p in train),

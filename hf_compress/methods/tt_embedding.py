@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,7 +263,7 @@ def prepare_tt(model: nn.Module, targets: dict[str, TTEmbeddingConfig], calibrat
     if not heads:
         return out
     seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    runnable = [b for b in calibration or [] if isinstance(b, dict) or not seq2seq]  # seq2seq: bare ids only count
+    runnable = [b for b in calibration or [] if isinstance(b, Mapping) or not seq2seq]  # seq2seq: bare ids only count
     probe = probe_batches(runnable, seq2seq)
     generative = callable(getattr(model, "can_generate", None)) and bool(model.can_generate())
     if not (probe and generative):  # metric="auto" scores next-token loss: else it falls back to identity
@@ -306,6 +307,10 @@ def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: tor
     if config.format == "tt_matrix":
         check_tt_shape_ranks(d, shape, [1] * (len(shape) - 1), who)
         vocab_shape = list(config.vocab_shape) if config.vocab_shape is not None else _vocab_factors(v, len(shape))
+        if len(vocab_shape) != len(shape) or any(int(f) < 1 for f in vocab_shape) or math.prod(vocab_shape) < v:
+            raise ValueError(f"hf_compress: {who}: vocab_shape {vocab_shape} must have {len(shape)} factors (one per "
+                             f"hidden factor of {shape}) whose product covers V = {v}; e.g. "
+                             f"{_vocab_factors(v, len(shape))}, or leave it None.")
         modes = [a * b for a, b in zip(vocab_shape, shape)]
         ranks = list(config.ranks) if config.ranks is not None else choose_tt_ranks(modes, budget, who)
         return TTMatrixEmbedding.from_dense(weight, vocab_shape, shape, ranks, **kwargs)
@@ -326,6 +331,8 @@ def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: tor
     metric = None
     if config.format == "adaptive" and config.metric != "identity" and head_sigma is not None:
         metric = table_sigma(d, head_sigma, config.head_weight)
+    if config.min_rank > min(v, d):
+        raise ValueError(f"hf_compress: {who}: min_rank {config.min_rank} exceeds min(V, d) = {min(v, d)}; lower it.")
     basis, coeffs, tier, slot = adaptive_factors(weight, budget, weights, config.min_rank, single, exact, metric)
     return AdaptiveRankEmbedding.from_factors(basis, coeffs, tier, slot, **kwargs)
 

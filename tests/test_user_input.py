@@ -1,0 +1,124 @@
+"""What users pass in: calibration in every common form, tied heads as targets, vocabulary edits that must not
+half-apply, failed distillation, bad TT shapes and sweep budgets. Each case failed or misbehaved before."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from conftest import ARCHS, calibration_batches, model_output, tiny_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import hf_compress
+from hf_compress import CompressionConfig, LowRankConfig, TTEmbeddingConfig, vocab
+from hf_compress.methods.jlcm import CodebookConfig
+from hf_compress.methods.subspace import SubspaceEmbeddingConfig, distill
+from hf_compress.sweep import perplexity_fn
+
+LLAMA = ARCHS[0]
+WHITENED = CompressionConfig(modules={LLAMA.mlp_pattern: LowRankConfig(method="whitened", rank_ratio=0.5)})
+
+
+def _whitened_logits(calibration: Any) -> torch.Tensor:
+    model = hf_compress.compress(tiny_model(LLAMA), WHITENED, calibration=calibration, progress=False)
+    return model_output(model, LLAMA.inputs())
+
+
+CALIBRATION_FORMS = {
+    "batch_encodings": lambda ids: [transformers.BatchEncoding({"input_ids": ids})],
+    "one_tensor": lambda ids: ids,
+    "one_dict": lambda ids: {"input_ids": ids},
+    "rows_1d": lambda ids: list(ids),
+}
+
+
+@pytest.mark.parametrize("form", list(CALIBRATION_FORMS))
+def test_calibration_forms_give_the_same_compression(form: str) -> None:
+    ids = torch.cat(calibration_batches(LLAMA))  # [4, 8]
+    reference = _whitened_logits([ids])
+    assert torch.equal(_whitened_logits(CALIBRATION_FORMS[form](ids)), reference)
+
+
+def test_calibration_of_another_type_is_a_clear_error() -> None:
+    with pytest.raises(TypeError, match="calibration batch 0 is a str"):
+        hf_compress.compress(tiny_model(LLAMA), WHITENED, calibration=["some text"], progress=False)
+
+
+def test_perplexity_fn_counts_every_row_of_a_batch() -> None:
+    model, batches = tiny_model(LLAMA), calibration_batches(LLAMA)  # [2, 8] each
+    rows = [r[None] for b in batches for r in b]
+    assert perplexity_fn(batches)(model) == pytest.approx(perplexity_fn(rows)(model), rel=1e-5)
+
+
+def test_sweep_without_budget_says_what_to_pass() -> None:
+    with pytest.raises(ValueError, match="pass budget="):
+        hf_compress.sweep(tiny_model(LLAMA), [LLAMA.attn_pattern], [0.5], eval_fn=lambda m: 0.0)
+
+
+@pytest.mark.parametrize("cfg", [LowRankConfig(rank=8), CodebookConfig(bits=4, method="kmeans")],
+                         ids=["low_rank", "codebook"])
+def test_compressing_a_tied_head_unties_it_and_reloads(cfg: Any, tmp_path: Path) -> None:
+    model = tiny_model(LLAMA)
+    table = model.model.embed_tokens.weight.detach().clone()
+    hf_compress.compress(model, CompressionConfig(modules={"lm_head": cfg}), progress=False)
+    assert model.config.tie_word_embeddings is False
+    model.save_pretrained(tmp_path)
+    again = LLAMA.auto_class.from_pretrained(tmp_path)
+    assert torch.equal(again.model.embed_tokens.weight, table)
+    assert torch.equal(model_output(again, LLAMA.inputs()), model_output(model, LLAMA.inputs()))
+
+
+def _tokenizer() -> transformers.PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
+
+
+def _with_embedding(cfg: Any) -> torch.nn.Module:
+    return hf_compress.compress(tiny_model(LLAMA), CompressionConfig(modules={"embed_tokens": cfg}), progress=False)
+
+
+def test_add_tokens_skips_known_tokens_and_rejects_duplicates_unchanged() -> None:
+    model, tok = _with_embedding(TTEmbeddingConfig(compression=1.5, metric="identity")), _tokenizer()
+    table = model.model.embed_tokens.weight.detach().clone()
+    assert vocab.add_tokens(model, tok, ["w5", "brand_new"]) == [5, 96]
+    assert torch.equal(model.model.embed_tokens.weight[:96], table)  # w5's trained row kept
+    with pytest.raises(ValueError, match="duplicates"):
+        vocab.add_tokens(model, tok, ["x", "x"])
+    assert len(tok) == model.model.embed_tokens.num_embeddings == 97
+
+
+def test_add_tokens_to_a_table_that_cannot_grow_changes_nothing() -> None:
+    model, tok = _with_embedding(SubspaceEmbeddingConfig()), _tokenizer()
+    with pytest.raises(NotImplementedError, match="nothing was changed"):
+        vocab.add_tokens(model, tok, ["brand_new"])
+    assert len(tok) == 96
+
+
+def test_failed_distillation_restores_the_trainable_flags() -> None:
+    student = _with_embedding(SubspaceEmbeddingConfig())
+    flags = [p.requires_grad for p in student.parameters()]
+    with pytest.raises(ValueError, match="needs tokenizer"):
+        distill(student, tiny_model(LLAMA), calibration_batches(LLAMA), steps=1, isolated_tokens=2, progress=False)
+    assert [p.requires_grad for p in student.parameters()] == flags
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"format": "tt_matrix", "vocab_shape": [4, 4, 4]}, r"product covers V = 96"),
+    ({"format": "tt_matrix", "vocab_shape": [96]}, r"must have 3 factors"),
+    ({"min_rank": 128}, r"min_rank 128 exceeds min\(V, d\) = 64"),
+])
+def test_bad_tt_shapes_name_the_module_and_the_fix(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _with_embedding(TTEmbeddingConfig(metric="identity", **kwargs))
+
+
+def test_submodules_named_in_the_readme_resolve_after_import() -> None:
+    code = "import hf_compress; hf_compress.vocab.add_tokens; hf_compress.healing.distill_logits; print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.stdout.strip() == "ok", proc.stderr[-1000:]
