@@ -6,7 +6,7 @@ Sources (all read from the ``gensim`` wheel with :mod:`zipfile`; gensim is never
 * :func:`eval_text` -- **evaluation** text: the English Wikipedia slice
   ``enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2`` (~100 articles), markup stripped to prose.
 * :func:`calibration_text` -- **calibration** text: ``lee_background.cor``, 300 ABC news articles (Lee corpus).
-  Different source from the evaluation text; ``tests/integration/test_bench_data.py`` checks they share no long line.
+  Different source from the evaluation text; ``tests/test_integration_bench.py`` checks they share no long line.
 * :func:`lee50` (``lee.cor`` + ``similarities0-1.txt``), :func:`polarity` (``pang_lee_polarity.cor``),
   :func:`wordsim353` (``wordsim353.tsv``), :func:`simlex999` (``simlex999.txt``): labelled encoder sets.
 * :func:`speech_set` (in :mod:`benchmarks.speech`, re-exported here): news sentences spoken by espeak-ng voices.

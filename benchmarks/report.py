@@ -30,19 +30,43 @@ def _quality(rec: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+# Latency ratios measured beside their dense reference (interleaved / just before), best first.
+PAIRED_LATENCY = ("forward_ratio_vs_dense_paired", "latency_ratio_vs_dense_now")
+
+
+def _latency(rec: dict[str, Any]) -> str:
+    """The record's forward latency ratio to dense: a paired one where the suite measured it, else the ratio to the
+    run's dense record (timed once, earlier in the run) marked ``*``."""
+    extra = rec.get("extra") or {}
+    paired = next((extra[k] for k in PAIRED_LATENCY if isinstance(extra.get(k), (int, float))), None)
+    if paired is not None:
+        return _fmt(float(paired))
+    value = (rec.get("ratios") or {}).get("forward_s")
+    return f"{_fmt(value)}*" if value is not None else ""
+
+
+def _budget(doc: dict[str, Any], rec: dict[str, Any]) -> str:
+    """The evaluation budget of a record: its run's (merged files keep one per run) or the file's."""
+    budget = doc.get("budget") or {}
+    if rec.get("run") in budget:
+        budget = budget[rec["run"]]
+    return ", ".join(budget) if isinstance(budget, dict) else ""
+
+
 def rows(results_dir: Path = RESULTS_DIR) -> list[str]:
-    """Markdown rows: file, model, method, quality, params, params ratio, disk MB, forward latency ratio."""
-    out = ["| results file | model | setting | quality | params | params / dense | disk MB | latency / dense |",
-           "|---|---|---|---|---|---|---|---|"]
+    """Markdown rows: file, budget, model, method, quality, params, params ratio, disk MB, forward latency ratio."""
+    out = ["| results file | budget | model | setting | quality | params | params / dense | disk MB "
+           "| latency / dense |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(results_dir.glob("*.json")):
         doc = json.loads(path.read_text())
         for rec in doc.get("records", []):
             size, ratios = rec.get("size") or {}, rec.get("ratios") or {}
             disk = size.get("disk_bytes")
             out.append(
-                f"| `{path.name}` | {rec.get('model')} | {rec.get('method')} | {_quality(rec)} | "
+                f"| `{path.name}` | {_budget(doc, rec)} | {rec.get('model')} | {rec.get('method')} | {_quality(rec)} | "
                 f"{_fmt(size.get('params'))} | {_fmt(ratios.get('params'))} | "
-                f"{_fmt(disk / 1e6) if isinstance(disk, (int, float)) else ''} | {_fmt(ratios.get('forward_s'))} |"
+                f"{_fmt(disk / 1e6) if isinstance(disk, (int, float)) else ''} | {_latency(rec)} |"
             )
     return out
 

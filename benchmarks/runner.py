@@ -127,7 +127,11 @@ def run(model_name: str, plan: CompressionConfig, label: str, budget: str = "def
     probe_in = _probe_inputs(dense_model, kind)
 
     memory = memory_probe(path, kind, plan) if measure_memory else None
-    calibration = data.calibration_batches(tok, n_samples=16, seq_len=256) if kind == "causal-lm" else None
+    calibrated = any(not isinstance(c, LowRankConfig) or c.method in ("whitened", "asvd")
+                     for c in plan.modules.values())
+    # only a plan that reads activations gets calibration: with it, from_pretrained cannot stream the load
+    calibration = (data.calibration_batches(tok, n_samples=16, seq_len=256)
+                   if kind == "causal-lm" and calibrated else None)
     print(f"[benchmarks] compress-on-load with {label}", flush=True)
     t0 = time.perf_counter()
     model = AUTO[kind].from_pretrained(str(path), compression_config=plan, calibration=calibration,
@@ -147,12 +151,13 @@ def run(model_name: str, plan: CompressionConfig, label: str, budget: str = "def
     rec = bench.record(
         model_name, label, setting=plan.to_dict(), quality=quality(model, tok, kind, budget), size=size(model),
         latency=lat["compressed"],
-        extra={"compress_s": compress_s, "memory": memory, "saved_to": str(target), "reload_identical": identical},
+        extra={"compress_s": compress_s, "memory": memory, "saved_to": str(save_dir) if save_dir else None,
+               "reload_identical": identical, "streamed_load": calibration is None},
         dense=dense,
     )
     result_path = bench.save(Path(out) if out else None)
     card = write_card(model, model_name, label, dense, rec, target, result_path, public=out is None)
-    _print_summary(dense, rec, result_path)
+    _print_summary(dense, rec, result_path, target)
     print(f"model card: {card}")
     return rec
 
@@ -173,7 +178,8 @@ def write_card(model: Any, model_name: str, label: str, dense: dict[str, Any], r
                          ("latency", "decode_tokens_per_s")):
         if key in rec[section] and key in dense[section]:
             figures[key] = f"{rec[section][key]:.4g} ({rec[section][key] / dense[section][key]:.3f}x dense)"
-    card = model_card(model, repo_id=f"{zoo.ZOO[model_name].hub_id}-{label}", figures=figures)
+    repo_id = f"your-username/{zoo.ZOO[model_name].hub_id.rsplit('/', 1)[-1]}-{label}"  # where a user would push it
+    card = model_card(model, repo_id=repo_id, figures=figures)
     card.save(target / "README.md")
     if not public:
         return target / "README.md"
@@ -183,7 +189,7 @@ def write_card(model: Any, model_name: str, label: str, dense: dict[str, Any], r
     return path
 
 
-def _print_summary(dense: dict[str, Any], rec: dict[str, Any], path: Path) -> None:
+def _print_summary(dense: dict[str, Any], rec: dict[str, Any], path: Path, saved: Path) -> None:
     rows = [("", "dense", "compressed", "ratio")]
     for section in ("quality", "size", "latency"):
         for key, value in rec[section].items():
@@ -199,7 +205,7 @@ def _print_summary(dense: dict[str, Any], rec: dict[str, Any], path: Path) -> No
         m = extra["memory"]
         print(f"compress-on-load peak RSS increment {m['peak_increment'] / 2**20:.0f} MiB = "
               f"{m['peak_over_dense']:.2f}x dense fp32 ({m['dense_fp32_bytes'] / 2**20:.0f} MiB)")
-    print(f"saved model: {extra['saved_to']}\nresults: {path}")
+    print(f"saved model: {saved}\nresults: {path}")
 
 
 def results_dir() -> Path:

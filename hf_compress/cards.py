@@ -73,7 +73,7 @@ def model_card(model: Any, repo_id: str | None = None, figures: dict[str, Any] |
     data = ModelCardData(
         library_name="transformers",
         base_model=base_model if base_is_hub else None,
-        base_model_relation="quantized" if base_is_hub else None,
+        base_model_relation="quantized" if base_is_hub and methods == ["jlcm"] else None,  # Hub: codebooks only
         tags=["hf_compress", "compressed", *methods],
         pipeline_tag=_PIPELINE.get(task),
     )

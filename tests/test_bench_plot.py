@@ -39,3 +39,18 @@ def test_plot_skips_files_without_plottable_records(tmp_path: Path) -> None:
     path.write_text(json.dumps({"suite": "t", "records": [{"model": "m", "method": "dense", "quality": {}}]}))
     assert plot_file(path) is None
     assert not (tmp_path / "r.png").exists()
+
+
+def test_table_prefers_paired_latency_and_names_each_run_budget(tmp_path: Path) -> None:
+    from benchmarks.report import rows
+
+    records = [
+        {"model": "m", "method": "paired", "run": "r1", "ratios": {"forward_s": 0.2},
+         "extra": {"forward_ratio_vs_dense_paired": 0.9}},
+        {"model": "m", "method": "unpaired", "run": "r2", "ratios": {"forward_s": 0.2}},
+    ]
+    doc = {"budget": {"r1": {"default": {}}, "r2": {"quick": {}}}, "records": records}
+    (tmp_path / "t.json").write_text(json.dumps(doc))
+    table = rows(tmp_path)[2:]
+    assert table[0].split(" | ")[1] == "default" and table[0].endswith("| 0.9 |")
+    assert table[1].split(" | ")[1] == "quick" and table[1].endswith("| 0.2* |")

@@ -302,3 +302,4 @@ def test_model_card_links_hub_ids_but_not_local_folders(tmp_path: Path, monkeypa
     for base, linked in (("models/tiny", False), ("HuggingFaceTB/SmolLM2-135M", True)):
         model.config.compression_config = {**model.config.compression_config, "base_model": base}
         assert (model_card(model).data.base_model == base) is linked
+    assert "base_model_relation" not in model_card(model).data.to_dict()  # low rank is not "quantized"
