@@ -126,3 +126,10 @@ def test_pack_bits_checks_the_range_before_narrowing() -> None:
         pack_bits(torch.tensor([2**32 + 3]), 4)
     values = torch.tensor([3, 0, 15, 7])
     assert torch.equal(unpack_bits(pack_bits(values, 4), 4, 4).long(), values)
+
+
+def test_memoized_grouping_tells_equal_bytes_of_other_shapes_apart() -> None:
+    from hf_compress.layers.codebook import group_rows
+
+    assert group_rows(torch.zeros(8, 4), 2).shape == (8,)
+    assert group_rows(torch.zeros(4, 8), 2).shape == (4,)  # same bytes, other layout: was the cached [8] result

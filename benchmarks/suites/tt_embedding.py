@@ -127,7 +127,8 @@ def run_model(bench: harness.Bench, name: str, args: argparse.Namespace) -> None
         layer = m.get_submodule(emb_name)
         with torch.no_grad():
             rel_err = float((layer.weight - weight).norm() / weight.norm())
-        emb_params = sum(p.numel() for p in layer.parameters())
+        # stored bytes (factors and per-token index buffers) over the dense fp32 table's
+        emb_params = sum(t.numel() * t.element_size() for t in layer.state_dict().values()) / weight.element_size()
         layer.cache_table = True  # quality only: tied-head logits reuse one materialized table (same numbers)
         quality = harness.quality(m, tok, kind, budget=budget)
         layer.cache_table = False

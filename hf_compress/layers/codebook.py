@@ -361,7 +361,8 @@ def memoized(key: tuple, tensors: tuple[torch.Tensor, ...], build: Any) -> torch
     """Memoize a deterministic ``build()`` on ``key`` + the exact bytes of ``tensors`` (sweeps redo the same
     grouping / k-means for every method at a given layout); at most 512 entries."""
     digest = hashlib.blake2b(digest_size=16)
-    for t in tensors:
+    for t in tensors:  # shape and dtype too: equal bytes may be different tensors (e.g. all zeros)
+        digest.update(repr((tuple(t.shape), str(t.dtype))).encode())
         digest.update(t.detach().contiguous().cpu().numpy().tobytes())
     full = (*key, digest.hexdigest())
     if full not in _CACHE:

@@ -293,6 +293,8 @@ def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: tor
     input second moments (``metric="head"``); all three used by ``"adaptive"`` only."""
     v, d = weight.shape
     budget = None if config.compression is None else v * d / float(config.compression)
+    if budget is not None and config.format != "per_token":  # their per-token index buffers are stored too: tier +
+        budget -= 2 * v  # slot (int32) or row_index (int64), 8 bytes = two fp32 parameters per token
     shape = list(config.shape) if config.shape is not None else factorize(d, config.order)
     if config.format == "per_token":
         if config.eps is not None:
