@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -32,6 +33,18 @@ def truncated_passes() -> Iterator[None]:
         yield
     finally:
         _truncate = previous
+
+
+def keeps_training_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate ``fn(model, ...)``: the model's train/eval mode is restored when ``fn`` returns or raises."""
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        was_training = model.training
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+    return wrapper
 
 
 def as_batches(calibration: Any) -> list[Any] | None:

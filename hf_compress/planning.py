@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import keeps_training_mode
 from .compress import compress
 from .config import CompressionConfig, MethodConfig
 from .methods.lowrank import LowRankConfig
@@ -136,6 +137,7 @@ def _within(q: float, q0: float, sign: float, kind: str, limit: float) -> bool:
     return sign * (q - q0) <= limit
 
 
+@keeps_training_mode
 def plan(
     model: nn.Module,
     budget: float | dict[str, float] = 0.6,

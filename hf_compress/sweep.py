@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibration import keeps_training_mode
 from .compress import CompressionContext
 from .config import CompressionConfig, matches
 from .layers.common import linear_weight_and_bias
@@ -170,6 +171,7 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@keeps_training_mode
 def sweep(
     model: nn.Module,
     candidates: Sequence[str],

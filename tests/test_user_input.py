@@ -55,9 +55,21 @@ def test_perplexity_fn_counts_every_row_of_a_batch() -> None:
     assert perplexity_fn(batches)(model) == pytest.approx(perplexity_fn(rows)(model), rel=1e-5)
 
 
-def test_sweep_without_budget_says_what_to_pass() -> None:
+def test_sweep_without_budget_says_what_to_pass_and_keeps_train_mode() -> None:
+    model = tiny_model(LLAMA).train()
     with pytest.raises(ValueError, match="pass budget="):
-        hf_compress.sweep(tiny_model(LLAMA), [LLAMA.attn_pattern], [0.5], eval_fn=lambda m: 0.0)
+        hf_compress.sweep(model, [LLAMA.attn_pattern], [0.5], eval_fn=lambda m: 0.0)
+    assert model.training
+
+    def failing(m: torch.nn.Module) -> float:
+        assert not m.training  # the search evaluates in eval mode
+        raise RuntimeError("eval failed")
+
+    for search in (lambda: hf_compress.sweep(model, [LLAMA.attn_pattern], [0.5], eval_fn=failing, budget=0.9),
+                   lambda: hf_compress.plan(model, 0.9, eval_fn=failing)):
+        with pytest.raises(RuntimeError, match="eval failed"):
+            search()
+        assert model.training  # restored although the search failed
 
 
 @pytest.mark.parametrize("cfg", [LowRankConfig(rank=8), CodebookConfig(bits=4, method="kmeans")],
