@@ -165,7 +165,8 @@ def test_low_memory_base_model_from_head_checkpoint(tmp_path: Path) -> None:
     """``AutoCompressedModel`` on a ``*ForCausalLM`` checkpoint: names carry the ``model.`` prefix."""
     tiny_model(LLAMA).save_pretrained(tmp_path / "dense")
     plan = CompressionConfig(modules={LLAMA.attn_pattern: LowRankConfig(rank_ratio=0.5)})
-    low = hf_compress.AutoCompressedModel.from_pretrained(tmp_path / "dense", compression_config=plan)
+    low = hf_compress.AutoCompressedModel.from_pretrained(tmp_path / "dense", compression_config=plan,
+                                                          low_memory=True)  # raises instead of falling back
     regular = hf_compress.AutoCompressedModel.from_pretrained(tmp_path / "dense", compression_config=plan,
                                                               low_memory=False)
     assert torch.equal(model_output(low, LLAMA.inputs()), model_output(regular, LLAMA.inputs()))

@@ -67,6 +67,8 @@ def test_per_module_groups_and_tucker() -> None:
                                group_by="module", progress=False)
     assert len(result.groups) == LLAMA.make_config().num_hidden_layers
     assert all(len(v) == 1 for v in result.groups.values())
+    assert {row["config"]["method"] for row in result.table} == {"tucker"}
+    assert {c.method for c in result.config.modules.values()} <= {"tucker"}
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
