@@ -18,6 +18,11 @@ from typing import Any, ClassVar
 CONFIG_VERSION = 1
 
 
+class BudgetError(ValueError):
+    """A method cannot meet the requested size on this module (e.g. a compression too high for a tiny table);
+    planners skip such candidates, direct calls report it."""
+
+
 @dataclass
 class MethodConfig:
     """Base of every method's config dataclass.

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .calibration import keeps_training_mode
 from .compress import compress
-from .config import CompressionConfig, MethodConfig
+from .config import BudgetError, CompressionConfig, MethodConfig
 from .methods.lowrank import LowRankConfig
 from .planning_space import (
     KINDS,
@@ -282,7 +282,11 @@ def _measure(model: nn.Module, trials: list[tuple[Group, MethodConfig, tuple[str
                     swappers[sw_key].restore(undo)
             else:
                 trial = copy.deepcopy(model)
-                compress(trial, CompressionConfig(modules={pattern: cfg}), calibration=fit, progress=False)
+                try:
+                    compress(trial, CompressionConfig(modules={pattern: cfg}), calibration=fit, progress=False)
+                except BudgetError:  # this size is out of the method's reach on this module: not a candidate
+                    bar.update(1)
+                    continue
                 q, b = float(eval_fn(trial.eval())), model_bytes(trial, float_bytes)
                 del trial
         row = {"group": g.key, "kind": g.kind, "modules": len(names), "candidate": label(cfg),

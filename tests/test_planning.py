@@ -93,7 +93,7 @@ def test_compressed_model_saves_and_reloads_with_identical_logits(planned: tuple
 def test_uses_several_methods_when_no_single_method_meets_the_budget(arch: Arch) -> None:
     model = tiny_model(arch)
     cal = calibration(arch)
-    cands = {"embedding": [TTEmbeddingConfig(format="adaptive", compression=4.0)], "attention": [],
+    cands = {"embedding": [TTEmbeddingConfig(format="adaptive", compression=3.0)], "attention": [],
              "linear": [CodebookConfig(bits=3, method="kmeans", kmeans_iters=4)]}
     first = plan(model, 0.9, cal, candidates=cands, progress=False)
     per_method: dict[str, int] = {}
@@ -210,3 +210,11 @@ def test_mixed_suite_goal_check(q: float, b: int, met: bool, pareto: bool) -> No
 
     goal = _goal(rec("mixed", q, b), [rec("a", 30.0, 100), rec("b", 40.0, 60)], "ppl")
     assert (goal["met"], goal["pareto"]) == (met, pareto)
+
+
+def test_a_candidate_out_of_reach_on_a_module_is_skipped() -> None:
+    model = tiny_model(WHISPER)  # a 96-token table cannot be stored 4x smaller with its per-token index buffers
+    cands = {"embedding": [TTEmbeddingConfig(format="adaptive", compression=4.0)], "attention": [],
+             "linear": [CodebookConfig(bits=3, method="kmeans", kmeans_iters=4)]}
+    res = plan(model, 0.9, calibration(WHISPER), candidates=cands, progress=False)
+    assert {row["method"] for row in res.table} == {"jlcm"}

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import BudgetError
+
 PRIORS = ("id_rank", "none")
 HEAD_WEIGHTS = (0.0, 1.0, 4.0, 16.0)  # metric="auto" candidates; 0 = identity metric (lookup error only)
 PROBE_TOKENS = 4096  # metric="auto": next-token loss over this many calibration tokens per candidate
@@ -141,7 +143,7 @@ def adaptive_factors(weight: torch.Tensor, budget: float, weights: torch.Tensor 
     lo, hi = 1e-12, float(dist.max()) + 1.0  # at hi every token takes the smallest rank
     choice, used = assign(hi)
     if used > budget:
-        raise ValueError(f"hf_compress: adaptive embedding: even rank {ladder[-1]} for every token exceeds the "
+        raise BudgetError(f"hf_compress: adaptive embedding: even rank {ladder[-1]} for every token exceeds the "
                          f"budget ({used:.0f} > {budget:.0f} params); lower compression or min_rank "
                          f"({fixed.numel()} control tokens kept at full rank).")
     for _ in range(80):  # bisect log λ: the smallest λ whose allocation fits the budget
