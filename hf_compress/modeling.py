@@ -1,7 +1,7 @@
 """Registered Hugging Face classes for compressed models, and compress-on-load.
 
-For each supported architecture a small factory makes a config subclass (``model_type`` prefixed with
-``hf_compress_``, one extra field ``compression_config``) and model subclasses of the family's own classes
+For each supported architecture a small factory makes a config subclass (saved with ``model_type``
+``hf_compress_<type>``, one extra field ``compression_config``) and model subclasses of the family's own classes
 (``CompressedLlamaForCausalLM(LlamaForCausalLM)``…). State-dict names, tied weights, caches, ``generate``,
 ``device_map`` and PEFT defaults are therefore inherited; the subclass only rebuilds the compressed layers
 recorded in ``config.compression_config["layers"]`` so checkpoints of factors load directly.
@@ -9,6 +9,7 @@ recorded in ``config.compression_config["layers"]`` so checkpoints of factors lo
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -130,16 +131,40 @@ def _prefixed(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def _make_config_class(base: type[PretrainedConfig]) -> type[PretrainedConfig]:
+    """``model_type`` stays the family's (PEFT, generate, pipelines read it); config.json says hf_compress_<type>."""
     name = f"Compressed{base.__name__}"
+    serialized = PREFIX + base.model_type
+
+    def to_json_string(self: PretrainedConfig, use_diff: bool = True) -> str:  # what config.json holds
+        config_dict = {**(self.to_diff_dict() if use_diff else self.to_dict()), "model_type": serialized}
+        return json.dumps(self._encode_special_floats(config_dict), indent=2, sort_keys=True) + "\n"
+
+    @classmethod  # type: ignore[misc]
+    def from_dict(cls: type[PretrainedConfig], config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        config_dict = {k: v for k, v in config_dict.items() if not (k == "model_type" and v == serialized)}
+        return super(config_class, cls).from_dict(config_dict, **kwargs)
+
+    @classmethod  # type: ignore[misc]
+    def get_config_dict(cls: type[PretrainedConfig], *args: Any, **kwargs: Any) -> Any:
+        config_dict, rest = super(config_class, cls).get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == serialized:  # ours: no "model of another type" warning
+            config_dict = {**config_dict, "model_type": base.model_type}
+        return config_dict, rest
+
     namespace = {
         "__module__": __name__,
         "__qualname__": name,
         "__annotations__": {"compression_config": dict | None},
         "compression_config": None,
-        "model_type": PREFIX + base.model_type,
+        "model_type": base.model_type,
+        "serialized_model_type": serialized,
+        "to_json_string": to_json_string,
+        "from_dict": from_dict,
+        "get_config_dict": get_config_dict,
         "__doc__": f"{base.__name__} plus the hf_compress plan and per-layer specs (``compression_config``).",
     }
-    return type(name, (base,), namespace)
+    config_class = type(name, (base,), namespace)
+    return config_class
 
 
 def _make_model_class(base: type[PreTrainedModel], config_class: type[PretrainedConfig]) -> type[PreTrainedModel]:
@@ -153,7 +178,7 @@ def _register_family(model_type: str) -> None:
     config_class = _make_config_class(base_config)
     _CONFIGS[model_type] = config_class
     setattr(sys.modules[__name__], config_class.__name__, config_class)
-    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    transformers.CONFIG_MAPPING.register(config_class.serialized_model_type, config_class, exist_ok=True)
     for auto_name, names in TASKS.values():
         if model_type not in names:
             continue

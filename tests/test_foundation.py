@@ -161,3 +161,31 @@ def test_rank_ratio_controls_parameters() -> None:
     cfg = LowRankConfig(rank_ratio=0.5)
     rank = cfg.rank_for(64, 64)
     assert rank == 16 and rank * 128 <= 0.5 * 64 * 64
+
+
+def test_compressed_models_keep_the_family_model_type(arch: Arch, tmp_path: Path) -> None:
+    """transformers, PEFT and pipelines branch on ``config.model_type``; only config.json carries the prefix."""
+    model = hf_compress.compress(tiny_model(arch), _plan(arch), progress=False)
+    family = arch.make_config().model_type
+    assert model.config.model_type == family
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == f"hf_compress_{family}"
+    assert arch.auto_class.from_pretrained(tmp_path).config.model_type == family
+
+
+def test_peft_default_targets_apply_to_a_compressed_llama() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = hf_compress.compress(tiny_model(ARCHS[0]), CompressionConfig(modules={r"mlp\.down_proj$": LowRankConfig(
+        rank_ratio=0.5)}), progress=False)
+    peft_model = get_peft_model(model, LoraConfig(r=4))  # no target_modules: the family's defaults (q/v_proj)
+    assert any(n.endswith("q_proj.lora_A.default.weight") for n, _ in peft_model.named_parameters())
+
+
+def test_whisper_generate_keeps_a_user_decoder_prompt() -> None:
+    arch = next(a for a in ARCHS if a.name == "whisper")
+    model = hf_compress.compress(tiny_model(arch), _plan(arch), progress=False)
+    feats = arch.inputs()["input_features"][:1]
+    prompt = {"decoder_input_ids": torch.tensor([[5, 7]]), "max_new_tokens": 2}
+    out, dense_out = (m.generate(feats, **prompt) for m in (model, tiny_model(arch)))
+    assert out.shape == dense_out.shape  # generate's Whisper branch: no start token put in front of the prompt

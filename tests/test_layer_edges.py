@@ -133,3 +133,13 @@ def test_memoized_grouping_tells_equal_bytes_of_other_shapes_apart() -> None:
 
     assert group_rows(torch.zeros(8, 4), 2).shape == (8,)
     assert group_rows(torch.zeros(4, 8), 2).shape == (4,)  # same bytes, other layout: was the cached [8] result
+
+
+@pytest.mark.parametrize("name", ["tt", "tt_matrix", "adaptive", "subspace"])  # codebooks train via fp32 copies
+def test_lookup_under_bf16_autocast_trains(name: str) -> None:
+    layer = _embeddings()[name]
+    ids = torch.randint(0, layer.num_embeddings, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # Trainer(bf16=True) on CPU
+        out = layer(ids)
+    out.float().sum().backward()  # raised "Index put requires the source and destination dtypes match"
+    assert any(p.grad is not None for p in layer.parameters())

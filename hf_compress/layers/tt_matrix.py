@@ -87,7 +87,7 @@ class TTMatrixEmbedding(CompressedEmbedding):
             nxt = out.new_empty(b, out.shape[1] * n, r)
             for j in torch.unique(digits[k]).tolist():  # group tokens by digit: plain matmuls, no gathered copies
                 sel = (digits[k] == j).nonzero().squeeze(1)
-                nxt[sel] = (out[sel] @ core[:, j].reshape(r_prev, n * r)).reshape(sel.numel(), -1, r)
+                nxt[sel] = (out[sel] @ core[:, j].reshape(r_prev, n * r)).reshape(sel.numel(), -1, r).to(nxt.dtype)
             out = nxt
         return out.reshape(b, out.shape[1] * out.shape[2])
 
@@ -162,7 +162,7 @@ class AdaptiveRankEmbedding(CompressedEmbedding):
         for t, (coeff, r) in enumerate(zip(self.coeffs, self.tier_ranks)):
             sel = (tiers == t).nonzero().squeeze(1)
             if sel.numel():
-                out[sel] = coeff[slots[sel]] @ self.basis[:r]
+                out[sel] = (coeff[slots[sel]] @ self.basis[:r]).to(out.dtype)  # autocast may compute in bf16
         return out
 
     def _order(self) -> torch.Tensor:
