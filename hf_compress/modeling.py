@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto import modeling_auto
 
+from .offload import compressed_layer_class_names, group_offload_hooks  # noqa: F401  (public here too)
 from .registry import build_compressed_structure, resolve_layer_names
 from .saving import CompressedSaveMixin
 
@@ -61,6 +62,15 @@ class CompressedModelMixin(CompressedSaveMixin):
                     return p.dtype
         return super().dtype
 
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> Any:
+        """As transformers' for a dense table; a compressed one grows or shrinks through :mod:`hf_compress.vocab`."""
+        from .layers.tt_embedding import CompressedEmbedding
+
+        if isinstance(self.get_input_embeddings(), CompressedEmbedding):
+            raise TypeError(f"hf_compress: {type(self).__name__}'s token table is compressed; resize it with "
+                            "hf_compress.vocab.add_tokens(model, tokenizer, new_tokens) or keep_tokens / prune_tokens.")
+        return super().resize_token_embeddings(*args, **kwargs)
+
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         want_info = kwargs.pop("output_loading_info", False)
@@ -77,51 +87,6 @@ class CompressedModelMixin(CompressedSaveMixin):
         if getattr(model, "hf_device_map", None):
             group_offload_hooks(model)
         return (model, info) if want_info else model
-
-
-def compressed_layer_class_names() -> list[str]:
-    """Class names of the registered compressed layers: accelerate's ``preload_module_classes`` for
-    ``load_checkpoint_and_dispatch``/``dispatch_model`` with offloading (see :func:`group_offload_hooks`)."""
-    from .registry import _LAYERS
-
-    return sorted({cls.__name__ for cls in _LAYERS.values()})
-
-
-def group_offload_hooks(model: nn.Module) -> None:
-    """Give every dispatched compressed layer one accelerate hook that places all its tensors (submodules included).
-
-    accelerate hooks each module with direct tensors and onloads/moves them in that module's ``forward``; compressed
-    layers keep factors in ``ParameterList``s that are never called, and a ``TiedEmbeddingHead`` reads its table
-    outside the table's forward, so each such layer is re-hooked as with ``preload_module_classes``. Called by the
-    compressed classes' ``from_pretrained`` when a ``device_map`` was used.
-    """
-    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
-    from accelerate.utils import PrefixedDataset
-
-    from .registry import _LAYERS
-
-    layer_types = tuple(_LAYERS.values())
-    done: list[str] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, layer_types) or any(name.startswith(d + ".") for d in done):
-            continue
-        hooks = [(sub, getattr(sub, "_hf_hook", None)) for sub in module.modules()]
-        aligned = [h for _, h in hooks if isinstance(h, AlignDevicesHook)]
-        own = module.__dict__.get("_hf_hook")
-        if not aligned or len(aligned) != sum(h is not None for _, h in hooks) or (
-                isinstance(own, AlignDevicesHook) and (own.place_submodules or len(aligned) == 1)):
-            continue  # nothing dispatched, other hook kinds, or one hook that already covers every tensor
-        first = next((h for h in aligned if h.offload), aligned[0])
-        for sub, hook in hooks:  # detach without onloading (remove_hook_from_module would restore the weights)
-            if hook is not None:
-                sub.forward = sub.__dict__.pop("_old_forward")
-                del sub._hf_hook
-        weights = None if first.weights_map is None else PrefixedDataset(first.weights_map.dataset, f"{name}.")
-        add_hook_to_module(module, AlignDevicesHook(
-            execution_device=first.execution_device, offload=first.offload, weights_map=weights,
-            offload_buffers=first.offload_buffers, place_submodules=True, skip_keys=first.skip_keys,
-            tied_params_map=first.tied_params_map))
-        done.append(name)
 
 
 def _prefixed(model: nn.Module, names: list[str]) -> list[str]:

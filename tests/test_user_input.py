@@ -139,3 +139,12 @@ def test_submodules_named_in_the_readme_resolve_after_import() -> None:
     code = "import hf_compress; hf_compress.vocab.add_tokens; hf_compress.healing.distill_logits; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.stdout.strip() == "ok", proc.stderr[-1000:]
+
+
+def test_resize_token_embeddings_on_a_compressed_table_names_the_vocab_tools() -> None:
+    model = _with_embedding(TTEmbeddingConfig(compression=1.5, metric="identity"))
+    with pytest.raises(TypeError, match=r"hf_compress\.vocab\.add_tokens"):
+        model.resize_token_embeddings(100)
+    dense_table = hf_compress.compress(tiny_model(LLAMA), WHITENED, calibration=calibration_batches(LLAMA),
+                                       progress=False)
+    assert dense_table.resize_token_embeddings(100).num_embeddings == 100  # a dense table resizes as usual
