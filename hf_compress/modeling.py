@@ -84,6 +84,13 @@ class CompressedModelMixin(CompressedSaveMixin):
                 f"({len(missing)} missing). The weights file is incomplete or does not match config.json's "
                 "compression_config; re-save the compressed model."
             )
+        from .layers.codebook import CodebookLinear
+
+        for module in model.modules():  # loading makes new Parameters: fp16 codebook storage stays frozen
+            if isinstance(module, CodebookLinear):
+                for p in (module.codebooks, module.scales, module.offsets):
+                    if p is not None:
+                        p.requires_grad_(False)
         if getattr(model, "hf_device_map", None):
             group_offload_hooks(model)
         return (model, info) if want_info else model

@@ -143,3 +143,15 @@ def test_lookup_under_bf16_autocast_trains(name: str) -> None:
         out = layer(ids)
     out.float().sum().backward()  # raised "Index put requires the source and destination dtypes match"
     assert any(p.grad is not None for p in layer.parameters())
+
+
+def test_codebook_storage_is_frozen_after_compress_and_reload(tmp_path: object) -> None:
+    """A plain Trainer must not run Adam on fp16 codebooks (its second moment underflows): they train only through
+    mark_codebooks_trainable's fp32 copies."""
+    arch = ARCHS[0]
+    model = hf_compress.compress(tiny_model(arch), CompressionConfig(modules={arch.mlp_pattern: CodebookConfig(
+        bits=3, method="kmeans")}), progress=False)
+    model.save_pretrained(tmp_path)
+    for m in (model, arch.auto_class.from_pretrained(tmp_path)):
+        stored = [p for n, p in m.named_parameters() if n.endswith(("codebooks", "scales", "offsets"))]
+        assert stored and not any(p.requires_grad for p in stored)

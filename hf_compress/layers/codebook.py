@@ -103,10 +103,14 @@ class CodebookLinear(nn.Module):
         self.register_buffer(
             "perm", torch.zeros(packed_nbytes(out_features, perm_bits(out_features)), dtype=torch.uint8, device=device)
         )
-        self.codebooks = nn.Parameter(torch.zeros(books, codebook_size, vector_dim, device=device, dtype=dtype))
+        # fp16 storage, frozen: Adam on fp16 parameters underflows and wrecks them; fine-tune through
+        # hf_compress.methods.jlcm.mark_codebooks_trainable (fp32 master copies)
+        self.codebooks = nn.Parameter(torch.zeros(books, codebook_size, vector_dim, device=device, dtype=dtype),
+                                      requires_grad=False)
         scale_shape = (out_features, in_features // block_size) if block_size else (n_groups,)
-        self.scales = nn.Parameter(torch.ones(scale_shape, device=device, dtype=dtype))
-        self.offsets = nn.Parameter(torch.zeros(scale_shape, device=device, dtype=dtype)) if block_size else None
+        self.scales = nn.Parameter(torch.ones(scale_shape, device=device, dtype=dtype), requires_grad=False)
+        self.offsets = (nn.Parameter(torch.zeros(scale_shape, device=device, dtype=dtype), requires_grad=False)
+                        if block_size else None)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None  # default dtype
         self._codes_cache: tuple[Any, torch.Tensor, torch.Tensor] | None = None
         self._weight_cache: tuple[Any, torch.Tensor] | None = None
