@@ -161,6 +161,13 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path: Path) -> N
     assert (tmp_path / "model.safetensors").read_bytes() != before["model.safetensors"]
 
 
+def _assert_reloads_exactly(model: transformers.PreTrainedModel, path: Path) -> None:
+    again = transformers.AutoModelForCausalLM.from_pretrained(path)
+    ids = LLAMA.inputs()["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
 def test_save_links_foreign_files_keeps_symlinks_and_the_umask_mode(tmp_path: Path) -> None:
     model = _compressed_llama()
     real, link = tmp_path / "real", tmp_path / "link"
@@ -177,10 +184,7 @@ def test_save_links_foreign_files_keeps_symlinks_and_the_umask_mode(tmp_path: Pa
     os.umask(umask)
     assert real.stat().st_mode & 0o777 == 0o777 & ~umask
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    again = transformers.AutoModelForCausalLM.from_pretrained(link)
-    ids = LLAMA.inputs()["input_ids"]
-    with torch.no_grad():
-        assert torch.equal(again(ids).logits, model(ids).logits)
+    _assert_reloads_exactly(model, link)
 
 
 def test_save_into_a_mount_point_replaces_files_one_by_one(tmp_path: Path) -> None:
@@ -201,10 +205,7 @@ def test_save_into_a_mount_point_replaces_files_one_by_one(tmp_path: Path) -> No
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["README.md", "config.json", "generation_config.json", "model.safetensors",
                      "modeling_hf_compress.py", "tokenizer.json"]
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-    ids = LLAMA.inputs()["input_ids"]
-    with torch.no_grad():
-        assert torch.equal(again(ids).logits, model(ids).logits)
+    _assert_reloads_exactly(model, tmp_path)
 
 
 def test_push_to_hub_uploads_the_save_path(tmp_path: Path) -> None:
