@@ -172,20 +172,26 @@ def distill_logits(model: torch.nn.Module, teacher: torch.nn.Module, batches: Se
     if not isinstance(max_steps, int) or max_steps < 1 or batch_size < 1:
         raise ValueError(f"hf_compress.healing: max_steps and batch_size must be positive ints, got {max_steps!r}, "
                          f"{batch_size!r}.")
+    teacher_state = teacher.training, {p: p.requires_grad for p in teacher.parameters()}
     teacher.eval()
-    for p in teacher.parameters():
+    for p in teacher.parameters():  # the Trainer optimizes every parameter of the wrapper that requires grad
         p.requires_grad_(False)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="hf_compress_distill_") as tmp:
-        args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=batch_size, max_steps=max_steps,
-            learning_rate=learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=warmup_steps,
-            weight_decay=0.0, logging_steps=max(1, max_steps // 10), save_strategy="no", report_to=[], seed=seed,
-            remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=True)
-        trainer = Trainer(model=_Distiller(model, teacher, "logits"), args=args, train_dataset=_Batches(batches),
-                          data_collator=_concat, callbacks=[_time_limit(max_seconds)] if max_seconds else None)
-        result = trainer.train()
+    try:
+        with tempfile.TemporaryDirectory(prefix="hf_compress_distill_") as tmp:
+            args = TrainingArguments(
+                output_dir=tmp, per_device_train_batch_size=batch_size, max_steps=max_steps,
+                learning_rate=learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=warmup_steps,
+                weight_decay=0.0, logging_steps=max(1, max_steps // 10), save_strategy="no", report_to=[], seed=seed,
+                remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+                disable_tqdm=True)
+            trainer = Trainer(model=_Distiller(model, teacher, "logits"), args=args, train_dataset=_Batches(batches),
+                              data_collator=_concat, callbacks=[_time_limit(max_seconds)] if max_seconds else None)
+            result = trainer.train()
+    finally:  # the caller's teacher as it was
+        teacher.train(teacher_state[0])
+        for p, flag in teacher_state[1].items():
+            p.requires_grad_(flag)
     model.eval()
     return {"seconds": round(time.perf_counter() - t0, 1), "steps": int(trainer.state.global_step),
             "max_steps": max_steps, "train_loss": float(result.training_loss), "trainable_params": trainable,
