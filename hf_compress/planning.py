@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import keeps_training_mode
+from .calibration import as_batches, keeps_training_mode
 from .compress import compress
 from .config import BudgetError, CompressionConfig, MethodConfig
 from .methods.lowrank import LowRankConfig
@@ -172,7 +172,7 @@ def plan(
         reuse: a previous result for this model and calibration: its measured table is reused (no new
             sensitivity trials), only the search and the final measurement run (e.g. for several budgets).
     """
-    calibration = list(calibration) if calibration is not None else None
+    calibration, eval_batches = as_batches(calibration), as_batches(eval_batches)
     if eval_batches is None and calibration:
         held = max(1, len(calibration) // 4) if len(calibration) > 1 else 0
         fit, eval_batches = (calibration[:-held], calibration[-held:]) if held else (calibration, calibration)

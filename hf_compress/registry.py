@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ def resolve_layer_names(model: nn.Module, layers: dict[str, Any]) -> dict[str, s
     is_base = bool(prefix) and not hasattr(model, prefix)
     out: dict[str, str] = {}
     for name in layers:
+        head = name.split(".")[0]
         if is_base and name.startswith(prefix + "."):
             candidates = [name[len(prefix) + 1:]]
         elif prefix and not is_base and not name.startswith(prefix + "."):
@@ -107,9 +109,10 @@ def resolve_layer_names(model: nn.Module, layers: dict[str, Any]) -> dict[str, s
         else:
             candidates = [name]
         found = next((c for c in candidates if _has_submodule(model, c)), None)
+        roots = [c[:len(c) - len(name)] + head if c.endswith(name) else c.split(".")[0] for c in candidates]
         if found is not None:
             out[name] = found
-        elif any(_has_submodule(model, c.split(".")[0]) for c in candidates):  # a part model has, lacking it
+        elif any(_has_submodule(model, r) for r in roots):  # a part the model has, lacking the module
             raise ValueError(
                 f"hf_compress: the checkpoint's compression_config names module {name!r}, which "
                 f"{type(model).__name__} does not have; the config does not belong to this architecture."
@@ -133,3 +136,20 @@ def build_compressed_structure(model: nn.Module, compression_config: dict[str, A
     for module in model.modules():  # layers that read another module (e.g. a head tied to a compressed table)
         if callable(getattr(module, "bind_model", None)):
             module.bind_model(model)
+    _check_tied_head(model)
+
+
+def _check_tied_head(model: nn.Module) -> None:
+    """A dense output head cannot be tied to a compressed table (a base model's checkpoint read by a task class)."""
+    from .layers.tt_embedding import CompressedEmbedding
+
+    config = getattr(model, "config", None)
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if not (getattr(config, "tie_word_embeddings", False) and callable(get_in) and callable(get_out)):
+        return
+    table, head = get_in(), get_out()
+    if isinstance(table, CompressedEmbedding) and isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(f"hf_compress: this checkpoint's token table is compressed and tied to an output head that "
+                         f"it does not hold (it was saved from a base model); {type(model).__name__} cannot tie a "
+                         "dense head to it. Load it with the class it was saved from, or compress the task model "
+                         "itself (its tied head then reads the compressed table).")

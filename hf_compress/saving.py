@@ -12,8 +12,10 @@ from typing import Any
 
 REMOTE_CODE_FILE = "modeling_hf_compress.py"
 # Files a fresh save_pretrained owns: never carried over from a previous checkpoint in the same folder.
-_OWNED = re.compile(r"^((model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?|config\.json|"
-                    r"generation_config\.json|README\.md|" + re.escape(REMOTE_CODE_FILE) + r")$")
+# Weights: model[.variant][-0000k-of-0000n].safetensors, their index model.safetensors.index[.variant].json, and
+# the same for pytorch_model*.bin (variant= saves put the variant there).
+_OWNED = re.compile(r"^((model|pytorch_model)(\.[\w-]+?)?(-\d+-of-\d+)?\.(safetensors|bin)(\.index(\.[\w-]+)?\.json)?|"
+                    r"config\.json|generation_config\.json|README\.md|" + re.escape(REMOTE_CODE_FILE) + r")$")
 
 def _remote_code(model: Any) -> tuple[str, dict[str, str]]:
     """Source of the ``trust_remote_code`` shim for ``model``'s family, and the ``auto_map`` pointing into it."""

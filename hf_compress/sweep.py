@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import keeps_training_mode
+from .calibration import as_batches, keeps_training_mode
 from .compress import CompressionContext
 from .config import CompressionConfig, matches
 from .layers.common import linear_weight_and_bias
@@ -200,6 +200,7 @@ def sweep(
         latency_fn: ``model -> seconds``, measured on dense and on evaluated plans.
         path_evals: also evaluate this many evenly spaced points of the greedy path (Pareto data).
     """
+    calibration = as_batches(calibration)
     if eval_fn is None:
         raise ValueError("hf_compress.sweep: pass eval_fn (model -> float), e.g. a perplexity function.")
     if budget is None:

@@ -86,10 +86,13 @@ def add_tokens(model: nn.Module, tokenizer: Any, new_tokens: Sequence[Any],
                          f"token), got {list(vectors.shape)}.")
     known = tokenizer.get_vocab() if tokenizer is not None else {}
     fresh = [i for i, t in enumerate(names) if t not in known]
-    grows = (len(tokenizer) if tokenizer is not None else v_old) + len(fresh) > v_old
-    if grows and type(emb).add_rows is CompressedEmbedding.add_rows:
-        raise NotImplementedError(f"hf_compress.vocab.add_tokens: {type(emb).__name__} does not support adding "
-                                  "tokens; nothing was changed.")
+    first_new = len(tokenizer) if tokenizer is not None else v_old  # ids the tokenizer will give the fresh tokens
+    grows = first_new + len(fresh) > v_old
+    overwrites = bool(fresh) and first_new < v_old  # a table padded past the tokenizer: new ids land inside it
+    for needed, method, what in ((grows, "add_rows", "adding"), (overwrites, "set_rows", "overwriting")):
+        if needed and getattr(type(emb), method) is getattr(CompressedEmbedding, method):
+            raise NotImplementedError(f"hf_compress.vocab.add_tokens: {type(emb).__name__} does not support {what} "
+                                      "tokens; nothing was changed.")
     if tokenizer is not None:
         tokenizer.add_tokens([new_tokens[i] for i in fresh], special_tokens=special_tokens)
         all_ids = [int(i) for i in tokenizer.convert_tokens_to_ids(names)]

@@ -304,3 +304,12 @@ def test_model_card_links_hub_ids_but_not_local_folders(tmp_path: Path, monkeypa
         model.config.compression_config = {**model.config.compression_config, "base_model": base}
         assert (model_card(model).data.base_model == base) is linked
     assert "base_model_relation" not in model_card(model).data.to_dict()  # low rank is not "quantized"
+
+
+def test_a_plain_save_replaces_an_earlier_variant_save(tmp_path: Path) -> None:
+    model = _compressed_llama()
+    model.save_pretrained(tmp_path, variant="v1", max_shard_size="20KB")
+    assert any(".v1" in p.name for p in tmp_path.iterdir())
+    model.save_pretrained(tmp_path)
+    assert not any(".v1" in p.name for p in tmp_path.iterdir())  # were kept as foreign files
+    _assert_reloads_exactly(model, tmp_path)

@@ -148,3 +148,32 @@ def test_resize_token_embeddings_on_a_compressed_table_names_the_vocab_tools() -
     dense_table = hf_compress.compress(tiny_model(LLAMA), WHITENED, calibration=calibration_batches(LLAMA),
                                        progress=False)
     assert dense_table.resize_token_embeddings(100).num_embeddings == 100  # a dense table resizes as usual
+
+
+def test_a_task_class_skips_another_task_head_of_the_checkpoint(tmp_path: Path) -> None:
+    plan = CompressionConfig(modules={r"^lm_head$": LowRankConfig(rank=8), r"mlp\.up_proj$": LowRankConfig(rank=8)})
+    model = hf_compress.compress(tiny_model(LLAMA), plan, progress=False)
+    model.save_pretrained(tmp_path)
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)  # raised on 'lm_head'
+    ids = LLAMA.inputs()["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(classifier.model(ids).last_hidden_state, model.model(ids).last_hidden_state)
+
+
+def test_a_compressed_tied_table_of_a_base_checkpoint_is_a_clear_error_in_a_task_class(tmp_path: Path) -> None:
+    bert = next(a for a in ARCHS if a.name == "bert")
+    base = hf_compress.compress(tiny_model(bert), CompressionConfig(modules={"word_embeddings": TTEmbeddingConfig(
+        compression=1.5, metric="identity")}), progress=False)
+    base.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="saved from a base model"):  # was an AttributeError inside weight tying
+        transformers.AutoModelForMaskedLM.from_pretrained(tmp_path)
+
+
+def test_add_tokens_into_a_padded_table_that_cannot_overwrite_changes_nothing() -> None:
+    model = _with_embedding(TTEmbeddingConfig(format="tt_matrix", compression=1.5))
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(90)}, unk_token="w0"))  # the table has 96 rows
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
+    with pytest.raises(NotImplementedError, match="overwriting tokens; nothing was changed"):
+        vocab.add_tokens(model, tokenizer, ["brand_new"])
+    assert len(tokenizer) == 90

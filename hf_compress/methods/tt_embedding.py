@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..compress import CompressionContext
-from ..config import MethodConfig
+from ..config import BudgetError, MethodConfig
 from ..layers.tt_embedding import TTEmbedding, check_tt_shape_ranks
 from ..layers.tt_matrix import AdaptiveRankEmbedding, TTMatrixEmbedding
 from ..registry import register_method
@@ -235,7 +235,7 @@ def choose_tt_ranks(modes: list[int], budget: float, who: str) -> list[int]:
             if best_key is None or key > best_key:
                 best, best_key = list(ranks), key
     if best is None:
-        raise ValueError(f"hf_compress: {who}: even TT ranks of 1 exceed the parameter budget {budget:.0f}; "
+        raise BudgetError(f"hf_compress: {who}: even TT ranks of 1 exceed the parameter budget {budget:.0f}; "
                          "lower the compression ratio.")
     return best
 
@@ -294,7 +294,7 @@ def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: tor
     v, d = weight.shape
     budget = None if config.compression is None else v * d / float(config.compression)
     if budget is not None and config.format != "per_token":  # their per-token index buffers are stored too: tier +
-        budget -= 2 * v  # slot (int32) or row_index (int64), 8 bytes = two fp32 parameters per token
+        budget -= 8 * v / weight.element_size()  # slot (int32) or row_index (int64): 8 bytes per token
     shape = list(config.shape) if config.shape is not None else factorize(d, config.order)
     if config.format == "per_token":
         if config.eps is not None:
