@@ -130,15 +130,19 @@ def compress(
 
 
 def _tied_input_embedding(model: nn.Module, module: nn.Module) -> str | None:
-    """Name of the input embedding whose weight ``module`` (an output head, not the table itself) shares."""
-    getter = getattr(model, "get_input_embeddings", None)
-    emb = getter() if callable(getter) else None
-    weight, table = getattr(module, "weight", None), getattr(emb, "weight", None)
-    if module is emb or not isinstance(weight, torch.Tensor) or not isinstance(table, torch.Tensor):
+    """Name of the dense input embedding whose weight ``module`` shares, when ``module`` is the model's output head
+    (a compressed table's tied head is handled by its method, :mod:`hf_compress.methods.tied`)."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if not (callable(get_in) and callable(get_out)) or get_out() is not module:
         return None
-    if weight is not table and (weight.device.type == "meta" or weight.data_ptr() != table.data_ptr()):
+    emb = get_in()
+    if not isinstance(emb, nn.Embedding) or emb is module:
         return None
-    return next((n for n, m in model.named_modules() if m is emb), None)
+    from .methods.tied import tied_head_name
+
+    if tied_head_name(model, emb) is None:
+        return None
+    return next(n for n, m in model.named_modules() if m is emb)
 
 
 def stage_of(name: str) -> str:

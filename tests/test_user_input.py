@@ -177,3 +177,15 @@ def test_add_tokens_into_a_padded_table_that_cannot_overwrite_changes_nothing() 
     with pytest.raises(NotImplementedError, match="overwriting tokens; nothing was changed"):
         vocab.add_tokens(model, tokenizer, ["brand_new"])
     assert len(tokenizer) == 90
+
+
+def test_compressing_the_linears_never_materializes_a_compressed_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hf_compress.layers.tt_embedding import CompressedEmbedding
+
+    reads: list[int] = []
+    table = CompressedEmbedding.weight
+    monkeypatch.setattr(CompressedEmbedding, "weight", property(lambda self: reads.append(1) or table.fget(self)))
+    plan = CompressionConfig(modules={"embed_tokens": TTEmbeddingConfig(compression=1.5, metric="identity"),
+                                      r"(self_attn|mlp)\.\w+_proj$": LowRankConfig(rank_ratio=0.5)})
+    hf_compress.compress(tiny_model(LLAMA), plan, progress=False)
+    assert reads == []  # the tied-head check read the whole table once per linear target
