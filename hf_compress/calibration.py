@@ -35,15 +35,26 @@ def truncated_passes() -> Iterator[None]:
         _truncate = previous
 
 
+@contextmanager
+def restored_training_state(module: nn.Module, flags: bool = True) -> Iterator[None]:
+    """On leaving (normally or by an exception) ``module`` gets back its train/eval mode and, with ``flags``, every
+    parameter's ``requires_grad``."""
+    was_training = module.training
+    saved = {p: p.requires_grad for p in module.parameters()} if flags else {}
+    try:
+        yield
+    finally:
+        module.train(was_training)
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+
+
 def keeps_training_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate ``fn(model, ...)``: the model's train/eval mode is restored when ``fn`` returns or raises."""
     @functools.wraps(fn)
     def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        was_training = model.training
-        try:
+        with restored_training_state(model, flags=False):
             return fn(model, *args, **kwargs)
-        finally:
-            model.train(was_training)
     return wrapper
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .adapters import _time_limit, encoder_targets, lora_config, train_speaker_adapter
+from .calibration import restored_training_state
 
 HEAL_ADAPTER = "heal"
 
@@ -172,12 +173,11 @@ def distill_logits(model: torch.nn.Module, teacher: torch.nn.Module, batches: Se
     if not isinstance(max_steps, int) or max_steps < 1 or batch_size < 1:
         raise ValueError(f"hf_compress.healing: max_steps and batch_size must be positive ints, got {max_steps!r}, "
                          f"{batch_size!r}.")
-    teacher_state = teacher.training, {p: p.requires_grad for p in teacher.parameters()}
-    teacher.eval()
-    for p in teacher.parameters():  # the Trainer optimizes every parameter of the wrapper that requires grad
-        p.requires_grad_(False)
     t0 = time.perf_counter()
-    try:
+    with restored_training_state(teacher):  # the caller's teacher as it was, on success or failure
+        teacher.eval()
+        for p in teacher.parameters():  # the Trainer optimizes every parameter of the wrapper that requires grad
+            p.requires_grad_(False)
         with tempfile.TemporaryDirectory(prefix="hf_compress_distill_") as tmp:
             args = TrainingArguments(
                 output_dir=tmp, per_device_train_batch_size=batch_size, max_steps=max_steps,
@@ -188,10 +188,6 @@ def distill_logits(model: torch.nn.Module, teacher: torch.nn.Module, batches: Se
             trainer = Trainer(model=_Distiller(model, teacher, "logits"), args=args, train_dataset=_Batches(batches),
                               data_collator=_concat, callbacks=[_time_limit(max_seconds)] if max_seconds else None)
             result = trainer.train()
-    finally:  # the caller's teacher as it was
-        teacher.train(teacher_state[0])
-        for p, flag in teacher_state[1].items():
-            p.requires_grad_(flag)
     model.eval()
     return {"seconds": round(time.perf_counter() - t0, 1), "steps": int(trainer.state.global_step),
             "max_steps": max_steps, "train_loss": float(result.training_loss), "trainable_params": trainable,

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
 from torch import nn
 
 if TYPE_CHECKING:
@@ -103,16 +102,16 @@ def resolve_layer_names(model: nn.Module, layers: dict[str, Any]) -> dict[str, s
     for name in layers:
         head = name.split(".")[0]
         if is_base and name.startswith(prefix + "."):
-            candidates = [name[len(prefix) + 1:]]
+            stripped = name[len(prefix) + 1:]
+            candidates = [(stripped, stripped.split(".")[0])]  # (name in model, the part of model it lies in)
         elif prefix and not is_base and not name.startswith(prefix + "."):
-            candidates = [name, f"{prefix}.{name}"]
+            candidates = [(name, head), (f"{prefix}.{name}", f"{prefix}.{head}")]
         else:
-            candidates = [name]
-        found = next((c for c in candidates if _has_submodule(model, c)), None)
-        roots = [c[:len(c) - len(name)] + head if c.endswith(name) else c.split(".")[0] for c in candidates]
+            candidates = [(name, head)]
+        found = next((c for c, _ in candidates if _has_submodule(model, c)), None)
         if found is not None:
             out[name] = found
-        elif any(_has_submodule(model, r) for r in roots):  # a part the model has, lacking the module
+        elif any(_has_submodule(model, part) for _, part in candidates):  # a part the model has, lacking the module
             raise ValueError(
                 f"hf_compress: the checkpoint's compression_config names module {name!r}, which "
                 f"{type(model).__name__} does not have; the config does not belong to this architecture."
@@ -148,7 +147,8 @@ def _check_tied_head(model: nn.Module) -> None:
     if not (getattr(config, "tie_word_embeddings", False) and callable(get_in) and callable(get_out)):
         return
     table, head = get_in(), get_out()
-    if isinstance(table, CompressedEmbedding) and isinstance(getattr(head, "weight", None), torch.Tensor):
+    own = dict(head.named_parameters(recurse=False)) if isinstance(head, nn.Module) else {}
+    if isinstance(table, CompressedEmbedding) and "weight" in own:  # (a TiedEmbeddingHead holds no weight)
         raise ValueError(f"hf_compress: this checkpoint's token table is compressed and tied to an output head that "
                          f"it does not hold (it was saved from a base model); {type(model).__name__} cannot tie a "
                          "dense head to it. Load it with the class it was saved from, or compress the task model "

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..calibration import restored_training_state
 from ..healing import _Distiller
 from ..layers.subspace import SubspaceEmbedding
 from ..layers.tt_embedding import TiedEmbeddingHead
@@ -92,9 +93,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tens
         raise ValueError("hf_compress.subspace.distill: the student has no SubspaceEmbedding; compress it first.")
     norms = [p for m in student.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)]
     collate = _collator(student, tokenizer, isolated_tokens, seed)  # validates before anything changes
-    was_training = student.training
-    flags = {p: p.requires_grad for p in student.parameters()}
-    try:
+    with restored_training_state(student):  # the caller's mode and trainable flags, on success or failure
         for p in student.parameters():
             p.requires_grad_(False)
         train = tables + (norms if train_norms else [])
@@ -112,12 +111,6 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tens
             trainer = Trainer(model=wrap, args=args, train_dataset=[{"input_ids": r} for r in rows],
                               data_collator=collate)
             result = trainer.train()
-    except BaseException:
-        student.train(was_training)
-        raise
-    finally:
-        for p, flag in flags.items():  # the caller's trainable flags, on success or failure
-            p.requires_grad_(flag)
     student.eval()
     after = distillation_loss(student, teacher, eval_batches, kind)
     return {"loss_before": before, "loss_after": after, "trainable_params": sum(p.numel() for p in train),

@@ -144,8 +144,8 @@ def adaptive_factors(weight: torch.Tensor, budget: float, weights: torch.Tensor 
     choice, used = assign(hi)
     if used > budget:
         raise BudgetError(f"hf_compress: adaptive embedding: even rank {ladder[-1]} for every token exceeds the "
-                         f"budget ({used:.0f} > {budget:.0f} params); lower compression or min_rank "
-                         f"({fixed.numel()} control tokens kept at full rank).")
+                          f"budget ({used:.0f} > {budget:.0f} params); lower compression or min_rank "
+                          f"({fixed.numel()} control tokens kept at full rank).")
     for _ in range(80):  # bisect log λ: the smallest λ whose allocation fits the budget
         mid = math.sqrt(lo * hi)
         c, u = assign(mid)

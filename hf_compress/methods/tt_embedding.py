@@ -236,7 +236,7 @@ def choose_tt_ranks(modes: list[int], budget: float, who: str) -> list[int]:
                 best, best_key = list(ranks), key
     if best is None:
         raise BudgetError(f"hf_compress: {who}: even TT ranks of 1 exceed the parameter budget {budget:.0f}; "
-                         "lower the compression ratio.")
+                          "lower the compression ratio.")
     return best
 
 
@@ -293,8 +293,8 @@ def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: tor
     input second moments (``metric="head"``); all three used by ``"adaptive"`` only."""
     v, d = weight.shape
     budget = None if config.compression is None else v * d / float(config.compression)
-    if budget is not None and config.format != "per_token":  # their per-token index buffers are stored too: tier +
-        budget -= 8 * v / weight.element_size()  # slot (int32) or row_index (int64): 8 bytes per token
+    if budget is not None and config.format != "per_token":  # the per-token index buffers stored beside the factors
+        budget -= 8 * v / weight.element_size()  # (tier + slot int32, or row_index int64): 8 bytes per token
     shape = list(config.shape) if config.shape is not None else factorize(d, config.order)
     if config.format == "per_token":
         if config.eps is not None:
