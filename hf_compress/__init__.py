@@ -35,6 +35,7 @@ _LAZY = {
     "sweep": ".sweep",
     "plan": ".planning",
     "adapters": ".adapters",
+    "lora": ".lora",
     "vocab": ".vocab",
     "healing": ".healing",
 }

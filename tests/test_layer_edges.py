@@ -155,3 +155,24 @@ def test_codebook_storage_is_frozen_after_compress_and_reload(tmp_path: object) 
     for m in (model, arch.auto_class.from_pretrained(tmp_path)):
         stored = [p for n, p in m.named_parameters() if n.endswith(("codebooks", "scales", "offsets"))]
         assert stored and not any(p.requires_grad for p in stored)
+
+
+@pytest.mark.parametrize("name", list(_embeddings()))
+def test_padding_rows_give_no_gradient_like_nn_embedding(name: str) -> None:
+    layer = _embeddings()[name]
+    layer.padding_idx = 3
+    trainable = [p for p in layer.parameters() if p.is_floating_point()]
+    for p in trainable:
+        p.requires_grad_(True)
+
+    def grads(ids: list[int]) -> list[torch.Tensor]:
+        layer.zero_grad()
+        (layer(torch.tensor(ids)) * torch.arange(1.0, layer.embedding_dim + 1)).sum().backward()
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in trainable]
+
+    assert all(g.abs().sum() == 0 for g in grads([3, 3]))
+    assert any(g.abs().sum() > 0 for g in grads([0]))
+    for with_pad, without in zip(grads([0, 3, 5]), grads([0, 5])):
+        assert torch.allclose(with_pad, without)
+    with torch.no_grad():
+        assert torch.equal(layer(torch.tensor([3])), layer.rows(torch.tensor([3])))  # the value is unchanged

@@ -343,3 +343,14 @@ def test_logits_table_cache_is_exact_and_invalidated() -> None:
     assert torch.equal(changed, h @ layer.weight.T)
     layer(torch.tensor([1]))
     assert layer.logits(h).requires_grad and "_table_cache" not in layer.__dict__  # no cache while training
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_budget_below_rank_one_is_a_clear_error(fmt: str) -> None:
+    from hf_compress.config import BudgetError
+
+    w = torch.randn(96, 48)
+    layer = build_embedding(w, TTEmbeddingConfig(format=fmt, compression=2.0))  # reachable: fits
+    assert sum(p.numel() * p.element_size() for p in layer.parameters()) <= w.numel() * 4 / 2
+    with pytest.raises(BudgetError, match=r"lower (the )?compression"):
+        build_embedding(w, TTEmbeddingConfig(format=fmt, compression=400.0))

@@ -316,7 +316,7 @@ def _balanced_assign(dist: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
 
 def similar_row_groups(weight: torch.Tensor, n_groups: int, iters: int = 8) -> torch.Tensor:
     """``perm [out]``: rows in ``n_groups`` contiguous balanced groups (balanced k-means on row quantiles)."""
-    feats = torch.quantile(weight.float(), _QUANTILES, dim=1).T  # [out, 7]
+    feats = torch.quantile(weight.float(), _QUANTILES.to(weight.device), dim=1).T  # [out, 7]
     feats = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-12)
     caps = group_sizes(weight.shape[0], n_groups)
     # init: chunks along the leading principal direction
@@ -373,7 +373,7 @@ def memoized(key: tuple, tensors: tuple[torch.Tensor, ...], build: Any) -> torch
         if len(_CACHE) >= 512:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[full] = build()
-    return _CACHE[full].clone()
+    return _CACHE[full].clone().to(tensors[0].device)  # the key ignores the device
 
 
 def group_rows(weight: torch.Tensor, n_groups: int, iters: int = 8) -> torch.Tensor:

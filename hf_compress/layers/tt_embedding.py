@@ -90,7 +90,10 @@ class CompressedEmbedding(nn.Module):
             raise IndexError(
                 f"hf_compress: token id out of range [0, {self.num_embeddings}) for {type(self).__name__}."
             )
-        out = self.rows(flat).reshape(*input_ids.shape, self.embedding_dim)
+        out = self.rows(flat)
+        if self.padding_idx is not None and out.requires_grad:  # as nn.Embedding: padding rows give no gradient
+            out = torch.where((flat == self.padding_idx).unsqueeze(-1), out.detach(), out)
+        out = out.reshape(*input_ids.shape, self.embedding_dim)
         if self.embed_scale is not None:
             out = out * torch.tensor(self.embed_scale, dtype=out.dtype)
         return out

@@ -207,7 +207,16 @@ def layer_bits(layer: CodebookLinear) -> dict[str, int]:
 
 def codebook_from_dense(weight: torch.Tensor, bias: torch.Tensor | None, config: CodebookConfig,
                         sigma: torch.Tensor | None = None, who: str = "layer") -> tuple[CodebookLinear, dict]:
-    """Quantize ``weight [out, in]`` following ``config`` (``sigma [in, in]`` = ``XᵀX/n`` for ``method="jlcm"``)."""
+    """Quantize ``weight [out, in]`` following ``config`` (``sigma [in, in]`` = ``XᵀX/n`` for ``method="jlcm"``).
+    Runs on ``weight``'s device (every tensor it creates, and the returned layer, are put there)."""
+    with torch.device(weight.device):
+        if sigma is not None:
+            sigma = sigma.to(weight.device)
+        return _codebook_from_dense(weight, bias, config, sigma, who)
+
+
+def _codebook_from_dense(weight: torch.Tensor, bias: torch.Tensor | None, config: CodebookConfig,
+                         sigma: torch.Tensor | None, who: str) -> tuple[CodebookLinear, dict]:
     out, inn = weight.shape
     lay = config.layout(out, inn)
     CodebookLinear(inn, out, **lay, bias=False, device="meta")  # validates the layout with clear errors

@@ -322,7 +322,10 @@ def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: tor
             raise ValueError(f"hf_compress: {who}: rank {config.ranks[0]} must be in [1, min(V, d) = {min(v, d)}].")
         single = config.ranks[0]
     elif config.format == "svd":
-        single = max(1, min(d, int(budget // (v + d))))
+        single = min(d, int(budget // (v + d)))
+        if single < 1:
+            raise BudgetError(f"hf_compress: {who}: even a rank-1 SVD ({v + d} parameters + the index buffers) "
+                              f"exceeds the budget of {config.compression}x; lower the compression ratio.")
     else:
         single = None
     weights, exact = None, None

@@ -1,0 +1,133 @@
+"""PEFT LoRA on compressed token tables (``hf_compress.lora``), table-driven over formats and architectures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from conftest import ARCHS, EMBED, Arch, model_output, tiny_model
+
+import hf_compress
+from hf_compress import CompressionConfig
+from hf_compress.layers.tt_embedding import CompressedEmbedding
+from hf_compress.lora import LoraCompressedEmbedding, register_compressed_lora
+from hf_compress.methods.jlcm import CodebookConfig
+from hf_compress.methods.subspace import SubspaceEmbeddingConfig
+from hf_compress.methods.tt_embedding import TTEmbeddingConfig, build_embedding
+
+TABLES = {
+    "tt_per_token": lambda: TTEmbeddingConfig(format="per_token"),
+    "tt_adaptive": lambda: TTEmbeddingConfig(),
+    "tt_matrix": lambda: TTEmbeddingConfig(format="tt_matrix"),
+    "subspace": lambda: SubspaceEmbeddingConfig(num_subspaces=2),
+    "codebook": lambda: CodebookConfig(bits=4, method="kmeans"),
+}
+# every table format on Llama; the default (adaptive) table on the other architectures
+CASES = [(ARCHS[0], t) for t in TABLES] + [(a, "tt_adaptive") for a in ARCHS[1:]]
+
+
+def _train(model: torch.nn.Module, arch: Arch, steps: int = 3) -> None:
+    """A few AdamW steps on the model's own loss (causal LM / Whisper) or the hidden states' mean square (BERT)."""
+    inputs = arch.inputs()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    for _ in range(steps):
+        if arch.name == "bert":
+            loss = model(**inputs).last_hidden_state.pow(2).mean()
+        else:
+            labels = inputs["decoder_input_ids"] if arch.name == "whisper" else inputs["input_ids"]
+            loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize(("arch", "table"), CASES, ids=[f"{a.name}-{t}" for a, t in CASES])
+def test_lora_on_a_compressed_table_trains_saves_and_reloads(arch: Arch, table: str, tmp_path: Path) -> None:
+    model = hf_compress.compress(tiny_model(arch), CompressionConfig(modules={EMBED[arch.name]: TABLES[table]()}),
+                                 progress=False)
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)
+    inputs = arch.inputs()
+    before = model_output(model, inputs)
+    frozen = {n: p.detach().clone() for n, p in model.get_input_embeddings().named_parameters()}
+
+    target = "embed_tokens" if arch.name == "whisper" else EMBED[arch.name]
+    peft.get_peft_model(tiny_model(arch), peft.LoraConfig(r=4, target_modules=[target]))  # dense: fine
+    with pytest.raises(ValueError, match="not supported"):  # plain PEFT refuses the compressed table
+        peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=[target]))
+    config = register_compressed_lora(peft.LoraConfig(r=4, lora_alpha=8, target_modules=[target]))
+    pm = peft.get_peft_model(model, config)
+    wrapped = pm.get_base_model().get_input_embeddings()
+    assert isinstance(wrapped, LoraCompressedEmbedding)
+    assert isinstance(wrapped.get_base_layer(), CompressedEmbedding)
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_embedding_" in n for n in trainable), trainable
+    assert torch.equal(model_output(pm, inputs), before)  # PEFT's init: A = 0, so the adapter starts as a no-op
+
+    _train(pm, arch)
+    tuned = model_output(pm, inputs)
+    assert not torch.allclose(tuned, before)
+    for n, p in wrapped.get_base_layer().named_parameters():  # the compressed factors did not move
+        assert torch.equal(p, frozen[n]), n
+    pm.save_pretrained(tmp_path / "adapter")
+
+    base = arch.compressed_auto.from_pretrained(base_dir)
+    config = register_compressed_lora(peft.LoraConfig.from_pretrained(tmp_path / "adapter"))
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", config=config).eval()
+    assert torch.equal(model_output(loaded, inputs), tuned)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        loaded.merge_and_unload()
+
+
+def test_the_adapter_adds_scaled_lora_rows_times_embed_scale() -> None:
+    torch.manual_seed(0)
+    table = build_embedding(torch.randn(40, 12), TTEmbeddingConfig(format="per_token", shape=[3, 4], ranks=[2]),
+                            embed_scale=3.0, padding_idx=1)
+
+    class Holder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = table
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.emb(ids)
+
+    pm = peft.get_peft_model(Holder(), register_compressed_lora(peft.LoraConfig(r=3, lora_alpha=6,
+                                                                                target_modules=["emb"])))
+    layer = pm.base_model.model.emb
+    with torch.no_grad():
+        layer.lora_embedding_A["default"].normal_()
+    a, b = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]  # [r, V], [d, r]
+    ids = torch.tensor([[0, 1, 5], [39, 2, 1]])
+    expected = table(ids) + 3.0 * (6 / 3) * (a.T[ids] @ b.T)
+    assert torch.allclose(pm(ids), expected, atol=1e-5)
+    out = pm(ids).sum()
+    out.backward()
+    assert a.grad[:, 1].abs().sum() == 0  # padding_idx rows get no LoRA gradient, as in PEFT's dense Embedding
+    assert a.grad[:, 0].abs().sum() > 0
+
+
+def test_register_compressed_lora_rejects_other_configs() -> None:
+    with pytest.raises(TypeError, match=r"peft\.LoraConfig"):
+        register_compressed_lora({"r": 4})
+
+
+def test_modules_to_save_trains_the_compressed_table_itself(tmp_path: Path) -> None:
+    arch = ARCHS[0]
+    model = hf_compress.compress(tiny_model(arch), CompressionConfig(modules={"embed_tokens": TTEmbeddingConfig()}),
+                                 progress=False)
+    model.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert any("embed_tokens.modules_to_save" in n for n in trainable)
+    _train(pm, arch)
+    tuned = model_output(pm, arch.inputs())
+    pm.save_pretrained(tmp_path / "adapter")
+    base = arch.compressed_auto.from_pretrained(tmp_path / "base")
+    assert not torch.allclose(model_output(base, arch.inputs()), tuned)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert torch.equal(model_output(loaded, arch.inputs()), tuned)
