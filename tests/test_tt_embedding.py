@@ -13,8 +13,14 @@ from conftest import short_generate as _generate
 import hf_compress
 from hf_compress import CompressionConfig
 from hf_compress.layers.tt_embedding import CompressedEmbedding, TiedEmbeddingHead, TTEmbedding
-from hf_compress.methods.tt_adaptive import HEAD_WEIGHTS, adaptive_factors, next_token_loss, probe_batches
-from hf_compress.methods.tt_embedding import TTEmbeddingConfig, build_embedding
+from hf_compress.methods.tt_adaptive import (
+    HEAD_WEIGHTS,
+    adaptive_factors,
+    count_tokens,
+    next_token_loss,
+    probe_batches,
+)
+from hf_compress.methods.tt_embedding import TTEmbeddingConfig, build_embedding, prepare_tt
 from hf_compress.vocab import add_tokens, keep_tokens, prune_tokens
 
 TIED = {"llama", "gpt2", "whisper"}
@@ -145,13 +151,27 @@ def test_auto_metric_keeps_the_lowest_calibration_loss(arch: Arch, tmp_path: Pat
     assert max(losses.values()) - min(losses.values()) > 1e-4  # the candidates really differ
     again, inputs, logits = run_save_reload(model, arch, tmp_path)
     assert torch.equal(_out(again, inputs), logits)
-    for weight, loss in losses.items():  # each candidate was built from the dense table and scored on the probe
-        fixed = hf_compress.compress(tiny_model(arch), CompressionConfig(modules={EMBED[arch.name]: TTEmbeddingConfig(
-            compression=3.0, metric="head" if weight else "identity", head_weight=weight or 1.0)}),
-            calibration=calibration, progress=False)
-        probe = probe_batches(calibration, seq2seq=arch.name == "whisper")
-        assert next_token_loss(fixed, probe) == pytest.approx(loss, abs=1e-4)
-        if weight == choice["head_weight"]:
+    dense = tiny_model(arch)
+    name = next(n for n, m in dense.named_modules() if m is dense.get_input_embeddings())
+    state = prepare_tt(dense, {name: TTEmbeddingConfig(compression=3.0)}, calibration)[name]
+    v = dense.get_input_embeddings().num_embeddings
+    probe = probe_batches([b for b in calibration if arch.name != "whisper" or isinstance(b, dict)],
+                          seq2seq=arch.name == "whisper")
+    assert state["probe"] == probe
+    held_out = (count_tokens(calibration, v) - count_tokens(probe, v)).clamp_min(0)
+    assert torch.equal(state["probe_counts"], held_out) and not torch.equal(held_out, state["counts"])
+    for weight, loss in losses.items():  # each candidate: the dense table, ranks from the held-out counts, probed
+        cfg = TTEmbeddingConfig(compression=3.0, metric="head" if weight else "identity", head_weight=weight or 1.0)
+        scored = tiny_model(arch)
+        table = scored.get_input_embeddings()
+        candidate = build_embedding(table.weight, cfg, held_out, special=state["special"],
+                                    head_sigma=state["head_sigma"], padding_idx=table.padding_idx)
+        with torch.no_grad():
+            table.weight.copy_(candidate.weight)  # a tied head reads it too
+        assert next_token_loss(scored, probe) == pytest.approx(loss, abs=1e-4)
+        if weight == choice["head_weight"]:  # the kept table: that head weight, ranks from all the counts
+            fixed = hf_compress.compress(tiny_model(arch), CompressionConfig(modules={EMBED[arch.name]: cfg}),
+                                         calibration=calibration, progress=False)
             assert torch.equal(fixed.get_input_embeddings().weight, model.get_input_embeddings().weight)
     plain = _compress(arch, compression=3.0) if arch.name == "whisper" else None  # ids only: identity, no probe
     assert plain is None or not hasattr(plain.get_input_embeddings(), "metric_choice")

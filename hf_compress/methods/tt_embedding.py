@@ -281,6 +281,8 @@ def prepare_tt(model: nn.Module, targets: dict[str, TTEmbeddingConfig], calibrat
             out[name]["head_sigma"] = found[head].float().cpu()
             if targets[name].metric == "auto":
                 out[name]["probe"] = probe
+                counts = out[name]["counts"]  # the candidates count tokens on the rest: the probe text is held out
+                out[name]["probe_counts"] = (counts - count_tokens(probe, counts.numel())).clamp_min(0)
     return out
 
 
@@ -351,13 +353,20 @@ def _vocab_factors(v: int, order: int) -> list[int]:
 def compress_tt_embedding(module: nn.Module, config: TTEmbeddingConfig, ctx: CompressionContext) -> nn.Module | None:
     scale = embedding_scale(module, ctx.name, "TTEmbeddingConfig")
     state = ctx.state or {}
-    def build(cfg: TTEmbeddingConfig) -> nn.Module:
-        return build_embedding(module.weight, cfg, state.get("counts"), who=ctx.name, special=state.get("special"),
+
+    def build(cfg: TTEmbeddingConfig, counts: torch.Tensor | None = state.get("counts")) -> nn.Module:
+        return build_embedding(module.weight, cfg, counts, who=ctx.name, special=state.get("special"),
                                head_sigma=state.get("head_sigma"), padding_idx=module.padding_idx, embed_scale=scale)
 
+    def weighted(w: float) -> TTEmbeddingConfig:
+        return dataclasses.replace(config, metric="head" if w > 0 else "identity", head_weight=w if w > 0 else 1.0)
+
     if config.metric == "auto" and state.get("probe"):
-        new, choice = pick_head_weight(module, ctx.model, lambda w: build(dataclasses.replace(
-            config, metric="head" if w > 0 else "identity", head_weight=w if w > 0 else 1.0)), state["probe"])
+        # candidates sized by the counts without the probe text, so the probe scores text the ranks did not see;
+        # the chosen head weight is then built from all counts
+        _, choice = pick_head_weight(module, ctx.model, lambda w: build(weighted(w), state["probe_counts"]),
+                                     state["probe"])
+        new = build(weighted(choice["head_weight"]))
         new.metric_choice = choice
     else:
         new = build(config)
