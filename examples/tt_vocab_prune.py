@@ -12,10 +12,8 @@ transformers and checks the logits are identical and that pruning changed no kep
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 import transformers
@@ -28,23 +26,6 @@ from hf_compress.vocab import keep_tokens
 
 def read_text(path: str | None, max_chars: int) -> str:
     return (Path(path).read_text() if path else eval_text())[:max_chars]
-
-
-def with_merge_parts(tok: Any, ids: set[int]) -> set[int]:
-    """``ids`` plus, for BPE, every token merged on the way to one of them: without those, ``keep_tokens`` drops the
-    merges that build the kept token and the text would be split into smaller pieces."""
-    model = json.loads(tok.backend_tokenizer.to_str())["model"]
-    parts: dict[str, list[str]] = {}
-    for merge in model.get("merges", []):
-        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
-        parts.setdefault(a + b, []).extend([a, b])
-    vocab, todo, seen = model["vocab"], [tok.convert_ids_to_tokens(i) for i in ids], set()
-    while todo:
-        token = todo.pop()
-        if token not in seen:
-            seen.add(token)
-            todo.extend(parts.get(token, []))
-    return ids | {vocab[t] for t in seen if t in vocab}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(cfg, field, None)
             keep |= {value} if isinstance(value, int) else set(value or [])
-    keep = with_merge_parts(tok, {i for i in keep if 0 <= i < v_old})
-    old_to_new = keep_tokens(model, tok, sorted(keep))
+    # keep_tokens also keeps the BPE merge parts of every kept token, so the text tokenizes as before
+    old_to_new = keep_tokens(model, tok, sorted(i for i in keep if 0 <= i < v_old))
     new_window = torch.tensor([tok(text)["input_ids"]])[:, :256]
     if not torch.equal(new_window, old_to_new[window]):
         raise SystemExit("tokenization after pruning differs from the remapped ids")

@@ -50,6 +50,16 @@ model = {{ auto_class }}.from_pretrained("{{ repo_id }}", trust_remote_code=True
 """
 
 
+def _cell(text: str) -> str:
+    """``text`` for a markdown table cell: ``|`` (e.g. in a pattern ``(q|k)_proj``) would split the cell."""
+    return text.replace("|", r"\|")
+
+
+def _settings(method: dict[str, Any]) -> str:
+    """A method config's fields that are set (not None), ``k=v, ...``, for a table cell."""
+    return _cell(", ".join(f"{k}={v}" for k, v in method.items() if k != "type" and v is not None))
+
+
 def _task_of(model: Any) -> tuple[str, str]:
     from .modeling import TASKS
 
@@ -78,8 +88,7 @@ def model_card(model: Any, repo_id: str | None = None, figures: dict[str, Any] |
         pipeline_tag=_PIPELINE.get(task),
     )
     rows = "\n".join(
-        f"| `{p}` | {m.get('type')} | {', '.join(f'{k}={v}' for k, v in m.items() if k != 'type' and v is not None)} |"
-        for p, m in (cc.get("modules") or {}).items()
+        f"| `{_cell(p)}` | {m.get('type')} | {_settings(m)} |" for p, m in (cc.get("modules") or {}).items()
     ) or "| — | — | — |"
     counts = Counter(spec.get("type") for spec in layers.values())
     fig_text = "".join(f"\n- {k}: {v}" for k, v in (figures or {}).items())

@@ -62,13 +62,30 @@ class CompressedModelMixin(CompressedSaveMixin):
                     return p.dtype
         return super().dtype
 
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """As transformers'; ``exclude_embeddings`` also leaves out compressed token tables (transformers only
+        recognizes ``nn.Embedding``), which ``floating_point_ops`` and the Trainer's FLOP count rely on."""
+        from .layers.tt_embedding import CompressedEmbedding
+
+        total = super().num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        if exclude_embeddings:
+            tables = {id(p): p for m in self.modules() if isinstance(m, CompressedEmbedding) for p in m.parameters()}
+            total -= sum(p.numel() for p in tables.values() if p.requires_grad or not only_trainable)
+        return total
+
     def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> Any:
         """As transformers' for a dense table; a compressed one grows or shrinks through :mod:`hf_compress.vocab`."""
         from .layers.tt_embedding import CompressedEmbedding
 
-        if isinstance(self.get_input_embeddings(), CompressedEmbedding):
-            raise TypeError(f"hf_compress: {type(self).__name__}'s token table is compressed; resize it with "
-                            "hf_compress.vocab.add_tokens(model, tokenizer, new_tokens) or keep_tokens / prune_tokens.")
+        table = self.get_input_embeddings()
+        if isinstance(table, CompressedEmbedding):
+            kind = type(table)
+            ways = [f for f, op in (("hf_compress.vocab.add_tokens(model, tokenizer, new_tokens)", "add_rows"),
+                                    ("hf_compress.vocab.keep_tokens / prune_tokens", "keep_rows"))
+                    if getattr(kind, op) is not getattr(CompressedEmbedding, op)]
+            how = (f"resize it with {' or '.join(ways)}" if ways else
+                   "it cannot be resized: resize the dense model first, then compress it")
+            raise TypeError(f"hf_compress: {type(self).__name__}'s token table is a compressed {kind.__name__}; {how}.")
         return super().resize_token_embeddings(*args, **kwargs)
 
     @classmethod

@@ -7,6 +7,7 @@ import re
 import shutil
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,9 @@ class CompressedSaveMixin:
             if kwargs.get("is_main_process", True):  # one upload, from the process that wrote the files
                 upload_folder(save_directory, repo_id, token=kwargs.get("token"), **push)
             return
-        if kwargs.get("safe_serialization") is False:
-            raise ValueError("hf_compress: checkpoints are safetensors only; drop safe_serialization=False.")
+        if kwargs.pop("safe_serialization", None) is False:  # transformers 5 ignores the argument too
+            warnings.warn("hf_compress: safe_serialization=False is ignored: checkpoints are safetensors only.",
+                          UserWarning, stacklevel=2)
         if not kwargs.get("is_main_process", True):
             return super().save_pretrained(save_directory, *args, **kwargs)
         target = Path(save_directory).resolve()  # a symlinked folder: save into the folder it points to

@@ -12,7 +12,9 @@ reproduces the model exactly.
 
 Tokenizers: pruning rewrites a fast (``tokenizers``) tokenizer whose model is BPE, WordPiece or WordLevel: the vocab
 is renumbered, BPE merges that produce or use a dropped token are removed (text that used it is then split into the
-kept pieces), added tokens and post-processor ids are renumbered. Special tokens and, for byte-level BPE, the 256
+kept pieces), added tokens and post-processor ids are renumbered. :func:`keep_tokens` also keeps, by default, the
+BPE merge parts of every kept token, so kept tokens stay reachable; :func:`prune_tokens` drops exactly what it is
+given. Special tokens and, for byte-level BPE, the 256
 byte-alphabet tokens cannot be pruned (text would become untokenizable). Other tokenizers (Unigram, slow
 tokenizers, Whisper's timestamp logic) are refused with ``tokenizer=None`` as the way out: the model is pruned and
 the returned remapping must then be applied to ids by the caller.
@@ -128,24 +130,32 @@ def add_tokens(model: nn.Module, tokenizer: Any, new_tokens: Sequence[Any],
 
 
 def prune_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """Drop the tokens ``ids``; returns ``old_to_new [V_old]`` (``-1`` for dropped). See :func:`keep_tokens`."""
+    """Drop exactly the tokens ``ids``; returns ``old_to_new [V_old]`` (``-1`` for dropped). See :func:`keep_tokens`
+    (BPE: a kept token built through a dropped one can then no longer be produced; nothing else is dropped)."""
     emb = _embedding(model)
     drop = torch.zeros(emb.num_embeddings, dtype=torch.bool)
     drop[torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long)] = True
-    return keep_tokens(model, tokenizer, (~drop).nonzero().squeeze(1))
+    return keep_tokens(model, tokenizer, (~drop).nonzero().squeeze(1), merge_parts=False)
 
 
-def keep_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+def keep_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Tensor,
+                merge_parts: bool = True) -> torch.Tensor:
     """Keep only the tokens ``ids`` (renumbered ``0..len(ids)-1`` in ascending order); returns ``old_to_new``.
 
     The tokenizer (a fast BPE/WordPiece/WordLevel one, or ``None``) is rewritten in place to the new numbering.
-    Raises ``ValueError`` before changing anything if a special token or a config/generation special id would go.
+    ``merge_parts`` (BPE tokenizers): also keep every token merged on the way to a kept one (down to single
+    characters); without them the merges that build a kept token are gone, so the tokenizer can never produce it,
+    and text falls apart into whatever pieces remain (``<unk>`` where a character went). ``old_to_new`` shows what
+    was kept. Raises ``ValueError`` before changing anything if a special token or a config/generation special id
+    would go.
     """
     emb = _embedding(model)
     v_old = emb.num_embeddings
     keep = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long).unique()
     if keep.numel() == 0 or int(keep.min()) < 0 or int(keep.max()) >= v_old:
         raise ValueError(f"hf_compress.vocab.keep_tokens: ids must be a non-empty subset of [0, {v_old}).")
+    if merge_parts and tokenizer is not None:
+        keep = _with_merge_parts(tokenizer, keep, v_old)
     old_to_new = torch.full((v_old,), -1, dtype=torch.long)
     old_to_new[keep] = torch.arange(keep.numel())
     configs = [c for c in (getattr(model, "config", None), getattr(model, "generation_config", None)) if c is not None]
@@ -176,6 +186,31 @@ def keep_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Ten
     if new_json is not None:
         _load_tokenizer_json(tokenizer, new_json)
     return old_to_new
+
+
+def _with_merge_parts(tokenizer: Any, keep: torch.Tensor, v_old: int) -> torch.Tensor:
+    """``keep`` plus, for a fast BPE tokenizer, every token merged on the way to a kept token (sorted, unique)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return keep
+    bpe = json.loads(backend.to_str())["model"]
+    if bpe.get("type") != "BPE":
+        return keep
+    parts: dict[str, list[str]] = {}
+    for mg in bpe.get("merges", []):
+        a, b = mg.split(" ", 1) if isinstance(mg, str) else mg
+        parts.setdefault(a + b, []).extend([a, b])
+    vocab = bpe["vocab"]
+    token_of = {i: t for t, i in vocab.items()}
+    todo = [token_of[i] for i in keep.tolist() if i in token_of]
+    seen: set[str] = set()
+    while todo:
+        token = todo.pop()
+        if token not in seen:
+            seen.add(token)
+            todo.extend(parts.get(token, []))
+    extra = [vocab[t] for t in seen if t in vocab and 0 <= vocab[t] < v_old]
+    return torch.cat([keep, torch.tensor(extra, dtype=torch.long)]).unique()
 
 
 def _as_list(value: Any) -> list[int]:

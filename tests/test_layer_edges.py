@@ -99,11 +99,15 @@ def test_empty_and_odd_id_tensors(name: str) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("arch", ARCHS[:2], ids=[a.name for a in ARCHS[:2]])
-def test_codebook_embedding_runs_in_the_model_dtype(arch: object, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("when", ["cast_after", "compressed_in_dtype"])
+def test_codebook_embedding_runs_in_the_model_dtype(arch: object, dtype: torch.dtype, when: str) -> None:
     model = tiny_model(arch)
     cfg = CompressionConfig(modules={EMBED[arch.name]: CodebookConfig(bits=4, method="kmeans", steps=1)})
+    if when == "compressed_in_dtype":  # a model loaded with dtype=..., then compressed
+        model.to(dtype)
     hf_compress.compress(model, cfg, progress=False)
-    model.to(dtype)
+    if when == "cast_after":
+        model.to(dtype)
     ids = arch.inputs()["input_ids"]
     assert model.get_input_embeddings()(ids).dtype == dtype
     with torch.no_grad():

@@ -313,3 +313,39 @@ def test_a_plain_save_replaces_an_earlier_variant_save(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path)
     assert not any(".v1" in p.name for p in tmp_path.iterdir())  # were kept as foreign files
     _assert_reloads_exactly(model, tmp_path)
+
+
+def test_model_card_table_escapes_pipes_in_patterns() -> None:
+    from hf_compress.cards import model_card
+
+    model = hf_compress.compress(tiny_model(ARCHS[0]), CompressionConfig(modules={
+        r"self_attn\.(q|k|v|o)_proj$": LowRankConfig(rank=4)}), progress=False)
+    rows = [line for line in str(model_card(model)).splitlines() if "_proj$" in line]
+    assert len(rows) == 1 and rows[0].count("|") - rows[0].count(r"\|") == 4  # three cells, not six
+
+
+@pytest.mark.parametrize("table", ["tt", "codebook"])
+def test_num_parameters_excludes_compressed_token_tables(table: str) -> None:
+    from hf_compress.methods.jlcm import CodebookConfig
+    from hf_compress.methods.tt_embedding import TTEmbeddingConfig
+
+    cfg = TTEmbeddingConfig() if table == "tt" else CodebookConfig(bits=4, method="kmeans")
+    model = hf_compress.compress(tiny_model(ARCHS[0]), CompressionConfig(modules={"embed_tokens": cfg}),
+                                 progress=False)
+    emb = model.get_input_embeddings()
+    table_params = sum(p.numel() for p in emb.parameters())
+    assert table_params > 0
+    assert model.num_parameters(exclude_embeddings=True) == model.num_parameters() - table_params
+    for p in emb.parameters():
+        p.requires_grad_(False)
+    assert model.num_parameters(only_trainable=True, exclude_embeddings=True) == model.num_parameters(
+        only_trainable=True)
+
+
+def test_safe_serialization_false_still_writes_safetensors_with_a_warning(tmp_path: Path) -> None:
+    model = _compressed_llama()
+    with pytest.warns(UserWarning, match="safetensors only"):
+        model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
+    _assert_reloads_exactly(model, tmp_path)

@@ -319,6 +319,34 @@ def test_tokenizer_pruned_and_extended_consistently(tmp_path: Path) -> None:
         prune_tokens(model, tok, [tok.convert_tokens_to_ids("<unk>")])
 
 
+def test_keep_tokens_keeps_the_merge_parts_a_kept_bpe_token_needs() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def tokenizer() -> PreTrainedTokenizerFast:
+        raw = Tokenizer(models.BPE(unk_token="<unk>"))
+        raw.pre_tokenizer = pre_tokenizers.Whitespace()
+        text = ["the cat sat on the mat", "the dog ate the hat", "a cat and a dog"] * 20
+        raw.train_from_iterator(text, trainers.BpeTrainer(vocab_size=60, special_tokens=["<pad>", "<unk>", "</s>"]))
+        return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+
+    sentence = "the cat sat on the mat"
+    for merge_parts in (True, False):
+        tok = tokenizer()
+        before = tok(sentence)["input_ids"]
+        model = _compress(next(a for a in ARCHS if a.name == "llama"), "svd")
+        model.config.bos_token_id = model.config.eos_token_id = model.generation_config.eos_token_id = 2
+        model.generation_config.bos_token_id = 2
+        old_to_new = keep_tokens(model, tok, sorted({*before, 0, 1, 2}), merge_parts=merge_parts)
+        after = tok(sentence)["input_ids"]
+        if merge_parts:  # the sentence tokenizes as before, renumbered; the parts were kept too
+            assert after == old_to_new[before].tolist()
+            assert model.get_input_embeddings().num_embeddings > len({*before, 0, 1, 2})
+        else:  # exactly the ids asked for: the merges that build them are gone, the sentence falls apart
+            assert model.get_input_embeddings().num_embeddings == len({*before, 0, 1, 2})
+            assert after != old_to_new[before].tolist() and tok.unk_token_id in after
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"format": "per_token", "shape": [4, 4, 5], "ranks": [2, 2]}, r"product 80, but the embedding dimension is 64"),
     ({"format": "per_token", "shape": [4, 4, 4], "ranks": [0, 2]}, r"rank 0 would erase"),

@@ -148,6 +148,16 @@ def test_resize_token_embeddings_on_a_compressed_table_names_the_vocab_tools() -
     dense_table = hf_compress.compress(tiny_model(LLAMA), WHITENED, calibration=calibration_batches(LLAMA),
                                        progress=False)
     assert dense_table.resize_token_embeddings(100).num_embeddings == 100  # a dense table resizes as usual
+    from hf_compress.methods.jlcm import CodebookConfig
+    from hf_compress.methods.subspace import SubspaceEmbeddingConfig
+
+    # only what the table supports: a subspace table can be pruned, not grown; a codebook table neither
+    subspace = _with_embedding(SubspaceEmbeddingConfig(num_subspaces=2))
+    with pytest.raises(TypeError, match=r"SubspaceEmbedding; resize it with hf_compress\.vocab\.keep_tokens") as err:
+        subspace.resize_token_embeddings(100)
+    assert "add_tokens" not in str(err.value)
+    with pytest.raises(TypeError, match=r"CodebookEmbedding; it cannot be resized: resize the dense model first"):
+        _with_embedding(CodebookConfig(bits=4, method="kmeans")).resize_token_embeddings(100)
 
 
 def test_a_task_class_skips_another_task_head_of_the_checkpoint(tmp_path: Path) -> None:

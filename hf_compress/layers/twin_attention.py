@@ -19,6 +19,15 @@ from ..registry import register_layer
 FAMILIES = ("whisper", "llama")
 
 
+def _active_outputs() -> dict[str, list] | None:
+    """The outputs transformers is collecting in this forward (``output_attentions=True`` etc.), or ``None``."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # other transformers versions: the layer's own output_attentions argument only
+        return None
+    return _active_collector.get()
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -108,7 +117,14 @@ class TwinAttention(nn.Module):
                 key = key * cos + _rotate_half(key) * sin
             if cache is not None:
                 key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-        out, weights = self._attend(query, key, value, attention_mask, output_attentions)
+        # output_attentions=True on the model: transformers 5 collects the weights through hooks on its own
+        # attention classes only, so a twin computes and hands in its weights itself
+        capture = "cross_attentions" if is_cross else "attentions"
+        collected = _active_outputs()
+        wanted = collected is not None and capture in collected
+        out, weights = self._attend(query, key, value, attention_mask, output_attentions or wanted)
+        if wanted:
+            collected[capture].append(weights)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.vo_rank)
         return getattr(self, self.out_name)(out), weights
 

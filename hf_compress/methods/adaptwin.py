@@ -194,6 +194,10 @@ def _describe(module: nn.Module, ctx: CompressionContext) -> dict[str, Any]:
                 "num_kv_heads": cfg.num_key_value_heads, "scaling": module.scaling, "family": "llama",
                 "out_name": "o_proj", "rope": True, "is_causal": True, "is_decoder": True,
                 "layer_idx": module.layer_idx, "dropout": float(module.attention_dropout)}
+    if hasattr(module, "q_norm"):
+        raise TypeError(f"hf_compress: {ctx.name} is a {kind} with per-head q_norm/k_norm (Qwen3, Gemma 3): the norms "
+                        "sit between W_Q and W_K, so ProductTwinConfig does not support it. Compress its projections "
+                        "with LowRankConfig instead (e.g. r'self_attn\\.(q|k|v|o)_proj$').")
     raise TypeError(f"hf_compress: {ctx.name} is a {kind}; ProductTwinConfig compresses whole attention modules of "
                     f"type WhisperAttention or {', '.join(ROPE_ATTENTION)}. Point the pattern at the attention "
                     r"module (e.g. r'self_attn$'), not at its projections.")

@@ -354,7 +354,7 @@ def compress_tt_embedding(module: nn.Module, config: TTEmbeddingConfig, ctx: Com
     scale = embedding_scale(module, ctx.name, "TTEmbeddingConfig")
     state = ctx.state or {}
 
-    def build(cfg: TTEmbeddingConfig, counts: torch.Tensor | None = state.get("counts")) -> nn.Module:
+    def build(cfg: TTEmbeddingConfig, counts: torch.Tensor | None) -> nn.Module:
         return build_embedding(module.weight, cfg, counts, who=ctx.name, special=state.get("special"),
                                head_sigma=state.get("head_sigma"), padding_idx=module.padding_idx, embed_scale=scale)
 
@@ -366,10 +366,10 @@ def compress_tt_embedding(module: nn.Module, config: TTEmbeddingConfig, ctx: Com
         # the chosen head weight is then built from all counts
         _, choice = pick_head_weight(module, ctx.model, lambda w: build(weighted(w), state["probe_counts"]),
                                      state["probe"])
-        new = build(weighted(choice["head_weight"]))
+        new = build(weighted(choice["head_weight"]), state.get("counts"))
         new.metric_choice = choice
     else:
-        new = build(config)
+        new = build(config, state.get("counts"))
     attach_tied_head(ctx, module, new, config.tied_head)
     return new
 
