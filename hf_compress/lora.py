@@ -19,7 +19,9 @@ The adapter adds ``scaling · (A[:, ids])ᵀ Bᵀ`` (``A [r, V]``, ``B [d, r]``,
 compressed lookup, exactly what PEFT's ``lora.Embedding`` adds to a dense table; the compressed factors stay frozen
 and compressed. As with a dense tied table, a tied head does not see the adapter. The adapter cannot be merged into
 the compressed factors (that would recompress the table): ``merge`` raises; keep it unmerged, or merge it into the
-dense model and compress again.
+dense model and compress again. PEFT merges module by module, so ``merge_and_unload`` may have merged the adapters
+of modules before the table when it raises: reload the model then. DoRA is refused (its weight norm would rebuild the
+dense table on every forward).
 """
 
 from __future__ import annotations
@@ -40,11 +42,22 @@ class LoraCompressedEmbedding(_LoraEmbedding):
         return module.num_embeddings, module.embedding_dim
 
     def _get_base_layer_device_and_dtype(self, base_layer: torch.nn.Module) -> tuple[Any, Any]:
-        # the table's ``weight`` property materializes the whole dense table; read a floating factor instead
-        for p in [*base_layer.parameters(), *base_layer.buffers()]:
+        # the table's ``weight`` property materializes the whole dense table; read the dtype rows are computed in
+        # (a codebook table's anchor: its fp16 codebooks are storage) or else a floating factor's
+        anchor = getattr(base_layer, "compute_dtype_anchor", None)
+        tensors = [anchor] if isinstance(anchor, torch.Tensor) else []
+        for p in [*tensors, *base_layer.parameters(), *base_layer.buffers()]:
             if p.is_floating_point():
                 return p.device, p.dtype
         return None, None
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
+        if getattr(config, "use_dora", False):
+            raise ValueError(
+                f"hf_compress: DoRA on the compressed table {type(self.get_base_layer()).__name__} would rebuild the "
+                "whole dense [V, d] table on every forward (its weight norm); use plain LoRA (use_dora=False)."
+            )
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     def _get_embed_scale(self) -> torch.Tensor | None:
         scale = self.get_base_layer().embed_scale
@@ -60,8 +73,9 @@ class LoraCompressedEmbedding(_LoraEmbedding):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
             f"hf_compress: the LoRA adapter on the compressed table {type(self.get_base_layer()).__name__} cannot be "
-            "merged into its compressed factors (that would recompress the table). Keep the adapter unmerged "
-            "(PeftModel inference works as is), or merge it into the dense model and compress again."
+            "merged into its compressed factors (that would recompress the table). Keep the adapters unmerged "
+            "(PeftModel inference works as is), or merge into the dense model and compress again. PEFT merges "
+            "module by module: adapters before this table may already be merged, so reload the model."
         )
 
     def unmerge(self) -> None:

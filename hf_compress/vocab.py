@@ -144,10 +144,10 @@ def keep_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Ten
 
     The tokenizer (a fast BPE/WordPiece/WordLevel one, or ``None``) is rewritten in place to the new numbering.
     ``merge_parts`` (BPE tokenizers): also keep every token merged on the way to a kept one (down to single
-    characters); without them the merges that build a kept token are gone, so the tokenizer can never produce it,
-    and text falls apart into whatever pieces remain (``<unk>`` where a character went). ``old_to_new`` shows what
-    was kept. Raises ``ValueError`` before changing anything if a special token or a config/generation special id
-    would go.
+    characters), the special tokens and, for byte-level BPE, the byte alphabet; without the merge parts the merges
+    that build a kept token are gone, so the tokenizer can never produce it, and text falls apart into whatever
+    pieces remain (``<unk>`` where a character went). ``old_to_new`` shows what was kept.
+    Raises ``ValueError`` before changing anything if a special token or a config/generation special id would go.
     """
     emb = _embedding(model)
     v_old = emb.num_embeddings
@@ -167,6 +167,9 @@ def keep_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Ten
                                      "Keep it, or change that field first.")
     new_json = _remap_tokenizer_json(tokenizer, old_to_new) if tokenizer is not None else None
     emb.keep_rows(keep)
+    if emb.padding_idx is not None:  # the padding row moves with the renumbering (gone: no padding row)
+        pad = int(old_to_new[emb.padding_idx % v_old])
+        emb.padding_idx = pad if pad >= 0 else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, TiedEmbeddingHead):
         head.keep_rows(keep)
@@ -193,13 +196,14 @@ def _with_merge_parts(tokenizer: Any, keep: torch.Tensor, v_old: int) -> torch.T
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return keep
-    bpe = json.loads(backend.to_str())["model"]
+    doc = json.loads(backend.to_str())
+    bpe = doc["model"]
     if bpe.get("type") != "BPE":
         return keep
     parts: dict[str, list[str]] = {}
     for mg in bpe.get("merges", []):
         a, b = mg.split(" ", 1) if isinstance(mg, str) else mg
-        parts.setdefault(a + b, []).extend([a, b])
+        parts.setdefault(_merged(a, b, bpe), []).extend([a, b])
     vocab = bpe["vocab"]
     token_of = {i: t for t, i in vocab.items()}
     todo = [token_of[i] for i in keep.tolist() if i in token_of]
@@ -209,8 +213,18 @@ def _with_merge_parts(tokenizer: Any, keep: torch.Tensor, v_old: int) -> torch.T
         if token not in seen:
             seen.add(token)
             todo.extend(parts.get(token, []))
-    extra = [vocab[t] for t in seen if t in vocab and 0 <= vocab[t] < v_old]
+    if "ByteLevel" in json.dumps(doc.get("pre_tokenizer")):  # the byte alphabet: any text must stay tokenizable
+        seen |= {t for t in vocab if len(t) == 1}
+    extra = [vocab[t] for t in seen if t in vocab]
+    extra += [t["id"] for t in doc.get("added_tokens", []) if t.get("special")]
+    extra = [i for i in extra if 0 <= i < v_old]
     return torch.cat([keep, torch.tensor(extra, dtype=torch.long)]).unique()
+
+
+def _merged(a: str, b: str, bpe: dict[str, Any]) -> str:
+    """The token a BPE merge ``(a, b)`` produces (``b`` loses a ``continuing_subword_prefix`` such as ``##``)."""
+    prefix = bpe.get("continuing_subword_prefix") or ""
+    return a + (b[len(prefix):] if prefix and b.startswith(prefix) else b)
 
 
 def _as_list(value: Any) -> list[int]:
@@ -251,7 +265,7 @@ def _remap_tokenizer_json(tokenizer: Any, old_to_new: torch.Tensor) -> str:
         merges = []
         for mg in model["merges"]:
             a, b = mg.split(" ", 1) if isinstance(mg, str) else mg
-            if a in kept and b in kept and a + b in kept:
+            if a in kept and b in kept and _merged(a, b, model) in kept:
                 merges.append(mg)
         model["merges"] = merges
     doc["added_tokens"] = [{**t, "id": new_id(t["id"])} for t in doc.get("added_tokens", []) if new_id(t["id"]) >= 0]

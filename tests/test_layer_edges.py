@@ -161,10 +161,11 @@ def test_codebook_storage_is_frozen_after_compress_and_reload(tmp_path: object) 
         assert stored and not any(p.requires_grad for p in stored)
 
 
+@pytest.mark.parametrize("negative", [False, True])  # row 3 given as 3 - V, as nn.Embedding reads it
 @pytest.mark.parametrize("name", list(_embeddings()))
-def test_padding_rows_give_no_gradient_like_nn_embedding(name: str) -> None:
+def test_padding_rows_give_no_gradient_like_nn_embedding(name: str, negative: bool) -> None:
     layer = _embeddings()[name]
-    layer.padding_idx = 3
+    layer.padding_idx = 3 - layer.num_embeddings if negative else 3
     trainable = [p for p in layer.parameters() if p.is_floating_point()]
     for p in trainable:
         p.requires_grad_(True)

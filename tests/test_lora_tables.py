@@ -131,3 +131,19 @@ def test_modules_to_save_trains_the_compressed_table_itself(tmp_path: Path) -> N
     assert not torch.allclose(model_output(base, arch.inputs()), tuned)
     loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     assert torch.equal(model_output(loaded, arch.inputs()), tuned)
+
+
+def test_dora_is_refused_and_codebook_adapters_use_the_model_dtype() -> None:
+    def table(kind: str) -> torch.nn.Module:
+        plan = CompressionConfig(modules={"embed_tokens": TABLES[kind]()})
+        return hf_compress.compress(tiny_model(ARCHS[0]), plan, progress=False)
+
+    model = table("tt_adaptive")
+    with pytest.raises(ValueError, match="DoRA on the compressed table"):
+        peft.get_peft_model(model, register_compressed_lora(peft.LoraConfig(r=4, use_dora=True,
+                                                                            target_modules=["embed_tokens"])))
+    model = table("codebook")  # an fp32 model; the table's codebooks are fp16 storage
+    pm = peft.get_peft_model(model, register_compressed_lora(peft.LoraConfig(r=4, target_modules=["embed_tokens"])),
+                             autocast_adapter_dtype=False)
+    layer = pm.get_base_model().get_input_embeddings()
+    assert layer.lora_embedding_A["default"].dtype == layer.lora_embedding_B["default"].dtype == torch.float32

@@ -92,7 +92,8 @@ class CompressedEmbedding(nn.Module):
             )
         out = self.rows(flat)
         if self.padding_idx is not None and out.requires_grad:  # as nn.Embedding: padding rows give no gradient
-            out = torch.where((flat == self.padding_idx).unsqueeze(-1), out.detach(), out)
+            pad = self.padding_idx % self.num_embeddings  # as nn.Embedding, -1 is the last row
+            out = torch.where((flat == pad).unsqueeze(-1), out.detach(), out)
         out = out.reshape(*input_ids.shape, self.embedding_dim)
         if self.embed_scale is not None:
             out = out * torch.tensor(self.embed_scale, dtype=out.dtype)

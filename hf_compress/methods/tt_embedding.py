@@ -282,7 +282,9 @@ def prepare_tt(model: nn.Module, targets: dict[str, TTEmbeddingConfig], calibrat
             if targets[name].metric == "auto":
                 out[name]["probe"] = probe
                 counts = out[name]["counts"]  # the candidates count tokens on the rest: the probe text is held out
-                out[name]["probe_counts"] = (counts - count_tokens(probe, counts.numel())).clamp_min(0)
+                held = (counts - count_tokens(probe, counts.numel())).clamp_min(0)
+                # a calibration no longer than the probe leaves nothing to count: all counts then (not held out)
+                out[name]["probe_counts"] = held if held.sum() > 0 else counts
     return out
 
 
@@ -367,7 +369,7 @@ def compress_tt_embedding(module: nn.Module, config: TTEmbeddingConfig, ctx: Com
         _, choice = pick_head_weight(module, ctx.model, lambda w: build(weighted(w), state["probe_counts"]),
                                      state["probe"])
         new = build(weighted(choice["head_weight"]), state.get("counts"))
-        new.metric_choice = choice
+        new.metric_choice = {**choice, "held_out": state["probe_counts"] is not state.get("counts")}
     else:
         new = build(config, state.get("counts"))
     attach_tied_head(ctx, module, new, config.tied_head)
