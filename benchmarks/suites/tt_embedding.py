@@ -189,6 +189,77 @@ def time_tt_svd(bench: harness.Bench, name: str, threads: int, out: str | None, 
         bench.save(out)
 
 
+def analyze_table(bench: harness.Bench, name: str, out: str | None, ratio: float = 2.0) -> None:
+    """Why low rank loses on ``name``'s token table: the relative error of the best rank-``r`` approximation of
+    the whole table (its spectrum), and, for the adaptive format at ``ratio`` (head untied dense, identity metric:
+    the lookup alone), each tier's rank, token count, relative error and share of the evaluated text's tokens (the
+    perplexity text's scored tokens; Whisper: the test transcripts the WER rows use). Writes a PNG beside ``out``."""
+    from hf_compress import CompressionConfig, compress
+    from hf_compress.methods.tt_embedding import TTEmbeddingConfig
+
+    model, tok = zoo.load(name)
+    kind = harness.model_kind(model)
+    text_tok = getattr(tok, "tokenizer", tok)
+    emb_name = embedding_name(model)
+    weight = model.get_submodule(emb_name).weight.detach().float().clone()
+    d = weight.shape[1]
+    energy = torch.linalg.svdvals(weight).double().pow(2)
+    lost = (1 - energy.cumsum(0) / energy.sum()).clamp_min(0).sqrt()  # [d]: rel. error of the best rank-(i+1)
+    ranks = sorted({max(1, round(d / 2 ** (i / 2))) for i in range(14)}, reverse=True)
+    cfg = TTEmbeddingConfig(compression=ratio, tied_head="dense", metric="identity")
+    compress(model, CompressionConfig(modules={re.escape(emb_name) + "$": cfg}),
+             calibration=calibration_ids(text_tok, kind), progress=False)
+    layer = model.get_submodule(emb_name)
+    b = harness.BUDGETS[bench.budget]
+    if kind == "speech-seq2seq":
+        texts = [u.text for split in data.speech_set().values() for u in split["test"][: b["wer_utterances"]]]
+        ids = torch.tensor([i for t in texts for i in data.encode_plain(text_tok, " " + t.strip())])
+    else:
+        ids = torch.tensor(data.encode_plain(text_tok, data.eval_text(), b["ppl_tokens"]))
+    tier = layer.tier.long()
+    with torch.no_grad():
+        approx = layer.weight.float()
+    tiers = []
+    for t, r in enumerate(layer.tier_ranks):
+        rows = (tier == t).nonzero().squeeze(1)
+        err = float((approx[rows] - weight[rows]).norm() / weight[rows].norm().clamp_min(1e-12))
+        tiers.append({"rank": r, "tokens": rows.numel(), "rel_error": err,
+                      "eval_token_share": float((tier[ids] == t).double().mean())})
+    extra = {"spectrum_rel_error": {str(r): float(lost[r - 1]) for r in ranks}, "tiers": tiers,
+             "eval_tokens": ids.numel(), "eval_tokens_not_exact": float((tier[ids] != 0).double().mean())}
+    bench.record(name, "table_analysis", {"format": "adaptive", "compression": ratio, "tied_head": "dense",
+                                          "metric": "identity", "vocab": weight.shape[0], "dim": d}, extra=extra)
+    print(f"[tt_embedding] {name} table analysis: {extra}", file=sys.stderr, flush=True)
+    bench.save(out)
+    _plot_analysis(bench, out)
+
+
+def _plot_analysis(bench: harness.Bench, out: str | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in bench.records if r["method"] == "table_analysis"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in recs:
+        spec = r["extra"]["spectrum_rel_error"]
+        axes[0].plot([int(k) / r["setting"]["dim"] for k in spec], list(spec.values()), "o-", label=r["model"])
+        tiers = r["extra"]["tiers"]
+        shown = [t for t in tiers if t["eval_token_share"] > 0]  # log axis: tiers no evaluated token uses left out
+        axes[1].plot([t["rel_error"] for t in shown], [t["eval_token_share"] for t in shown], "o-", label=r["model"])
+    axes[0].set(xlabel="rank / embedding dim", ylabel="relative error of the best rank-r table",
+                title="whole-table spectrum")
+    axes[1].set(xlabel="tier relative error (adaptive, 2x)", ylabel="share of evaluated tokens", yscale="log",
+                title="where the evaluated tokens sit")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(Path(out or harness.RESULTS_DIR / "tt_table_analysis.json").with_suffix(".png"), dpi=110)
+    plt.close(fig)
+
+
 def _runs(doc: dict[str, Any], note: str) -> list[tuple[str, Any, str, list[dict[str, Any]]]]:
     """``(run stamp, budget, description line, records)`` per run of a result file (a merged file keeps its runs)."""
     if doc["records"] and all("run" in r for r in doc["records"]):  # an earlier merge
@@ -256,6 +327,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/tt_embedding.json)")
     parser.add_argument("--time-tt-svd", action="store_true",
                         help="instead of running: time the per-token TT-SVD of the first model's table (--threads)")
+    parser.add_argument("--analyze-table", action="store_true",
+                        help="instead of running: the tables' spectra and where the evaluated tokens sit among the "
+                             "adaptive format's tiers at 2x (--out, default results/tt_table_analysis.json)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="instead of running: merge these result files (in order) into --out")
     parser.add_argument("--merge-notes", nargs="*", default=[], help="one note per merged file")
@@ -270,6 +344,19 @@ def main(argv: list[str]) -> int:
     description = __doc__.strip().splitlines()[0] + (f" {args.note}" if args.note else "")
     bench = harness.Bench("tt_embedding", args.budget, description=description)
     failed = []
+    if args.analyze_table:
+        out = args.out or str(harness.RESULTS_DIR / "tt_table_analysis.json")
+        bench.description = (
+            "Why low rank loses on these token tables (issue #4), no quality measured: spectrum_rel_error = relative "
+            "error of the best rank-r approximation of the whole table; tiers = the adaptive format at 2x (head "
+            "untied dense, identity metric, counts from the suite's calibration text): per tier its rank, tokens, "
+            "relative error and share of the evaluated tokens (the first ppl_tokens tokens of the perplexity text; "
+            "Whisper: the test transcripts of the WER rows, wer_utterances per voice; MiniLM is not scored on that "
+            "text, so its shares are a proxy)." + (f" {args.note}" if args.note else ""))
+        for name in args.models:
+            analyze_table(bench, name, out)
+        print(out)
+        return 0
     if args.time_tt_svd:
         time_tt_svd(bench, args.models[0], args.threads, args.out)
         print(bench.save(args.out))
