@@ -86,8 +86,10 @@ class TTEmbeddingConfig(MethodConfig):
     metric: str = field(default="auto", metadata={"help": f"adaptive: row error metric, one of {METRICS} "
                                                            "('head': + the tied head's logit error, needs "
                                                            "calibration; 'auto': the head weight among "
-                                                           "HEAD_WEIGHTS (0 = identity) with the lowest calibration "
-                                                           "loss, identity without calibration or tied head)"})
+                                                           "HEAD_WEIGHTS (0 = identity) with the lowest loss on "
+                                                           "the first ~4k calibration tokens, candidates ranked by "
+                                                           "the counts of the rest; identity without calibration "
+                                                           "or tied head)"})
     head_weight: float = field(default=1.0, metadata={"help": "metric='head': weight of the head's logit error "
                                                                "relative to the lookup error (equal traces at 1)"})
 
