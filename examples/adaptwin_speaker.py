@@ -60,7 +60,7 @@ class TinyProcessor:
 
 
 def load(name: str) -> tuple[Any, Any]:
-    """(model, processor) for a folder, a zoo name or ``tiny-random``."""
+    """(model, processor) for a folder, a Hub id, a zoo name or ``tiny-random``."""
     if name == "tiny-random":
         torch.manual_seed(0)
         cfg = transformers.WhisperConfig(
@@ -69,7 +69,7 @@ def load(name: str) -> tuple[Any, Any]:
             max_source_positions=16, max_target_positions=32, decoder_start_token_id=1, pad_token_id=0,
             eos_token_id=2, bos_token_id=1, suppress_tokens=[], begin_suppress_tokens=[])
         return transformers.WhisperForConditionalGeneration(cfg).eval(), TinyProcessor()
-    if Path(name).is_dir():
+    if Path(name).is_dir() or "/" in name:  # a folder or a Hub id
         return (transformers.AutoModelForSpeechSeq2Seq.from_pretrained(name),
                 transformers.WhisperProcessor.from_pretrained(name))
     from benchmarks import zoo

@@ -1,7 +1,8 @@
 """hf_compress: compress pretrained transformers models while they stay ordinary Hugging Face models.
 
 Importing the package registers the compressed config/model classes with transformers' Auto classes.
-Method configs and layers are imported lazily (``hf_compress.TTEmbeddingConfig`` etc.).
+Method configs and layers are also package attributes (``hf_compress.TTEmbeddingConfig`` etc.); ``sweep``,
+``plan``, ``vocab`` and ``lora`` are imported on first access.
 """
 
 from importlib import import_module

@@ -281,10 +281,12 @@ def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any],
     """Train LoRA adapter ``speaker`` on ``utterances`` with ``Seq2SeqTrainer`` and save it to
     ``output_dir/speaker`` (standard PEFT folder). Returns ``(peft_model, {"seconds", "train_loss", "path",
     "steps", "utterances", …})``; the base weights stay frozen. ``seconds`` includes the encoder caching of
-    ``cache_encoder=True`` (decoder-side targets only, e.g. ``lora_config(target_modules=DECODER_TARGETS)``);
+    ``cache_encoder=True`` (decoder-side targets only: ``config`` defaults to ``lora_config(target_modules=
+    DECODER_TARGETS)`` then);
     ``max_seconds`` caps the training wall time. ``warmup_steps`` defaults to ``max_steps // 10`` (at most 10, so a
     time-capped run with a generous ``max_steps`` still reaches the full learning rate). ``teacher``: the dense
-    model; the adapter (encoder-side, e.g. ``lora_config(target_modules=encoder_targets(model))``) is trained to match
+    model; the adapter (encoder-side: ``config`` defaults to ``lora_config(target_modules=encoder_targets(model))``;
+    otherwise to ``lora_config()``, ``q_proj``/``v_proj``) is trained to match
     its encoder output on this speaker's audio instead of on the transcripts (``"objective": "distill"``).
     ``pack=k`` (with ``teacher``): train on :func:`pack_utterances` windows (``k`` shuffled passes) instead of one
     utterance per window; ``speeds``: speed-perturbation factors drawn per utterance (:func:`pack_utterances`);
@@ -316,6 +318,9 @@ def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any],
                          "the encoder; use one of them.")
     if teacher is not None:
         data.cache_teacher(teacher.get_encoder())
+    if config is None:  # the side the objective trains: the encoder with a teacher, the decoder on cached encodings
+        config = (lora_config(target_modules=encoder_targets(model)) if teacher is not None else
+                  lora_config(target_modules=DECODER_TARGETS) if cache_encoder else None)
     peft_model = add_speaker_adapter(model, speaker, config)
     in_encoder = [n for n, _ in peft_model.named_modules() if f"lora_A.{speaker}" in n and ".encoder." in n]
     if teacher is not None and not in_encoder:

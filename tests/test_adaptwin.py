@@ -279,6 +279,11 @@ def test_teacher_distillation_trains_encoder_adapter_toward_the_dense_encoder(tm
     with pytest.raises(ValueError, match="encoder_targets"):
         train_speaker_adapter(peft_model, proc, data, "spk2", tmp_path, max_steps=1, teacher=teacher,
                               config=lora_config(r=2, alpha=4, target_modules=DECODER_TARGETS))
+    for speaker, kwargs, side in (("spk3", {"teacher": teacher}, ".encoder."), ("spk4", {"cache_encoder": True},
+                                                                                 ".decoder.")):
+        train_speaker_adapter(peft_model, proc, data, speaker, tmp_path, max_steps=1, **kwargs)  # default config
+        names = [n for n, _ in peft_model.named_modules() if n.endswith(f"lora_A.{speaker}")]
+        assert names and all(side in n for n in names), (speaker, names)
 
 
 def test_pack_utterances_fills_windows_and_keeps_every_sample() -> None:
