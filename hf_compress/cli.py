@@ -138,23 +138,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = transformers.AutoConfig.from_pretrained(args.model)
     model = auto_compressed_class(default_task(config)).from_pretrained(args.model)
-    try:
-        from benchmarks import harness
-    except ImportError as err:
-        raise CLIError("`eval` needs the repository's `benchmarks` package (run from the hf_compress repo)") from err
-    kind = {"ppl": "causal-lm", "wer": "speech-seq2seq", "encoder": "encoder"}[args.metric]
     if args.metric == "ppl" and args.text:
-        from benchmarks import metrics
-
         tok = transformers.AutoTokenizer.from_pretrained(args.model)
-        result = metrics.perplexity(model, tok, Path(args.text).read_text())
+        text = Path(args.text).read_text()
+        try:
+            from benchmarks import metrics
+        except ImportError:  # installed without the repository: whole windows, no overlap
+            result = _window_perplexity(model, tok, text)
+        else:
+            result = metrics.perplexity(model, tok, text)
     else:
+        try:
+            from benchmarks import harness
+        except ImportError as err:
+            raise CLIError("`eval` without --text needs the repository's `benchmarks` package and data (run from a "
+                           "clone of the hf_compress repository), or pass --metric ppl --text FILE") from err
+        kind = {"ppl": "causal-lm", "wer": "speech-seq2seq", "encoder": "encoder"}[args.metric]
         tok = (transformers.AutoProcessor if kind == "speech-seq2seq" else transformers.AutoTokenizer).from_pretrained(
             args.model)
         result = harness.quality(model, tok, kind, budget=args.budget)
     for key, value in result.items():
         print(f"{key}: {value}")
     return 0
+
+
+def _window_perplexity(model: Any, tok: Any, text: str, window: int = 1024) -> dict[str, Any]:
+    """Perplexity of a causal LM over consecutive non-overlapping windows of ``text`` (a last partial one dropped)."""
+    from . import sweep as sw
+
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    seq = min(window, getattr(model.config, "max_position_embeddings", None) or window, n)
+    if seq < 2:
+        raise CLIError(f"--text has {n} tokens; perplexity needs at least 2")
+    windows = sw.text_batches(tok, text, n // seq, seq)
+    return {"ppl": sw.perplexity_fn(windows)(model.eval()), "windows": len(windows), "window": seq,
+            "scoring": "non-overlapping windows (the benchmarks' sliding window needs the repository)"}
 
 
 def cmd_card(args: argparse.Namespace) -> int:

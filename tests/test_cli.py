@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,11 @@ from hf_compress.planning import model_bytes
 LLAMA = ARCHS[0]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in a fresh process (``cwd`` elsewhere than the repository: the ``benchmarks`` package is absent)."""
+    env = None if cwd is None else {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run([sys.executable, "-m", "hf_compress.cli", *args], capture_output=True, text=True,
-                          check=False)
+                          check=False, cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +97,10 @@ def test_push_uploads_folder(dense: Path, tmp_path: Path) -> None:
     assert upload.call_args.kwargs["repo_id"] == "me/tiny"
 
 
-def test_eval_perplexity_on_a_text_file(dense: Path, tmp_path: Path) -> None:
-    pytest.importorskip("benchmarks.metrics")
+@pytest.mark.parametrize("where", ["repository", "installed"])  # installed: benchmarks not importable
+def test_eval_perplexity_on_a_text_file(dense: Path, tmp_path: Path, where: str) -> None:
+    if where == "repository":
+        pytest.importorskip("benchmarks.metrics")
     text = tmp_path / "t.txt"
     text.write_text("hello world " * 50)
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -104,8 +109,10 @@ def test_eval_perplexity_on_a_text_file(dense: Path, tmp_path: Path) -> None:
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)} | {"hello": 5, "world": 6}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(dense)
-    proc = _run("eval", str(dense), "--metric", "ppl", "--text", str(text))
+    proc = _run("eval", str(dense), "--metric", "ppl", "--text", str(text),
+                cwd=tmp_path if where == "installed" else None)
     assert proc.returncode == 0, proc.stderr
+    assert ("non-overlapping" in proc.stdout) == (where == "installed")
     ppl = float(next(line for line in proc.stdout.splitlines() if line.startswith("ppl:")).split()[1])
     ids = PreTrainedTokenizerFast.from_pretrained(dense)(text.read_text(), return_tensors="pt").input_ids
     with torch.no_grad():  # one window: exp of the model's own mean next-token loss
