@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_compress.evaluation import encode_plain, tokenizer_bos  # re-exported (one implementation)
+
 GENSIM_SPECS = ("gensim==4.4.0", "gensim")  # pinned first (stable files), any version as fallback
 TEST_DATA = "gensim/test/test_data/"
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -194,27 +196,6 @@ def eval_text() -> str:
 def calibration_text() -> str:
     """Calibration text: the 300 ABC news articles of ``lee_background.cor``, one article per line (~360 KB)."""
     return _cached("lee_background.txt", lambda: gensim_text("lee_background.cor").strip() + "\n")
-
-
-def tokenizer_bos(tokenizer: Any) -> int | None:
-    """The BOS id if ``tokenizer`` prepends it by default (e.g. Gemma), else ``None`` (e.g. SmolLM2)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return None
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos if ids and ids[0] == bos else None
-
-
-def encode_plain(tokenizer: Any, text: str, max_tokens: int | None = None) -> list[int]:
-    """Token ids of ``text`` without special tokens, at most ``max_tokens`` (tokenizes only a prefix if it can)."""
-    if max_tokens is None:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    chars = max(4096, 8 * max_tokens)
-    while True:
-        ids = list(tokenizer(text[:chars], add_special_tokens=False)["input_ids"])
-        if len(ids) > max_tokens or chars >= len(text):
-            return ids[:max_tokens]
-        chars *= 2
 
 
 def calibration_batches(tokenizer: Any, n_samples: int = 32, seq_len: int = 256, seed: int = 0) -> list[torch.Tensor]:

@@ -7,9 +7,7 @@ so ``metrics.encoder_scores``, ``metrics.wer`` etc. work.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
-import math
 import os
 import platform
 import resource
@@ -22,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+
+from hf_compress.evaluation import perplexity
 
 from .asr import basic_normalize, edit_distance, normalize_text, transcribe, wer, wer_details, word_error_rate
-from .data import encode_plain, tokenizer_bos
 from .encoder_eval import (
     encoder_scores,
     eval_mode,
@@ -43,70 +41,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 # ---------------------------------------------------------------------------------------------- perplexity
-def _windows(n: int, body: int, stride: int) -> list[tuple[int, int, int]]:
-    """``(begin, end, n_new)`` text-token windows as in the HF perplexity guide: each scores its last ``n_new``."""
-    out, prev_end = [], 0
-    for begin in range(0, n, stride):
-        end = min(begin + body, n)
-        out.append((begin, end, end - prev_end))
-        prev_end = end
-        if end == n:
-            break
-    return out
-
-
-def _token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Summed float32 NLL of ``targets [b, t]`` under ``logits [b, t, V]``, in chunks of positions (memory)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for s in range(0, targets.shape[1], chunk):
-        lg = logits[:, s:s + chunk].float()
-        total += torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[:, s:s + chunk].reshape(-1),
-                                                   reduction="sum").double().cpu()
-    return total
-
-
-@torch.inference_mode()
-def perplexity(model: Any, tokenizer: Any, text: str, max_tokens: int = 16384, window: int = 1024, stride: int = 512,
-               batch_size: int = 1) -> dict[str, Any]:
-    """Sliding-window perplexity of a causal LM on the first ``max_tokens`` tokens of ``text``.
-
-    Windows of ``window`` tokens start every ``stride`` tokens; each scores only the tokens not scored by the
-    previous window (HF perplexity guide), so every token after the first is scored exactly once with up to
-    ``window - stride`` tokens of context. If the tokenizer prepends BOS by default (Gemma), every window starts
-    with BOS (context only) and the first text token is scored too. Deterministic (eval mode, no sampling).
-
-    Returns ``{"ppl", "nll" (mean per scored token, nats), "tokens" (scored), "text_tokens", "window", "stride",
-    "windows", "bos"}``.
-    """
-    if not 0 < stride <= window or window < 2:
-        raise ValueError(f"perplexity: need 0 < stride <= window and window >= 2, got window={window}, stride={stride}")
-    bos = tokenizer_bos(tokenizer)
-    body = window - (bos is not None)
-    stride = min(stride, body)
-    ids = torch.tensor(encode_plain(tokenizer, text, max_tokens), dtype=torch.long)
-    if ids.numel() < 2:
-        raise ValueError("perplexity: text has fewer than 2 tokens")
-    device = model_device(model)
-    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-    wins = _windows(ids.numel(), body, stride)
-    nll, count = torch.zeros((), dtype=torch.float64), 0
-    groups = [list(g) for _, g in itertools.groupby(wins, key=lambda w: (w[1] - w[0], w[2]))]
-    batches = [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
-    with eval_mode(model):
-        for batch in tqdm(batches, desc="perplexity", unit="batch", leave=False):
-            x = torch.stack([ids[b:e] for b, e, _ in batch])
-            if bos is not None:
-                x = torch.cat([torch.full((x.shape[0], 1), bos), x], dim=1)
-            n_new = batch[0][2]
-            n_pred = min(n_new, x.shape[1] - 1)  # without BOS the very first token has no prediction
-            kwargs = {"logits_to_keep": n_pred + 1} if keep else {}
-            logits = model(input_ids=x.to(device), **kwargs).logits
-            logits = logits[:, -(n_pred + 1):-1]
-            nll += _token_nll(logits, x[:, -n_pred:].to(logits.device))
-            count += n_pred * x.shape[0]
-    mean = float(nll / count)
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "text_tokens": int(ids.numel()), "window": window,
-            "stride": stride, "windows": len(wins), "bos": bos is not None}
+# perplexity(): hf_compress.evaluation (the same metric for ``hf-compress eval --text``), re-exported above
 
 
 # ---------------------------------------------------------------------------------------------- size

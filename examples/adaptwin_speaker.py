@@ -11,7 +11,7 @@
 ``--heal-voices`` (with ``--distill``): before the speaker adapters, heal the compressed encoder on those voices
 (``hf_compress.healing.heal_encoder``: the same distillation, LoRA merged into the weights; pick voices other than
 ``--voices``), so every speaker starts from a better model.
-``--model``: a local Whisper folder, a ``benchmarks.zoo`` name (offline materialization) or ``tiny-random``.
+``--model``: a local Whisper folder, a Hub id, a ``benchmarks.zoo`` name (offline materialization) or ``tiny-random``.
 Speakers are espeak-ng voices from ``benchmarks.speech`` (``tiny-random`` uses synthetic noise "speakers").
 Writes ``out/model`` (the compressed model) and ``out/adapters/<speaker>`` (standard PEFT adapter folders), then
 reloads both and switches adapters per speaker with ``set_adapter``.

@@ -138,15 +138,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = transformers.AutoConfig.from_pretrained(args.model)
     model = auto_compressed_class(default_task(config)).from_pretrained(args.model)
-    if args.metric == "ppl" and args.text:
+    if args.metric == "ppl" and args.text:  # the benchmarks' sliding-window metric, no repository needed
+        from .evaluation import perplexity
+
         tok = transformers.AutoTokenizer.from_pretrained(args.model)
-        text = Path(args.text).read_text()
-        try:
-            from benchmarks import metrics
-        except ImportError:  # installed without the repository: whole windows, no overlap
-            result = _window_perplexity(model, tok, text)
-        else:
-            result = metrics.perplexity(model, tok, text)
+        result = perplexity(model, tok, Path(args.text).read_text())
     else:
         try:
             from benchmarks import harness
@@ -160,19 +156,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for key, value in result.items():
         print(f"{key}: {value}")
     return 0
-
-
-def _window_perplexity(model: Any, tok: Any, text: str, window: int = 1024) -> dict[str, Any]:
-    """Perplexity of a causal LM over consecutive non-overlapping windows of ``text`` (a last partial one dropped)."""
-    from . import sweep as sw
-
-    n = len(tok(text, add_special_tokens=False)["input_ids"])
-    seq = min(window, getattr(model.config, "max_position_embeddings", None) or window, n)
-    if seq < 2:
-        raise CLIError(f"--text has {n} tokens; perplexity needs at least 2")
-    windows = sw.text_batches(tok, text, n // seq, seq)
-    return {"ppl": sw.perplexity_fn(windows)(model.eval()), "windows": len(windows), "window": seq,
-            "scoring": "non-overlapping windows (the benchmarks' sliding window needs the repository)"}
 
 
 def cmd_card(args: argparse.Namespace) -> int:

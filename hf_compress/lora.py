@@ -55,7 +55,8 @@ class LoraCompressedEmbedding(_LoraEmbedding):
         if getattr(config, "use_dora", False):
             raise ValueError(
                 f"hf_compress: DoRA on the compressed table {type(self.get_base_layer()).__name__} would rebuild the "
-                "whole dense [V, d] table on every forward (its weight norm); use plain LoRA (use_dora=False)."
+                "whole dense [V, d] table on every forward (its weight norm); use plain LoRA (use_dora=False). PEFT "
+                "wraps module by module: modules before this table may already carry DoRA, so rebuild the model."
             )
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 

@@ -147,7 +147,8 @@ def keep_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Ten
     characters), the special tokens and, for byte-level BPE, the byte alphabet; without the merge parts the merges
     that build a kept token are gone, so the tokenizer can never produce it, and text falls apart into whatever
     pieces remain (``<unk>`` where a character went). ``old_to_new`` shows what was kept.
-    Raises ``ValueError`` before changing anything if a special token or a config/generation special id would go.
+    Raises ``ValueError`` before changing anything if a config/generation special id would go, or (the special
+    tokens not being added: ``merge_parts=False`` or a non-BPE tokenizer) a special token would.
     """
     emb = _embedding(model)
     v_old = emb.num_embeddings

@@ -160,9 +160,13 @@ def test_auto_metric_keeps_the_lowest_calibration_loss(arch: Arch, tmp_path: Pat
     name = next(n for n, m in dense.named_modules() if m is dense.get_input_embeddings())
     state = prepare_tt(dense, {name: TTEmbeddingConfig(compression=3.0)}, calibration)[name]
     v = dense.get_input_embeddings().num_embeddings
-    probe = probe_batches([b for b in calibration if arch.name != "whisper" or isinstance(b, dict)],
-                          seq2seq=arch.name == "whisper")
-    assert state["probe"] == probe
+    runnable = ([b for b in calibration if isinstance(b, dict)] if arch.name == "whisper"
+                else [r[None] for b in calibration for r in b])  # id batches are probed row by row
+    probe = probe_batches(runnable, seq2seq=arch.name == "whisper")
+    assert len(state["probe"]) == len(probe) <= len(runnable)
+    assert arch.name == "whisper" or len(probe) == 4096 // 64  # ~PROBE_TOKENS of rows, not the whole first batch
+    for got, want in zip(state["probe"], probe):
+        assert got is want if arch.name == "whisper" else torch.equal(got, want)
     held_out = (count_tokens(calibration, v) - count_tokens(probe, v)).clamp_min(0)
     assert torch.equal(state["probe_counts"], held_out) and not torch.equal(held_out, state["counts"])
     assert held_out.sum() > 0 and choice["held_out"] is True
@@ -189,6 +193,10 @@ def test_auto_metric_on_a_calibration_no_longer_than_the_probe_counts_everything
     assert choice["held_out"] is False
     state = prepare_tt(tiny_model(LLAMA), {"model.embed_tokens": TTEmbeddingConfig()}, _calibration(LLAMA))
     assert state["model.embed_tokens"]["probe_counts"] is state["model.embed_tokens"]["counts"]
+    g = torch.Generator().manual_seed(0)  # a probe's worth plus 4 tokens: too little left to rank by, all counts
+    few = [torch.randint(0, 96, (64, 64), generator=g), torch.randint(0, 96, (1, 4), generator=g)]
+    state = prepare_tt(tiny_model(LLAMA), {"model.embed_tokens": TTEmbeddingConfig()}, few)["model.embed_tokens"]
+    assert state["probe_counts"] is state["counts"]
 
 
 def test_next_token_loss_ignores_padding_and_reads_labels() -> None:

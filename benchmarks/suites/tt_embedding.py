@@ -226,7 +226,8 @@ def analyze_table(bench: harness.Bench, name: str, out: str | None, ratio: float
         tiers.append({"rank": r, "tokens": rows.numel(), "rel_error": err,
                       "eval_token_share": float((tier[ids] == t).double().mean())})
     extra = {"spectrum_rel_error": {str(r): float(lost[r - 1]) for r in ranks}, "tiers": tiers,
-             "eval_tokens": ids.numel(), "eval_tokens_not_exact": float((tier[ids] != 0).double().mean())}
+             "eval_tokens": ids.numel(),
+             "eval_tokens_not_exact": float((torch.tensor(layer.tier_ranks)[tier[ids]] < d).double().mean())}
     bench.record(name, "table_analysis", {"format": "adaptive", "compression": ratio, "tied_head": "dense",
                                           "metric": "identity", "vocab": weight.shape[0], "dim": d}, extra=extra)
     print(f"[tt_embedding] {name} table analysis: {extra}", file=sys.stderr, flush=True)

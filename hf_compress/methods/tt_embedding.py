@@ -266,7 +266,9 @@ def prepare_tt(model: nn.Module, targets: dict[str, TTEmbeddingConfig], calibrat
         return out
     seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     runnable = [b for b in calibration or [] if isinstance(b, Mapping) or not seq2seq]  # seq2seq: bare ids only count
-    probe = probe_batches(runnable, seq2seq)
+    # one row per id tensor: the probe stops at ~PROBE_TOKENS even when the calibration is one large batch
+    probe = probe_batches([r[None] for b in runnable for r in b] if not seq2seq and all(
+        isinstance(b, torch.Tensor) and b.ndim == 2 for b in runnable) else runnable, seq2seq)
     generative = callable(getattr(model, "can_generate", None)) and bool(model.can_generate())
     if not (probe and generative):  # metric="auto" scores next-token loss: else it falls back to identity
         heads = {n: h for n, h in heads.items() if targets[n].metric == "head"}
@@ -284,9 +286,11 @@ def prepare_tt(model: nn.Module, targets: dict[str, TTEmbeddingConfig], calibrat
             if targets[name].metric == "auto":
                 out[name]["probe"] = probe
                 counts = out[name]["counts"]  # the candidates count tokens on the rest: the probe text is held out
-                held = (counts - count_tokens(probe, counts.numel())).clamp_min(0)
-                # a calibration no longer than the probe leaves nothing to count: all counts then (not held out)
-                out[name]["probe_counts"] = held if held.sum() > 0 else counts
+                probe_counts = count_tokens(probe, counts.numel())
+                held = (counts - probe_counts).clamp_min(0)
+                # less calibration beyond the probe than the probe itself is too little to rank tokens by: all
+                # counts then (not held out)
+                out[name]["probe_counts"] = held if held.sum() >= probe_counts.sum() else counts
     return out
 
 
