@@ -127,8 +127,7 @@ def run(model_name: str, plan: CompressionConfig, label: str, budget: str = "def
     probe_in = _probe_inputs(dense_model, kind)
 
     memory = memory_probe(path, kind, plan) if measure_memory else None
-    calibrated = any(not isinstance(c, LowRankConfig) or c.method in ("whitened", "asvd")
-                     for c in plan.modules.values())
+    calibrated = any(not isinstance(c, LowRankConfig) or c.reads_activations for c in plan.modules.values())
     # only a plan that reads activations gets calibration: with it, from_pretrained cannot stream the load
     calibration = (data.calibration_batches(tok, n_samples=16, seq_len=256)
                    if kind == "causal-lm" and calibrated else None)

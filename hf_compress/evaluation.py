@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .calibration import restored_training_state
+
 
 def tokenizer_bos(tokenizer: Any) -> int | None:
     """The BOS id if ``tokenizer`` prepends it by default (e.g. Gemma), else ``None`` (e.g. SmolLM2)."""
@@ -85,9 +87,8 @@ def perplexity(model: Any, tokenizer: Any, text: str, max_tokens: int = 16384, w
     nll, count = torch.zeros((), dtype=torch.float64), 0
     groups = [list(g) for _, g in itertools.groupby(wins, key=lambda w: (w[1] - w[0], w[2]))]
     batches = [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
-    was_training = model.training
-    model.eval()
-    try:
+    with restored_training_state(model, flags=False):
+        model.eval()
         for batch in tqdm(batches, desc="perplexity", unit="batch", leave=False):
             x = torch.stack([ids[b:e] for b, e, _ in batch])
             if bos is not None:
@@ -99,8 +100,6 @@ def perplexity(model: Any, tokenizer: Any, text: str, max_tokens: int = 16384, w
             logits = logits[:, -(n_pred + 1):-1]
             nll += _token_nll(logits, x[:, -n_pred:].to(logits.device))
             count += n_pred * x.shape[0]
-    finally:
-        model.train(was_training)
     mean = float(nll / count)
     return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "text_tokens": int(ids.numel()), "window": window,
             "stride": stride, "windows": len(wins), "bos": bos is not None}

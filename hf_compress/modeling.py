@@ -56,7 +56,7 @@ class CompressedModelMixin(CompressedSaveMixin):
         from .layers.codebook import CodebookLinear
 
         for m in self.modules():  # in parameters() order, stopping at the first dense floating parameter
-            storage = (m.codebooks, m.scales, m.offsets) if isinstance(m, CodebookLinear) else ()
+            storage = m.storage() if isinstance(m, CodebookLinear) else ()
             for p in m.parameters(recurse=False):
                 if p.is_floating_point() and not any(p is t for t in storage):
                     return p.dtype
@@ -105,9 +105,8 @@ class CompressedModelMixin(CompressedSaveMixin):
 
         for module in model.modules():  # loading makes new Parameters: fp16 codebook storage stays frozen
             if isinstance(module, CodebookLinear):
-                for p in (module.codebooks, module.scales, module.offsets):
-                    if p is not None:
-                        p.requires_grad_(False)
+                for p in module.storage():
+                    p.requires_grad_(False)
         if getattr(model, "hf_device_map", None):
             group_offload_hooks(model)
         return (model, info) if want_info else model

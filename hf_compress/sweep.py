@@ -206,7 +206,7 @@ def sweep(
     if budget is None:
         raise ValueError("hf_compress.sweep: pass budget=, e.g. 0.91 (keep 91 % of the parameters) or "
                          "{'quality': 1.05} (stay within 1.05x dense quality).")
-    budget = {"params": float(budget)} if isinstance(budget, (int, float)) else dict(budget or {})
+    budget = {"params": float(budget)} if isinstance(budget, (int, float)) else dict(budget)
     if len(budget) != 1 or next(iter(budget)) not in ("params", "quality", "quality_delta"):
         raise ValueError("hf_compress.sweep: budget must be a params fraction (0.91), {'params': f}, "
                          f"{{'quality': ratio}} or {{'quality_delta': d}}; got {budget!r}.")

@@ -155,8 +155,9 @@ def keep_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Ten
     keep = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long).unique()
     if keep.numel() == 0 or int(keep.min()) < 0 or int(keep.max()) >= v_old:
         raise ValueError(f"hf_compress.vocab.keep_tokens: ids must be a non-empty subset of [0, {v_old}).")
-    if merge_parts and tokenizer is not None:
-        keep = _with_merge_parts(tokenizer, keep, v_old)
+    doc = _tokenizer_doc(tokenizer)  # parsed once: read by the merge parts, rewritten by the remapping
+    if merge_parts and doc is not None:
+        keep = _with_merge_parts(doc, keep, v_old)
     old_to_new = torch.full((v_old,), -1, dtype=torch.long)
     old_to_new[keep] = torch.arange(keep.numel())
     configs = [c for c in (getattr(model, "config", None), getattr(model, "generation_config", None)) if c is not None]
@@ -166,7 +167,7 @@ def keep_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Ten
                 if 0 <= i < v_old and old_to_new[i] < 0:
                     raise ValueError(f"hf_compress.vocab: cannot prune token {i}: it is {type(cfg).__name__}.{f}. "
                                      "Keep it, or change that field first.")
-    new_json = _remap_tokenizer_json(tokenizer, old_to_new) if tokenizer is not None else None
+    new_json = _remap_tokenizer_json(tokenizer, doc, old_to_new) if tokenizer is not None else None
     emb.keep_rows(keep)
     if emb.padding_idx is not None:  # the padding row moves with the renumbering (gone: no padding row)
         pad = int(old_to_new[emb.padding_idx % v_old])
@@ -192,18 +193,32 @@ def keep_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Ten
     return old_to_new
 
 
-def _with_merge_parts(tokenizer: Any, keep: torch.Tensor, v_old: int) -> torch.Tensor:
-    """``keep`` plus, for a fast BPE tokenizer, every token merged on the way to a kept token (sorted, unique)."""
+def _tokenizer_doc(tokenizer: Any) -> dict[str, Any] | None:
+    """The parsed ``tokenizer.json`` of a fast tokenizer, ``None`` for ``None`` or a slow one."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return keep
-    doc = json.loads(backend.to_str())
+    return None if backend is None else json.loads(backend.to_str())
+
+
+def _merge_pair(merge: Any) -> tuple[str, str]:
+    """A BPE merge as ``(a, b)``: ``tokenizer.json`` stores ``"a b"`` or ``["a", "b"]``."""
+    a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+    return a, b
+
+
+def _byte_level(doc: dict[str, Any]) -> bool:
+    """Whether the tokenizer pre-tokenizes to bytes (its single-character tokens are the byte alphabet)."""
+    return "ByteLevel" in json.dumps(doc.get("pre_tokenizer"))
+
+
+def _with_merge_parts(doc: dict[str, Any], keep: torch.Tensor, v_old: int) -> torch.Tensor:
+    """``keep`` plus, for a BPE ``tokenizer.json`` ``doc``, every token merged on the way to a kept token, the
+    special tokens and a byte-level alphabet (sorted, unique)."""
     bpe = doc["model"]
     if bpe.get("type") != "BPE":
         return keep
     parts: dict[str, list[str]] = {}
     for mg in bpe.get("merges", []):
-        a, b = mg.split(" ", 1) if isinstance(mg, str) else mg
+        a, b = _merge_pair(mg)
         parts.setdefault(_merged(a, b, bpe), []).extend([a, b])
     vocab = bpe["vocab"]
     token_of = {i: t for t, i in vocab.items()}
@@ -214,7 +229,7 @@ def _with_merge_parts(tokenizer: Any, keep: torch.Tensor, v_old: int) -> torch.T
         if token not in seen:
             seen.add(token)
             todo.extend(parts.get(token, []))
-    if "ByteLevel" in json.dumps(doc.get("pre_tokenizer")):  # the byte alphabet: any text must stay tokenizable
+    if _byte_level(doc):  # the byte alphabet: any text must stay tokenizable
         seen |= {t for t in vocab if len(t) == 1}
     extra = [vocab[t] for t in seen if t in vocab]
     extra += [t["id"] for t in doc.get("added_tokens", []) if t.get("special")]
@@ -234,13 +249,12 @@ def _as_list(value: Any) -> list[int]:
     return [v for v in value if isinstance(v, int)] if isinstance(value, (list, tuple)) else []
 
 
-def _remap_tokenizer_json(tokenizer: Any, old_to_new: torch.Tensor) -> str:
-    """The renumbered ``tokenizer.json`` text; raises before anything is changed if it cannot be remapped."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+def _remap_tokenizer_json(tokenizer: Any, doc: dict[str, Any] | None, old_to_new: torch.Tensor) -> str:
+    """The renumbered ``tokenizer.json`` text (``doc``, the tokenizer's parsed one, is rewritten); raises before
+    anything is changed if it cannot be remapped."""
+    if doc is None:
         raise ValueError(f"hf_compress.vocab: {type(tokenizer).__name__} is not a fast tokenizer; pass tokenizer=None "
                          "and apply the returned old_to_new remapping to token ids yourself.")
-    doc = json.loads(backend.to_str())
     model = doc["model"]
     if model.get("type") not in ("BPE", "WordPiece", "WordLevel"):
         raise ValueError(f"hf_compress.vocab: cannot prune a {model.get('type')} tokenizer; pass tokenizer=None and "
@@ -252,7 +266,7 @@ def _remap_tokenizer_json(tokenizer: Any, old_to_new: torch.Tensor) -> str:
 
     specials = {t["content"] for t in doc.get("added_tokens", []) if t.get("special")}
     specials |= {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
-    byte_level = "ByteLevel" in json.dumps(doc.get("pre_tokenizer"))
+    byte_level = _byte_level(doc)
     for token, i in model["vocab"].items():
         if new_id(i) < 0 and (token in specials or (byte_level and len(token) == 1)):
             raise ValueError(f"hf_compress.vocab: cannot prune token {i} ({token!r}): it is a special token or part "
@@ -265,7 +279,7 @@ def _remap_tokenizer_json(tokenizer: Any, old_to_new: torch.Tensor) -> str:
         kept = model["vocab"]
         merges = []
         for mg in model["merges"]:
-            a, b = mg.split(" ", 1) if isinstance(mg, str) else mg
+            a, b = _merge_pair(mg)
             if a in kept and b in kept and _merged(a, b, model) in kept:
                 merges.append(mg)
         model["merges"] = merges

@@ -28,15 +28,25 @@ def _compress_svd(arch: Arch, pad: int | None = None) -> torch.nn.Module:
     return hf_compress.compress(model, plan, progress=False)
 
 
-def test_tokenizer_pruned_and_extended_consistently(tmp_path: Path) -> None:
+def _bpe(vocab_size: int = 60, prefix: str | None = None) -> transformers.PreTrainedTokenizerFast:
+    """A small fast BPE tokenizer trained on three sentences (``prefix``: merges continue words with it, e.g.
+    ``##``, so merge ``##a ##t`` makes ``##at``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    with_prefix = {} if prefix is None else {"continuing_subword_prefix": prefix}
+    raw = Tokenizer(models.BPE(unk_token="<unk>", **with_prefix))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     text = ["the cat sat on the mat", "the dog ate the hat", "a cat and a dog"] * 20
-    raw.train_from_iterator(text, trainers.BpeTrainer(vocab_size=60, special_tokens=["<pad>", "<unk>", "</s>"]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    raw.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "</s>"],
+                                                      **with_prefix))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>",
+                                                eos_token="</s>")
+
+
+def test_tokenizer_pruned_and_extended_consistently(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = _bpe()
     arch = LLAMA
     model = _compress_svd(arch)
     keep = torch.arange(len(tok))
@@ -58,19 +68,9 @@ def test_tokenizer_pruned_and_extended_consistently(tmp_path: Path) -> None:
 
 
 def test_keep_tokens_keeps_the_merge_parts_a_kept_bpe_token_needs() -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    def tokenizer() -> PreTrainedTokenizerFast:
-        raw = Tokenizer(models.BPE(unk_token="<unk>"))
-        raw.pre_tokenizer = pre_tokenizers.Whitespace()
-        text = ["the cat sat on the mat", "the dog ate the hat", "a cat and a dog"] * 20
-        raw.train_from_iterator(text, trainers.BpeTrainer(vocab_size=60, special_tokens=["<pad>", "<unk>", "</s>"]))
-        return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
-
     sentence = "the cat sat on the mat"
     for merge_parts in (True, False):
-        tok = tokenizer()
+        tok = _bpe()
         before = tok(sentence)["input_ids"]
         model = _compress_svd(LLAMA)
         model.config.bos_token_id = model.config.eos_token_id = model.generation_config.eos_token_id = 2
@@ -101,21 +101,8 @@ def test_keep_and_prune_move_the_padding_row_with_the_renumbering() -> None:
     assert model.get_input_embeddings().padding_idx is None
 
 
-def _prefixed_bpe() -> transformers.PreTrainedTokenizerFast:
-    """A BPE tokenizer whose merges continue words with a ``##`` prefix (merge ``##a ##t`` makes ``##at``)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    raw = Tokenizer(models.BPE(unk_token="<unk>", continuing_subword_prefix="##"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    text = ["the cat sat on the mat", "the dog ate the hat", "a cat and a dog"] * 20
-    raw.train_from_iterator(text, trainers.BpeTrainer(vocab_size=70, special_tokens=["<pad>", "<unk>", "</s>"],
-                                                      continuing_subword_prefix="##"))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>",
-                                                eos_token="</s>")
-
-
 def test_merge_parts_follow_a_continuing_subword_prefix() -> None:
-    tok = _prefixed_bpe()
+    tok = _bpe(vocab_size=70, prefix="##")
     assert json.loads(tok.backend_tokenizer.to_str())["model"]["continuing_subword_prefix"] == "##"
     sentence = "the cat sat on the mat"
     before = tok(sentence)["input_ids"]

@@ -84,6 +84,8 @@ class CodebookLinear(nn.Module):
     """
 
     layer_type = "codebook_linear"
+    #: fp16 storage parameters, frozen unless ``methods.jlcm.mark_codebooks_trainable`` gives them fp32 masters
+    STORAGE = ("codebooks", "scales", "offsets")
 
     def __init__(self, in_features: int, out_features: int, bits: int, vector_dim: int = 1,
                  codebook_size: int | None = None, n_groups: int = 1, shared_codebook: bool = False,
@@ -182,6 +184,10 @@ class CodebookLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dense ``[out, in]`` weight (decoded; for inspection and export)."""
         return self._dequantize(self.codebooks.dtype if self.codebooks.is_floating_point() else torch.float32)
+
+    def storage(self) -> list[nn.Parameter]:
+        """The storage parameters present (``offsets`` only with blocks), see :attr:`STORAGE`."""
+        return [p for p in (getattr(self, n) for n in self.STORAGE) if p is not None]
 
     def clear_cache(self) -> None:
         """Drop the decoded caches. They are keyed on the tensors' in-place version counters, which writes through

@@ -335,9 +335,6 @@ def compress_jlcm(module: nn.Module, config: CodebookConfig, ctx: CompressionCon
     return layer
 
 
-_STORED = ("codebooks", "scales", "offsets")  # CodebookLinear parameters kept in fp16 on disk
-
-
 def mark_codebooks_trainable(model: nn.Module, scales: bool = True, norms: bool = True,
                              biases: bool = True, master_dtype: torch.dtype | None = torch.float32) -> list[str]:
     """Freeze everything but codebooks (+ scales/offsets, LayerNorm/RMSNorm weights, biases); indices are buffers
@@ -354,7 +351,7 @@ def mark_codebooks_trainable(model: nn.Module, scales: bool = True, norms: bool 
         p.requires_grad_(keep)
         if keep:
             names.append(name)
-            if master_dtype is not None and leaf in _STORED and isinstance(owner, CodebookLinear):
+            if master_dtype is not None and leaf in CodebookLinear.STORAGE and isinstance(owner, CodebookLinear):
                 p.data = p.data.to(master_dtype)
     return names
 
@@ -365,11 +362,9 @@ def freeze_codebooks(model: nn.Module, dtype: torch.dtype = torch.float16) -> in
     n = 0
     for m in model.modules():
         if isinstance(m, CodebookLinear):
-            for leaf in _STORED:
-                p = getattr(m, leaf)
-                if p is not None:
-                    p.data = p.data.to(dtype)
-                    p.requires_grad_(False)
+            for p in m.storage():
+                p.data = p.data.to(dtype)
+                p.requires_grad_(False)
             m.clear_cache()
             n += 1
     return n

@@ -107,6 +107,11 @@ class LowRankConfig(MethodConfig):
                              f"layer's spectrum at once); got method={self.method!r}, "
                              f"allocation={self.allocation!r}.")
 
+    @property
+    def reads_activations(self) -> bool:
+        """Whether the method needs calibration batches (the activation-aware ``whitened`` / ``asvd``)."""
+        return self.method in _CALIBRATED
+
     def rank_for(self, out_features: int, in_features: int) -> int:
         """The rank this config gives a ``[out_features, in_features]`` weight (``rank`` / ``rank_ratio`` only)."""
         if self.rank is not None:
