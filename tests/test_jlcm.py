@@ -46,6 +46,30 @@ def test_compress_forward_save_reload_bit_identical(arch: Arch, method: str, bpw
     assert torch.equal(_out(again, inputs), logits)
 
 
+@pytest.mark.parametrize("cast", ["to_bf16", "half", "float"])
+def test_dtype_casts_keep_fp16_storage(cast: str, tmp_path: Path) -> None:
+    """``model.to(bf16)`` / ``.half()`` / ``.float()`` cast the dense layers; the fp16 codebooks, scales and offsets
+    are storage and stay fp16 (a bf16 rounding of them would be saved); the forward runs in the new dtype."""
+    arch = ARCHS[0]
+    model = tiny_model(arch)
+    plan = CompressionConfig(modules={arch.mlp_pattern: CodebookConfig(bits=3, method="kmeans", block_size=16)})
+    hf_compress.compress(model, plan, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, CodebookLinear)]
+    before = {id(m): [p.detach().clone() for p in m.storage()] for m in layers}
+    reference = _out(model, arch.inputs())
+    dtype = {"to_bf16": torch.bfloat16, "half": torch.float16, "float": torch.float32}[cast]
+    model = model.to(dtype) if cast == "to_bf16" else getattr(model, cast)()
+    assert all(torch.equal(p, q) and p.dtype == torch.float16
+               for m in layers for p, q in zip(m.storage(), before[id(m)], strict=True))
+    assert model.dtype == dtype and all(m.bias is None or m.bias.dtype == dtype for m in layers)
+    logits = _out(model, arch.inputs())
+    assert logits.dtype == dtype
+    torch.testing.assert_close(logits.float(), reference, rtol=0.1, atol=0.1)
+    model.save_pretrained(tmp_path)
+    saved = load_file(next(tmp_path.glob("*.safetensors")))
+    assert {saved[k].dtype for k in saved if k.endswith((".codebooks", ".scales", ".offsets"))} == {torch.float16}
+
+
 def test_lookup_mode_matches_cached_and_cache_follows_codebook_edits() -> None:
     g = torch.Generator().manual_seed(0)
     layer, _ = codebook_from_dense(torch.randn(24, 32, generator=g), torch.randn(24, generator=g),

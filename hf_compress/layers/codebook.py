@@ -189,6 +189,19 @@ class CodebookLinear(nn.Module):
         """The storage parameters present (``offsets`` only with blocks), see :attr:`STORAGE`."""
         return [p for p in (getattr(self, n) for n in self.STORAGE) if p is not None]
 
+    def _apply(self, fn: Any, recurse: bool = True) -> CodebookLinear:
+        """As ``nn.Module._apply`` (``.to()``, ``.half()``, ``.cuda()`` ...), but the storage parameters keep their
+        dtype: ``model.to(torch.bfloat16)`` moves them with the model and the forward decodes in the input's dtype,
+        instead of rounding the stored fp16 codebooks to bf16 (which a later save would write)."""
+        kept = {n: p.data for n in self.STORAGE if (p := getattr(self, n)) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            p = getattr(self, name)
+            if p.dtype != old.dtype and p.is_floating_point():  # the stored values, moved only
+                p.data = old.to(p.device)
+        self.clear_cache()
+        return self
+
     def clear_cache(self) -> None:
         """Drop the decoded caches. They are keyed on the tensors' in-place version counters, which writes through
         ``.data`` (``p.data.mul_(2)``) do not bump: call this after such writes."""
