@@ -12,7 +12,7 @@ from conftest import short_generate as _generate
 
 import hf_compress
 from hf_compress import CompressionConfig
-from hf_compress.layers.tt_embedding import CompressedEmbedding, TiedEmbeddingHead, TTEmbedding
+from hf_compress.layers.tt_embedding import CompressedEmbedding, TiedEmbeddingHead, TTEmbedding, contract_cores
 from hf_compress.methods.tt_adaptive import (
     HEAD_WEIGHTS,
     adaptive_factors,
@@ -21,6 +21,7 @@ from hf_compress.methods.tt_adaptive import (
     probe_batches,
 )
 from hf_compress.methods.tt_embedding import TTEmbeddingConfig, build_embedding, prepare_tt
+from hf_compress.methods.tt_ranks import reachable_ranks
 from hf_compress.vocab import add_tokens, prune_tokens
 
 TIED = {"llama", "gpt2", "whisper"}
@@ -62,11 +63,16 @@ def test_per_token_full_rank_reproduces_table() -> None:
     assert isinstance(layer, TTEmbedding)
     assert layer.cores[0].shape == (200, 1, 3, 3) and layer.cores[2].shape == (200, 5, 5, 1)
     assert (layer.weight - w).abs().max() < 1e-5
+    g = torch.Generator().manual_seed(1)  # rows of TT rank [2, 2] + noise: a tolerance that compresses
+    cores = [torch.randn(200, 1, 3, 2, generator=g), torch.randn(200, 2, 4, 2, generator=g),
+             torch.randn(200, 2, 5, 1, generator=g)]
+    w = contract_cores(cores) + 0.05 * torch.randn(200, 60, generator=g)
     tol = build_embedding(w, TTEmbeddingConfig(format="per_token", shape=[3, 4, 5], eps=0.3))
+    assert tol.ranks == [2, 2]
     err = (tol.weight - w).norm(dim=1) / w.norm(dim=1)
     assert err.max() <= 0.3 + 1e-4
     loose = build_embedding(w, TTEmbeddingConfig(format="per_token", shape=[3, 4, 5], eps=0.95))
-    assert sum(loose.ranks) < sum(tol.ranks) and ((loose.weight - w).norm(dim=1) / w.norm(dim=1)).max() <= 0.95
+    assert sum(loose.ranks) <= sum(tol.ranks) and ((loose.weight - w).norm(dim=1) / w.norm(dim=1)).max() <= 0.95
 
 
 def test_lookup_reconstructs_only_selected_rows(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,6 +85,19 @@ def test_lookup_reconstructs_only_selected_rows(monkeypatch: pytest.MonkeyPatch)
         out = layer(ids)
         monkeypatch.undo()
         assert out.shape == (2, 2, 64) and torch.allclose(out, full[ids], atol=1e-5), fmt
+
+
+@pytest.mark.parametrize("order", [3, 4, 5])
+def test_chosen_ranks_are_all_filled_by_tt_svd(order: int) -> None:
+    """Every rank the budget search picks can be filled (no all-zero core slices: r_k <= r_(k-1)·n_k and
+    r_k <= n_(k+1)·r_(k+1)), so the budget buys error reduction."""
+    g = torch.Generator().manual_seed(order)
+    w = torch.randn(200, 256, generator=g)
+    for ratio in (1.5, 2.0, 3.0):
+        layer = build_embedding(w, TTEmbeddingConfig(format="per_token", compression=ratio, order=order))
+        assert reachable_ranks(layer.shape, layer.ranks) == layer.ranks
+        for core in layer.cores[:-1]:  # [V, r_(k-1), n_k, r_k]: every output slice used by some token
+            assert (core.detach().abs().amax((0, 1, 2)) > 0).all()
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -318,6 +337,9 @@ def test_added_rows_full_rank_exact_and_keep_order() -> None:
     ({"format": "per_token", "shape": [4, 4, 4], "ranks": [5, 2]},
      r"r_1 = 5 exceeds the size of unfolding 1.*use r_1 <= 4"),
     ({"format": "per_token", "shape": [4, 4, 4], "ranks": [2]}, r"needs 2 inner ranks"),
+    ({"format": "per_token", "shape": [2, 2, 4, 4], "ranks": [1, 4, 2]},
+     r"ranks \[1, 4, 2\] over modes \[2, 2, 4, 4\] cannot all be filled.*Use ranks \[1, 2, 2\]"),
+    ({"format": "per_token", "eps": 0.01}, r"eps=0.01 needs TT ranks \[4, 4\].*nothing is saved"),
     ({"format": "tt_mat"}, r"format must be one of"),
     ({"tied_head": "shared"}, r"tied_head must be one of"),
     ({"compression": 0.5}, r"compression must be > 1"),

@@ -22,7 +22,6 @@ Tied output heads (``lm_head`` / ``proj_out`` sharing the embedding's weight) ar
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from .tt_adaptive import (
     special_token_ids,
     token_weights,
 )
+from .tt_ranks import check_reachable, choose_tt_ranks, factorize, tt_params, vocab_factors
 
 __all__ = ["TTEmbeddingConfig", "adaptive_factors", "build_embedding", "count_tokens", "prepare_tt"]
 
@@ -61,7 +61,9 @@ class TTEmbeddingConfig(MethodConfig):
 
     Size it with exactly one of ``compression`` (embedding parameters ÷ compressed parameters, default 2),
     ``ranks`` (TT ranks ``r_1..r_{N-1}`` for ``per_token``/``tt_matrix``; ``[R]`` for ``svd``) or ``eps``
-    (``per_token`` only: relative TT-SVD error per token).
+    (``per_token`` only: relative TT-SVD error per token; all rows share the largest rank any row needs, and a
+    tolerance that saves nothing raises ``BudgetError``). Ranks must be ones TT-SVD can fill
+    (``r_k <= r_{k-1}·n_k``, ``r_k <= n_{k+1}·r_{k+1}``); the budget search only picks such ranks.
     """
 
     registry_name = "tt_embedding"
@@ -136,30 +138,8 @@ class TTEmbeddingConfig(MethodConfig):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# TT-SVD and shape/rank helpers
+# TT-SVD (shapes and ranks: methods.tt_ranks)
 # ---------------------------------------------------------------------------------------------------------------
-def factorize(n: int, order: int) -> list[int]:
-    """Split ``n`` into ``order`` factors as equal as possible (ascending), e.g. 576 -> [8, 8, 9]."""
-    best: list[int] | None = None
-
-    def search(rest: int, k: int, lo: int, acc: list[int]) -> None:
-        nonlocal best
-        if k == 1:
-            if rest >= lo:
-                cand = [*acc, rest]
-                if best is None or max(cand) - min(cand) < max(best) - min(best):
-                    best = cand
-            return
-        f = lo
-        while f ** k <= rest:
-            if rest % f == 0:
-                search(rest // f, k - 1, f, [*acc, f])
-            f += 1
-
-    search(n, order, 2 if n >= 2 ** order else 1, [])
-    return best or [n] + [1] * (order - 1)
-
-
 def tt_svd_rows(x: torch.Tensor, shape: list[int], ranks: list[int] | None = None,
                 eps: float | None = None) -> list[torch.Tensor]:
     """Batched TT-SVD: every row of ``x [B, ∏ shape]`` as its own tensor train (one batched SVD per mode).
@@ -207,39 +187,6 @@ def _batched_svd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
         return torch.linalg.svd(mat, full_matrices=False)
     finally:
         torch.set_num_threads(threads)
-
-
-def tt_params(shape: list[int], ranks: list[int], lead: list[int] | None = None) -> int:
-    """Parameters of one TT with modes ``shape`` (times ``lead`` per mode, for TT-matrices) and inner ``ranks``."""
-    full = [1, *ranks, 1]
-    sizes = [n * (lead[k] if lead else 1) for k, n in enumerate(shape)]
-    return sum(full[k] * sizes[k] * full[k + 1] for k in range(len(shape)))
-
-
-def max_ranks(modes: list[int]) -> list[int]:
-    return [min(math.prod(modes[: k + 1]), math.prod(modes[k + 1:])) for k in range(len(modes) - 1)]
-
-
-def choose_tt_ranks(modes: list[int], budget: float, who: str) -> list[int]:
-    """Largest-parameter TT ranks (most balanced on ties) whose TT over ``modes`` fits ``budget`` parameters."""
-    limits = max_ranks(modes)
-    if not limits:
-        return []
-    if math.prod(limits) <= 200_000:
-        candidates = itertools.product(*[range(1, m + 1) for m in limits])
-    else:  # uniform ranks (capped per mode) for large TT-matrices
-        candidates = ([min(r, m) for m in limits] for r in range(1, max(limits) + 1))
-    best, best_key = None, None
-    for ranks in candidates:
-        p = tt_params(modes, list(ranks))
-        if p <= budget:
-            key = (p, -(max(ranks) - min(ranks)))
-            if best_key is None or key > best_key:
-                best, best_key = list(ranks), key
-    if best is None:
-        raise BudgetError(f"hf_compress: {who}: even TT ranks of 1 exceed the parameter budget {budget:.0f}; "
-                          "lower the compression ratio.")
-    return best
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,22 +256,30 @@ def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: tor
     if config.format == "per_token":
         if config.eps is not None:
             check_tt_shape_ranks(d, shape, [1] * (len(shape) - 1), who)
-            return TTEmbedding.from_dense(weight, shape, eps=config.eps, **kwargs)
+            layer = TTEmbedding.from_dense(weight, shape, eps=config.eps, **kwargs)
+            if tt_params(shape, layer.ranks) >= d:  # every row shares the largest rank any row needs
+                raise BudgetError(f"hf_compress: {who}: eps={config.eps} needs TT ranks {layer.ranks} (the largest "
+                                  f"any token needs), {tt_params(shape, layer.ranks)} parameters per token >= the "
+                                  f"dense {d}: nothing is saved. Raise eps, or give compression= or ranks=.")
+            return layer
         ranks = list(config.ranks) if config.ranks is not None else None
         if ranks is None:
             check_tt_shape_ranks(d, shape, [1] * (len(shape) - 1), who)
             ranks = choose_tt_ranks(shape, budget / v, who)
         check_tt_shape_ranks(d, shape, ranks, who)
+        check_reachable(shape, ranks, who)
         return TTEmbedding.from_dense(weight, shape, ranks=ranks, **kwargs)
     if config.format == "tt_matrix":
         check_tt_shape_ranks(d, shape, [1] * (len(shape) - 1), who)
-        vocab_shape = list(config.vocab_shape) if config.vocab_shape is not None else _vocab_factors(v, len(shape))
+        vocab_shape = list(config.vocab_shape) if config.vocab_shape is not None else vocab_factors(v, len(shape))
         if len(vocab_shape) != len(shape) or any(int(f) < 1 for f in vocab_shape) or math.prod(vocab_shape) < v:
             raise ValueError(f"hf_compress: {who}: vocab_shape {vocab_shape} must have {len(shape)} factors (one per "
                              f"hidden factor of {shape}) whose product covers V = {v}; e.g. "
-                             f"{_vocab_factors(v, len(shape))}, or leave it None.")
+                             f"{vocab_factors(v, len(shape))}, or leave it None.")
         modes = [a * b for a, b in zip(vocab_shape, shape)]
         ranks = list(config.ranks) if config.ranks is not None else choose_tt_ranks(modes, budget, who)
+        check_tt_shape_ranks(math.prod(modes), modes, ranks, who)
+        check_reachable(modes, ranks, who)
         return TTMatrixEmbedding.from_dense(weight, vocab_shape, shape, ranks, **kwargs)
     # svd / adaptive
     if config.ranks is not None:
@@ -350,12 +305,6 @@ def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: tor
         raise ValueError(f"hf_compress: {who}: min_rank {config.min_rank} exceeds min(V, d) = {min(v, d)}; lower it.")
     basis, coeffs, tier, slot = adaptive_factors(weight, budget, weights, config.min_rank, single, exact, metric)
     return AdaptiveRankEmbedding.from_factors(basis, coeffs, tier, slot, **kwargs)
-
-
-def _vocab_factors(v: int, order: int) -> list[int]:
-    base = math.ceil(v ** (1.0 / order))
-    first = [base] * (order - 1)
-    return [*first, math.ceil(v / math.prod(first))]
 
 
 def compress_tt_embedding(module: nn.Module, config: TTEmbeddingConfig, ctx: CompressionContext) -> nn.Module | None:
