@@ -88,6 +88,31 @@ def test_modulo_mapping_is_exact(i: int, n: int, f: int, want: list[int]) -> Non
     assert modulo_codes(torch.tensor([i]), n, f)[0].tolist() == want
 
 
+@pytest.mark.parametrize(("v", "n", "f"), [(49152, 491, 2), (49152, 491, 8), (30522, 305, 3), (2000, 50, 48)])
+def test_modulo_codes_are_distinct_and_use_every_table(v: int, n: int, f: int) -> None:
+    """Rows well above V^(1/f): the mixed radix would read row 0 of every table past the second for all tokens;
+    the moduli n, n-1, ... spread the tokens over all tables with distinct codes."""
+    layer = SubspaceEmbedding(v, f, num_rows=n, num_subspaces=f)
+    assert layer.moduli == [n - k for k in range(f)]
+    codes = layer.all_codes()
+    assert torch.unique(codes, dim=0).shape[0] == v  # every token its own code
+    assert [int(codes[:, k].unique().numel()) for k in range(f)] == layer.moduli  # all m_k rows of table k read
+    again = SubspaceEmbedding.from_spec(layer.spec())
+    assert again.moduli == layer.moduli and torch.equal(again.all_codes(), codes)
+
+
+def test_modulo_without_recorded_moduli_keeps_the_mixed_radix() -> None:
+    """A layer saved before moduli were recorded (no "moduli" in its spec), or n too close to V^(1/f) for the
+    moduli to be distinct (lcm(10, 9) = 90 < 100), keeps c_k = ⌊v / n^k⌋ mod n."""
+    spec = {k: v for k, v in SubspaceEmbedding(49152, 8, num_rows=491, num_subspaces=2).spec().items()
+            if k != "moduli"}
+    old = SubspaceEmbedding.from_spec(spec)
+    assert old.moduli is None and torch.equal(old.all_codes(), modulo_codes(torch.arange(49152), 491, 2))
+    assert SubspaceEmbedding(100, 4, num_rows=10, num_subspaces=2).moduli is None
+    with pytest.raises(ValueError, match=r"moduli \[10, 5\] must be 2 ints in 1..10 whose lcm is >= the vocabulary"):
+        SubspaceEmbedding(100, 4, num_rows=10, num_subspaces=2, moduli=[10, 5])
+
+
 def test_lookup_concatenates_one_row_per_table() -> None:
     layer = SubspaceEmbedding(100, 7, num_rows=10, num_subspaces=2)
     assert layer.widths == [3, 4]  # the last slice takes the remainder

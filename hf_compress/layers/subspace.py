@@ -4,7 +4,11 @@ The hidden dimension ``d`` is split into ``f`` slices of widths ``w_1 .. w_f`` (
 the remainder). Slice ``k`` has its own small table ``tables[k] [n, w_k]``; token ``v`` reads row ``c_k(v)`` of
 every table, so ``V·d`` parameters become ``n·d``. The code ``(c_1(v) .. c_f(v))`` is either
 
-* ``"modulo"``: ``c_k(v) = ⌊v / n^(k-1)⌋ mod n`` — computed, nothing stored; or
+* ``"modulo"``: computed, nothing stored. With moduli ``m_k = n, n-1, …, n-f+1`` (when their lcm covers ``V``,
+  :func:`spread_moduli`): ``c_k(v) = v mod m_k``, distinct for every token (Chinese remainder theorem) and spread
+  over (almost) all ``n`` rows of every table. Otherwise (``n`` close to ``V^(1/f)``, or a layer saved before
+  moduli were recorded) the mixed radix ``c_k(v) = ⌊v / n^(k-1)⌋ mod n``, whose slices past ``⌈log_n V⌉`` would
+  read row 0 for every token when ``n^(f-1) >= V``; or
 * ``"context"``: learned from the pretrained table (see ``hf_compress.methods.subspace``) and stored in the
   checkpoint bit-packed: ``codes`` is ``uint8 [ceil(V·f·b / 8)]`` with ``b = ceil(log2 n)`` bits per index (an
   unpacked ``[V, f]`` copy is cached for lookups). Checkpoints written before packing (``packed_codes=False`` in
@@ -18,6 +22,7 @@ materializing ``[V, d]`` each call (``factored_logits=False`` selects that path,
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -73,6 +78,15 @@ def code_bits(num_rows: int) -> int:
     return max(1, (num_rows - 1).bit_length())
 
 
+def spread_moduli(vocab: int, num_rows: int, num_subspaces: int) -> list[int] | None:
+    """Moduli ``[n, n-1, …, n-f+1]`` when their lcm is ``>= V`` (then ``v mod m_k`` gives every token a distinct
+    code and table ``k`` uses ``m_k`` of its ``n`` rows), else ``None`` (use the mixed radix)."""
+    moduli = [num_rows - k for k in range(num_subspaces)]
+    if moduli[-1] < 1 or math.lcm(*moduli) < vocab:
+        return None
+    return moduli
+
+
 def modulo_codes(ids: torch.Tensor, num_rows: int, num_subspaces: int) -> torch.Tensor:
     """``ids [m]`` -> codes ``[m, f]`` with ``c_k = ⌊id / n^k⌋ mod n`` (k = 0 .. f-1), exact integer arithmetic."""
     ids = ids.long()
@@ -96,6 +110,8 @@ class SubspaceEmbedding(CompressedEmbedding):
         num_subspaces: ``f`` when ``widths`` is not given.
         factored_logits: tied-head logits from per-table products (default) instead of a materialized ``[V, d]``.
         packed_codes: store context codes bit-packed (default); ``False`` is the older ``[V, f]`` integer layout.
+        moduli: ``"modulo"`` codes ``v mod m_k`` (``f`` ints in ``1..n`` with lcm ``>= V``); ``"auto"`` (default):
+            :func:`spread_moduli`; ``None``: the mixed radix.
     """
 
     layer_type = "subspace_embedding"
@@ -103,7 +119,8 @@ class SubspaceEmbedding(CompressedEmbedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, num_rows: int, widths: list[int] | None = None,
                  assignment: str = "modulo", num_subspaces: int = 2, padding_idx: int | None = None,
                  embed_scale: float | None = None, factored_logits: bool = True, packed_codes: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 moduli: list[int] | str | None = "auto", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__(embedding_dim, padding_idx, embed_scale)
         who = f"SubspaceEmbedding({num_embeddings}x{embedding_dim})"
         if assignment not in ASSIGNMENTS:
@@ -113,6 +130,18 @@ class SubspaceEmbedding(CompressedEmbedding):
             raise ValueError(f"hf_compress: {who}: widths {widths} must be >= 1 and sum to the embedding dimension "
                              f"{embedding_dim}; leave widths=None to split it evenly.")
         check_rows(num_embeddings, num_rows, len(widths), who)
+        if assignment != "modulo":
+            moduli = None
+        elif moduli == "auto":
+            moduli = spread_moduli(num_embeddings, num_rows, len(widths))
+        elif moduli is not None:
+            moduli = [int(m) for m in moduli]
+            if len(moduli) != len(widths) or not all(1 <= m <= num_rows for m in moduli) \
+                    or math.lcm(*moduli) < num_embeddings:
+                raise ValueError(f"hf_compress: {who}: moduli {moduli} must be {len(widths)} ints in 1..{num_rows} "
+                                 f"whose lcm is >= the vocabulary size {num_embeddings} (distinct codes); "
+                                 "use moduli='auto'.")
+        self.moduli = moduli
         self.num_embeddings, self.num_rows, self.widths = num_embeddings, num_rows, widths
         self.assignment, self.factored_logits, self.packed_codes = assignment, factored_logits, packed_codes
         self._code_cache: tuple[Any, torch.Tensor] | None = None
@@ -154,6 +183,8 @@ class SubspaceEmbedding(CompressedEmbedding):
 
     def codes_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Codes ``[m, f]`` (int64) of the flat token ids ``ids [m]``."""
+        if self.codes is None and self.moduli is not None:
+            return torch.stack([torch.remainder(ids.long(), m) for m in self.moduli], 1)
         if self.codes is None:
             return modulo_codes(ids, self.num_rows, self.num_subspaces)
         return self.code_table()[ids].long()
@@ -187,20 +218,20 @@ class SubspaceEmbedding(CompressedEmbedding):
         codes = self.codes_of(ids.to(self.tables[0].device))
         if self.codes is None:  # modulo had no buffer: a context layer now, packed
             self.packed_codes = True
-        self.assignment = "context"
+        self.assignment, self.moduli = "context", None
         self.set_codes(codes)
 
     def spec(self) -> dict[str, Any]:
         return {**self._base_spec(), "num_rows": self.num_rows, "widths": list(self.widths),
                 "assignment": self.assignment, "factored_logits": self.factored_logits,
-                "packed_codes": self.packed_codes}
+                "packed_codes": self.packed_codes, "moduli": self.moduli}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> SubspaceEmbedding:
         return cls(spec["num_embeddings"], spec["embedding_dim"], spec["num_rows"], widths=spec["widths"],
                    assignment=spec["assignment"], padding_idx=spec.get("padding_idx"),
                    embed_scale=spec.get("embed_scale"), factored_logits=spec.get("factored_logits", True),
-                   packed_codes=spec.get("packed_codes", False))
+                   packed_codes=spec.get("packed_codes", False), moduli=spec.get("moduli"))
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, num_rows={self.num_rows}, widths={self.widths}, "

@@ -1,7 +1,9 @@
 """Subspace embeddings (Jaiswal & Liu, "Lightweight Adaptation of Neural Language Models via Subspace Embedding",
 CIKM'23): ``V·d`` embedding parameters become ``n·d`` (``f`` tables of ``n`` rows, ``n^f >= V``).
 
-* ``assignment="modulo"``: token ``i`` -> ``(i mod n, ⌊i/n⌋ mod n, …)``; nothing stored.
+* ``assignment="modulo"``: token ``i`` -> ``(i mod n, i mod (n-1), …)``, distinct codes by the Chinese remainder
+  theorem, every table's rows in use (or the mixed radix ``(i mod n, ⌊i/n⌋ mod n, …)`` when ``n`` is too close to
+  ``V^(1/f)`` for that, see ``layers.subspace.spread_moduli``); nothing stored.
 * ``assignment="context"``: product-quantize the pretrained table: weighted k-means per slice, then a greedy
   pass that gives **every token a distinct code** (highest calibration frequency first, each token takes the
   cheapest free cell of the code grid), then tables = per-row means; repeated ``refine_iters`` times. Stored as
@@ -31,7 +33,6 @@ from ..layers.subspace import (
     SubspaceEmbedding,
     check_rows,
     min_rows,
-    modulo_codes,
     split_widths,
 )
 from ..registry import register_method
@@ -256,7 +257,7 @@ def build_subspace(weight: torch.Tensor, config: SubspaceEmbeddingConfig, counts
                               factored_logits=config.factored_logits, device="cpu", dtype=weight.dtype, **kwargs)
     slices = weight.detach().float().cpu().split(widths, 1)
     if config.assignment == "modulo":
-        codes = modulo_codes(torch.arange(v), n, len(widths))
+        codes = layer.all_codes()
         tables = [weighted_means(x, codes[:, k], n, weights, x.mean(0).expand(n, -1)) for k, x in enumerate(slices)]
     else:
         codes, tables = context_codes(weight.cpu(), widths, n, weights, config.kmeans_iters, config.refine_iters,
