@@ -211,6 +211,8 @@ def main(argv: list[str]) -> int:
                                                                  "48:modulo"],
                         help="encoder f:assignment beyond the f = 2, 3 grid (at a fixed n, larger f = more code "
                         "bits per token, same parameters; the stored codes grow with f: see bytes_embedding)")
+    parser.add_argument("--encoder-settings", nargs="+", default=None, metavar="F:ASSIGNMENT",
+                        help="MiniLM: run only these settings instead of the f = 2, 3 grid + --extra-settings")
     parser.add_argument("--lm-fraction", type=float, default=0.05, help="causal LMs: n = fraction * V")
     parser.add_argument("--lm-settings", nargs="+", default=["8:context"], help="f:assignment for causal LMs")
     parser.add_argument("--samples", type=int, default=None, help="encoder calibration windows (128; quick 16)")
@@ -267,7 +269,8 @@ def main(argv: list[str]) -> int:
             bench.save(args.out)
     for name in [] if args.paired_lookup_only else args.models:
         if name == "minilm-l6":
-            settings = [(f, a) for f in (2, 3) for a in ("modulo", "context")] + _parse(args.extra_settings)
+            settings = (_parse(args.encoder_settings) if args.encoder_settings else
+                        [(f, a) for f in (2, 3) for a in ("modulo", "context")] + _parse(args.extra_settings))
         else:
             settings = _parse(args.lm_settings)
         run_model(bench, name, settings, args)
