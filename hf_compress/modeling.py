@@ -9,6 +9,7 @@ recorded in ``config.compression_config["layers"]`` so checkpoints of factors lo
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from typing import Any
@@ -201,13 +202,14 @@ def compressed_config_class(config: PretrainedConfig) -> type[PretrainedConfig]:
 
 
 def to_compressed_config(config: PretrainedConfig) -> PretrainedConfig:
-    """A compressed-class copy of a dense config (or the config itself if it already is one)."""
+    """A compressed-class copy of a dense config (or the config itself if it already is one). A deep copy re-typed,
+    so the state ``to_dict`` leaves out (the attention implementation, the commit hash ...) is kept."""
     config_class = compressed_config_class(config)
     if isinstance(config, config_class):
         return config
-    data = config.to_dict()
-    data.pop("model_type", None)
-    return config_class.from_dict(data)
+    new = copy.deepcopy(config)
+    new.__class__ = config_class  # the subclass adds only the class-level compression_config default
+    return new
 
 
 def compressed_model_class(model_class: type) -> type[PreTrainedModel]:
@@ -227,7 +229,11 @@ def adopt_compressed_class(model: nn.Module) -> None:
         return
     compressed_config_class(model.config)  # unsupported architecture: clear error with the supported list
     target = compressed_model_class(type(model))
-    model.config = to_compressed_config(model.config)
+    dense_config = model.config
+    model.config = to_compressed_config(dense_config)
+    for module in model.modules():  # inner models and attention layers read the same config object
+        if getattr(module, "config", None) is dense_config:
+            module.config = model.config
     model.config.compression_config = dict(model.config.compression_config or {})
     model.config.compression_config.setdefault("base_model", model.config.name_or_path or None)
     model.__class__ = target  # the subclass adds no instance state, so this is a plain re-typing

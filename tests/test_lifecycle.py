@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 import torch
 import transformers
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, Arch, tiny_model
 from safetensors.torch import load_file, save_file
 
 import hf_compress
@@ -268,6 +268,20 @@ def test_skip_modules_and_pattern_semantics() -> None:
     assert isinstance(model.model.layers[1].self_attn.q_proj, LowRankLinear)
     assert hf_compress.config.matches("q_proj", "model.layers.0.self_attn.q_proj")
     assert not hf_compress.config.matches("proj", "model.layers.0.self_attn.q_proj")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.name)
+def test_in_place_compression_keeps_one_shared_config(arch: Arch) -> None:
+    """``compress`` re-types the config: the inner models and attention layers must read the same object (config
+    edits take effect everywhere) and keep what ``to_dict`` leaves out, such as the attention implementation."""
+    model = tiny_model(arch)
+    attn = model.config._attn_implementation
+    readers = [name for name, m in model.named_modules() if getattr(m, "config", None) is model.config]
+    dense_config = model.config  # may be shared with other models: copied, not re-typed
+    hf_compress.compress(model, CompressionConfig(modules={arch.attn_pattern: LowRankConfig(rank=2)}), progress=False)
+    assert type(model.config).__name__.startswith("Compressed") and model.config._attn_implementation == attn
+    assert [n for n, m in model.named_modules() if getattr(m, "config", None) is model.config] == readers
+    assert model.config is not dense_config and not type(dense_config).__name__.startswith("Compressed")
 
 
 def test_in_place_compression_keeps_output_hidden_states() -> None:
