@@ -88,6 +88,9 @@ def compress(
 
     adopt_compressed_class(model)  # fails early, with the supported list, on unsupported HF architectures
     targets = find_targets(model, config)
+    if before_target is None:  # (the streamed load reads each target's weights in before_target)
+        for name in targets:
+            _check_loaded(name, model.get_submodule(name))
     for pattern in config.modules:
         if not any(p == pattern for p, _ in targets.values()):
             warnings.warn(
@@ -114,6 +117,7 @@ def compress(
             if before_target is not None:
                 before_target(name)
             module = model.get_submodule(name)
+            _check_loaded(name, module)
             tied_to = _tied_input_embedding(model, module)
             ctx = CompressionContext(model=model, name=name, calibration=calibration, state=states.pop(name, None))
             new = method.compress(module, cfg, ctx)
@@ -127,6 +131,19 @@ def compress(
 
     _record(model, config)
     return model
+
+
+def _check_loaded(name: str, module: nn.Module) -> None:
+    """Raise if ``module``'s weights are not in memory (meta tensors: offloaded by a ``device_map``, or built under
+    ``init_empty_weights``): compressing placeholders would silently give a wrong model."""
+    empty = [n for n, p in module.named_parameters() if p.is_meta]
+    if empty:
+        raise ValueError(
+            f"hf_compress: {name}: its weights {empty[:4]} are not loaded (meta tensors, e.g. offloaded to disk by "
+            "device_map / max_memory, or built under init_empty_weights), so it cannot be compressed. Load the "
+            "layers to compress into memory (no offloading), or use AutoCompressed*.from_pretrained(path, "
+            "compression_config=...) without device_map: it streams the dense weights one layer at a time."
+        )
 
 
 def _tied_input_embedding(model: nn.Module, module: nn.Module) -> str | None:

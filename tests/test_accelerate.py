@@ -84,6 +84,21 @@ def test_mixed_cpu_disk_offload_matches(llama_ckpt: Path, offloaded: str, tmp_pa
     assert torch.equal(model_output(model, LLAMA.inputs()), ref)  # offloaded weights come back on every call
 
 
+def test_compress_on_load_refuses_offloaded_targets(tmp_path: Path) -> None:
+    """A device_map that offloads dense target layers to disk leaves meta placeholders in memory: compressing
+    them would silently give a wrong model, so the load names the layer and the fix instead."""
+    dense = tmp_path / "dense"
+    tiny_model(LLAMA).save_pretrained(dense)
+    names = ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
+    device_map = {n: "disk" if n == "model.layers.1" else "cpu" for n in names}
+    plan = CompressionConfig(modules={LLAMA.attn_pattern: LowRankConfig(rank=8)})
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.q_proj: its weights \['weight'\] are not "
+                                         r"loaded.*without device_map"):
+        hf_compress.AutoCompressedModelForCausalLM.from_pretrained(dense, compression_config=plan,
+                                                                   device_map=device_map,
+                                                                   offload_folder=tmp_path / "offload")
+
+
 def test_whisper_device_map_and_offload(tmp_path: Path) -> None:
     ckpt = _saved(WHISPER, {EMBED["whisper"]: TTEmbeddingConfig(compression=2.0),
                             r"encoder\.layers\.\d+\.self_attn$": ProductTwinConfig(rank_ratio=0.5),
