@@ -44,10 +44,23 @@ def _remote_code(model: Any) -> tuple[str, dict[str, str]]:
     return source, auto_map
 
 
+def _swappable(target: Path) -> bool:
+    """Whether an existing folder ``target`` can be replaced whole: not a mount point (cannot be renamed), not the
+    current directory or one above it (the process would be left in a deleted folder), and its parent writable."""
+    if not target.is_dir():
+        return True
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current directory is already gone
+        cwd = None
+    here = cwd is not None and (cwd == target or target in cwd.parents)
+    return not (os.path.ismount(target) or here or not os.access(target.parent, os.W_OK))
+
+
 def stage_directory(target: Path) -> Path:
     """A new, empty folder on ``target``'s filesystem for a save to be written into: beside ``target``, or inside
-    it when ``target`` is a mount point (which cannot be renamed). Made with the umask's mode, as any folder."""
-    parent = target if target.is_dir() and os.path.ismount(target) else target.parent
+    it when ``target`` cannot be replaced whole (:func:`_swappable`). Made with the umask's mode, as any folder."""
+    parent = target.parent if _swappable(target) else target
     stage = parent / f".{target.name}.hf_compress-tmp-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     return stage
@@ -58,8 +71,9 @@ def replace_directory(new: Path, target: Path) -> None:
 
     Files of an old ``target`` that the save does not own (tokenizer, trainer state, user files) are kept, as hard
     links (copies across devices) in the folder that replaces it; the old folder is deleted once ``new`` is in
-    place, so an interrupted save leaves it whole. A mount point cannot be swapped: its files are replaced one by
-    one instead (each atomically, ``config.json`` last), then the old checkpoint's other owned files are removed.
+    place, so an interrupted save leaves it whole; the new folder takes the old one's mode and group. A folder that
+    cannot be swapped (mount point, current directory, read-only parent) gets its files replaced one by one
+    instead (each atomically, ``config.json`` last), then the old checkpoint's other owned files are removed.
     """
     if not target.exists():
         os.replace(new, target)
@@ -77,6 +91,11 @@ def replace_directory(new: Path, target: Path) -> None:
     for entry in target.iterdir():
         if not (new / entry.name).exists() and not _OWNED.match(entry.name):
             _link_tree(entry, new / entry.name)
+    shutil.copymode(target, new)
+    try:
+        os.chown(new, -1, target.stat().st_gid)
+    except OSError:  # not allowed to give it that group: keep the default
+        pass
     old = target.with_name(f".{target.name}.hf_compress-old-{uuid.uuid4().hex[:8]}")
     os.replace(target, old)
     os.replace(new, target)

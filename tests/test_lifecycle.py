@@ -208,6 +208,42 @@ def test_save_into_a_mount_point_replaces_files_one_by_one(tmp_path: Path) -> No
     _assert_reloads_exactly(model, tmp_path)
 
 
+@pytest.mark.parametrize("why", ["current-directory", "read-only-parent"])
+def test_save_into_a_folder_that_cannot_be_swapped_keeps_it(why: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``save_pretrained(".")`` must not rename the process's current directory away; a folder whose parent is
+    read-only cannot be swapped either. Both get their files replaced in place; the folder's mode is kept."""
+    model = _compressed_llama()
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    target.chmod(0o750)
+    (target / "tokenizer.json").write_text("{}")
+    inode = target.stat().st_ino
+    if why == "current-directory":
+        monkeypatch.chdir(target)
+        model.save_pretrained(".")
+        assert Path.cwd() == target and Path("config.json").exists()
+    else:
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path and real_access(p, mode))
+        model.save_pretrained(target)
+    assert target.stat().st_ino == inode and target.stat().st_mode & 0o777 == 0o750
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                         "model.safetensors", "modeling_hf_compress.py",
+                                                         "tokenizer.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    _assert_reloads_exactly(model, target)
+
+
+def test_a_replaced_folder_keeps_its_mode(tmp_path: Path) -> None:
+    model = _compressed_llama()
+    target = tmp_path / "ckpt"
+    model.save_pretrained(target)
+    target.chmod(0o750)
+    model.save_pretrained(target)  # swapped whole: the new folder takes the old one's mode
+    assert target.stat().st_mode & 0o777 == 0o750
+
+
 def test_push_to_hub_uploads_the_save_path(tmp_path: Path) -> None:
     model = _compressed_llama()
     seen: dict[str, object] = {}
