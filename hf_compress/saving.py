@@ -174,11 +174,15 @@ class CompressedSaveMixin:
 
 def upload_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = None, token: str | None = None,
                   commit_message: str | None = None, **kwargs: Any) -> Any:
-    """Create ``repo_id`` if needed and upload ``folder`` (a saved compressed model) to it."""
+    """Create ``repo_id`` (and the branch ``revision``, as transformers does) if needed and upload ``folder`` (a
+    saved compressed model) to it."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    revision = kwargs.get("revision")
+    if revision is not None and not str(revision).startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
     return api.upload_folder(
         repo_id=repo_id, folder_path=str(folder), commit_message=commit_message or "Upload hf_compress model", **kwargs
     )

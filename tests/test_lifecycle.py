@@ -274,6 +274,13 @@ def test_save_pretrained_push_to_hub_passes_privacy_and_message(tmp_path: Path) 
     create.assert_called_once_with("me/tiny", private=True, exist_ok=True)
     assert upload.call_args.kwargs["commit_message"] == "msg"
     assert (tmp_path / "out" / "model.safetensors").exists()
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")), \
+            mock.patch("huggingface_hub.HfApi.create_branch") as branch, \
+            mock.patch("huggingface_hub.HfApi.upload_folder", return_value="url") as upload:
+        _compressed_llama().push_to_hub("me/tiny", revision="v2")  # a new branch is created first, as transformers
+        _compressed_llama().save_pretrained(tmp_path / "pr", push_to_hub=True, repo_id="me/tiny", revision="refs/pr/1")
+    branch.assert_called_once_with("me/tiny", branch="v2", exist_ok=True)
+    assert [c.kwargs["revision"] for c in upload.call_args_list] == ["v2", "refs/pr/1"]
     with mock.patch("huggingface_hub.HfApi.create_repo") as create, \
             mock.patch("huggingface_hub.HfApi.upload_folder") as upload:
         _compressed_llama().save_pretrained(tmp_path / "rank1", push_to_hub=True, is_main_process=False)
