@@ -1,4 +1,5 @@
-"""PEFT LoRA on compressed token tables (``hf_compress.lora``), table-driven over formats and architectures."""
+"""PEFT LoRA on compressed token tables and linears (``hf_compress.lora``), table-driven over formats and
+architectures."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import torch
 from conftest import ARCHS, EMBED, Arch, model_output, tiny_model
 
 import hf_compress
-from hf_compress import CompressionConfig
+from hf_compress import CompressionConfig, LowRankConfig
 from hf_compress.layers.tt_embedding import CompressedEmbedding
-from hf_compress.lora import LoraCompressedEmbedding, register_compressed_lora
+from hf_compress.lora import LoraCompressedEmbedding, LoraCompressedLinear, register_compressed_lora
 from hf_compress.methods.jlcm import CodebookConfig
 from hf_compress.methods.subspace import SubspaceEmbeddingConfig
 from hf_compress.methods.tt_embedding import TTEmbeddingConfig, build_embedding
@@ -83,6 +84,47 @@ def test_lora_on_a_compressed_table_trains_saves_and_reloads(arch: Arch, table: 
         loaded.merge_and_unload()
 
 
+LINEARS = {
+    "low_rank": lambda: LowRankConfig(rank=4),
+    "tucker": lambda: LowRankConfig(method="tucker", rank_ratio=0.5),
+    "codebook": lambda: CodebookConfig(bits=3, method="kmeans"),
+}
+# every compressed linear on Llama; low rank on the other architectures
+LINEAR_CASES = [(ARCHS[0], k) for k in LINEARS] + [(a, "low_rank") for a in ARCHS[1:]]
+
+
+@pytest.mark.parametrize(("arch", "kind"), LINEAR_CASES, ids=[f"{a.name}-{k}" for a, k in LINEAR_CASES])
+def test_default_lora_targets_on_compressed_attention(arch: Arch, kind: str, tmp_path: Path) -> None:
+    """PEFT's default targets (q_proj/v_proj, c_attn, query/value) are compressed modules once attention is
+    compressed: plain PEFT refuses them, register_compressed_lora puts an adapter beside each (QLoRA-style)."""
+    model = hf_compress.compress(tiny_model(arch), CompressionConfig(modules={arch.attn_pattern: LINEARS[kind]()}),
+                                 progress=False)
+    model.save_pretrained(tmp_path / "base")
+    inputs = arch.inputs()
+    before = model_output(model, inputs)
+    targets = ["q_proj", "v_proj"] if arch.name == "whisper" else None  # PEFT has no default for Whisper
+    with pytest.raises(ValueError, match="not supported"):
+        peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets))
+    pm = peft.get_peft_model(model, register_compressed_lora(peft.LoraConfig(r=4, lora_alpha=8,
+                                                                             target_modules=targets)))
+    wrapped = [m for m in pm.modules() if isinstance(m, LoraCompressedLinear)]
+    assert wrapped and all(m.in_features == m.get_base_layer().in_features for m in wrapped)
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable), trainable
+    assert all(m.lora_A["default"].weight.dtype == torch.float32 for m in wrapped)  # not the fp16 codebooks' dtype
+    assert torch.equal(model_output(pm, inputs), before)  # B = 0 at init: the adapter starts as a no-op
+    _train(pm, arch)
+    tuned = model_output(pm, inputs)
+    assert not torch.allclose(tuned, before)
+    pm.save_pretrained(tmp_path / "adapter")
+    base = arch.compressed_auto.from_pretrained(tmp_path / "base")
+    config = register_compressed_lora(peft.LoraConfig.from_pretrained(tmp_path / "adapter"))
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", config=config).eval()
+    assert torch.equal(model_output(loaded, inputs), tuned)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        loaded.merge_and_unload()
+
+
 def test_the_adapter_adds_scaled_lora_rows_times_embed_scale() -> None:
     torch.manual_seed(0)
     table = build_embedding(torch.randn(40, 12), TTEmbeddingConfig(format="per_token", shape=[3, 4], ranks=[2]),
@@ -139,7 +181,7 @@ def test_dora_is_refused_and_codebook_adapters_use_the_model_dtype() -> None:
         return hf_compress.compress(tiny_model(ARCHS[0]), plan, progress=False)
 
     model = table("tt_adaptive")
-    with pytest.raises(ValueError, match="DoRA on the compressed table"):
+    with pytest.raises(ValueError, match="DoRA on the compressed AdaptiveRankEmbedding"):
         peft.get_peft_model(model, register_compressed_lora(peft.LoraConfig(r=4, use_dora=True,
                                                                             target_modules=["embed_tokens"])))
     model = table("codebook")  # an fp32 model; the table's codebooks are fp16 storage
