@@ -42,22 +42,35 @@ from .layers.lowrank import LowRankLinear
 from .layers.tt_embedding import CompressedEmbedding
 from .layers.tucker import TuckerLinear
 
+# PEFT inits that write a residual into the base layer's weight (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA)
+_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
 
 class _CompressedBase:
     """What both adapters need from a compressed base layer without touching its (materializing) ``weight``."""
 
     def _get_base_layer_device_and_dtype(self, base_layer: torch.nn.Module) -> tuple[Any, Any]:
-        # ``weight`` would materialize the dense matrix / table; read the dtype the layer computes in (a codebook
-        # table's anchor) or a floating tensor's that is not fp16 codebook storage; none: PEFT's default dtype
+        # ``weight`` would materialize the dense matrix / table; read the dtype the layer computes in (the codebook
+        # layers' compute_dtype_anchor) or a floating tensor's that is not fp16 codebook storage; the device from
+        # any tensor (packed indices included)
         anchor = getattr(base_layer, "compute_dtype_anchor", None)
         storage = {id(t) for m in base_layer.modules() if isinstance(m, CodebookLinear) for t in m.storage()}
-        tensors = [anchor] if isinstance(anchor, torch.Tensor) else []
-        for p in [*tensors, *base_layer.parameters(), *base_layer.buffers()]:
+        tensors = [*([anchor] if isinstance(anchor, torch.Tensor) else []), *base_layer.parameters(),
+                   *base_layer.buffers()]
+        device = tensors[0].device if tensors else None
+        for p in tensors:
             if p.is_floating_point() and id(p) not in storage:
                 return p.device, p.dtype
-        return None, None
+        return device, None
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
+        init = getattr(config, "init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(_REWRITING_INITS):
+            raise ValueError(
+                f"hf_compress: init_lora_weights={init!r} rewrites the base weight (W - BA), which the compressed "
+                f"{type(self.get_base_layer()).__name__} does not store densely; use the default init "
+                "(init_lora_weights=True or 'gaussian'), or initialize on the dense model and compress it after."
+            )
         if getattr(config, "use_dora", False):
             raise ValueError(
                 f"hf_compress: DoRA on the compressed {type(self.get_base_layer()).__name__} would rebuild its whole "

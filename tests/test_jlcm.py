@@ -70,6 +70,21 @@ def test_dtype_casts_keep_fp16_storage(cast: str, tmp_path: Path) -> None:
     assert {saved[k].dtype for k in saved if k.endswith((".codebooks", ".scales", ".offsets"))} == {torch.float16}
 
 
+def test_cast_after_backward_keeps_master_codebooks_and_their_grads() -> None:
+    """fp32 master codebooks with gradients, then ``model.to(bf16)``: values and grads keep their dtype, so the
+    optimizer step still runs."""
+    arch = ARCHS[0]
+    model = tiny_model(arch)
+    plan = CompressionConfig(modules={arch.mlp_pattern: CodebookConfig(bits=3, method="kmeans")})
+    hf_compress.compress(model, plan, progress=False)
+    mark_codebooks_trainable(model)
+    model(**arch.inputs(), labels=arch.inputs()["input_ids"]).loss.backward()
+    model.to(torch.bfloat16)
+    books = [m.codebooks for m in model.modules() if isinstance(m, CodebookLinear)]
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in books)
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]).step()
+
+
 def test_lookup_mode_matches_cached_and_cache_follows_codebook_edits() -> None:
     g = torch.Generator().manual_seed(0)
     layer, _ = codebook_from_dense(torch.randn(24, 32, generator=g), torch.randn(24, generator=g),
@@ -187,7 +202,7 @@ def test_error_feedback_rounds_lower_the_output_loss(block: int | None) -> None:
 
 def test_gptq_with_uncorrelated_inputs_is_round_to_nearest() -> None:
     """With a diagonal Σ no error is fed forward: the codes are exactly the nearest codewords."""
-    from hf_compress.layers.codebook import nearest
+    from hf_compress.methods.codebook_fit import nearest
     from hf_compress.methods.gptq import gptq_codes
 
     g = torch.Generator().manual_seed(0)

@@ -133,7 +133,7 @@ def test_pack_bits_checks_the_range_before_narrowing() -> None:
 
 
 def test_memoized_grouping_tells_equal_bytes_of_other_shapes_apart() -> None:
-    from hf_compress.layers.codebook import group_rows
+    from hf_compress.methods.codebook_fit import group_rows
 
     assert group_rows(torch.zeros(8, 4), 2).shape == (8,)
     assert group_rows(torch.zeros(4, 8), 2).shape == (4,)  # same bytes, other layout: was the cached [8] result

@@ -125,6 +125,23 @@ def test_default_lora_targets_on_compressed_attention(arch: Arch, kind: str, tmp
         loaded.merge_and_unload()
 
 
+@pytest.mark.parametrize("kind", sorted(LINEARS))
+def test_linear_adapters_take_the_model_dtype_and_refuse_weight_rewriting_inits(kind: str) -> None:
+    model = _compressed_attention(kind).to(torch.bfloat16)  # a bias-free CodebookLinear: only fp16 storage
+    pm = peft.get_peft_model(model, register_compressed_lora(peft.LoraConfig(r=4)), autocast_adapter_dtype=False)
+    wrapped = [m for m in pm.modules() if isinstance(m, LoraCompressedLinear)]
+    assert wrapped and {m.lora_A["default"].weight.dtype for m in wrapped} == {torch.bfloat16}
+    for init in ("pissa", "olora"):  # they write W - BA into the base weight, which is not stored densely
+        with pytest.raises(ValueError, match=f"init_lora_weights='{init}' rewrites the base weight"):
+            config = register_compressed_lora(peft.LoraConfig(r=4, init_lora_weights=init))
+            peft.get_peft_model(_compressed_attention(kind), config)
+
+
+def _compressed_attention(kind: str) -> torch.nn.Module:
+    return hf_compress.compress(tiny_model(ARCHS[0]), CompressionConfig(modules={ARCHS[0].attn_pattern:
+                                                                                 LINEARS[kind]()}), progress=False)
+
+
 def test_the_adapter_adds_scaled_lora_rows_times_embed_scale() -> None:
     torch.manual_seed(0)
     table = build_embedding(torch.randn(40, 12), TTEmbeddingConfig(format="per_token", shape=[3, 4], ranks=[2]),

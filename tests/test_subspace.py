@@ -102,13 +102,18 @@ def test_modulo_codes_are_distinct_and_use_every_table(v: int, n: int, f: int) -
 
 
 def test_modulo_without_recorded_moduli_keeps_the_mixed_radix() -> None:
-    """A layer saved before moduli were recorded (no "moduli" in its spec), or n too close to V^(1/f) for the
-    moduli to be distinct (lcm(10, 9) = 90 < 100), keeps c_k = ⌊v / n^k⌋ mod n."""
+    """A layer saved before moduli were recorded (no "moduli" in its spec) keeps c_k = ⌊v / n^k⌋ mod n; n too small
+    for distinct moduli gives the mixed radix in the smallest base that covers V, so every table varies."""
     spec = {k: v for k, v in SubspaceEmbedding(49152, 8, num_rows=491, num_subspaces=2).spec().items()
-            if k != "moduli"}
+            if k not in ("moduli", "radix")}
     old = SubspaceEmbedding.from_spec(spec)
     assert old.moduli is None and torch.equal(old.all_codes(), modulo_codes(torch.arange(49152), 491, 2))
     assert SubspaceEmbedding(100, 4, num_rows=10, num_subspaces=2).moduli is None
+    small = SubspaceEmbedding(96, 4, num_rows=5, num_subspaces=4)  # lcm(5, 4, 3, 2) = 60 < 96: a mixed radix
+    codes = small.all_codes()
+    assert small.moduli is None and small.radix == 4  # base 5 would leave table 4 at row 0 (5^3 >= 96)
+    assert torch.unique(codes, dim=0).shape[0] == 96 and all(codes[:, k].unique().numel() > 1 for k in range(4))
+    assert SubspaceEmbedding.from_spec(small.spec()).radix == 4
     with pytest.raises(ValueError, match=r"moduli \[10, 5\] must be 2 ints in 1..10 whose lcm is >= the vocabulary"):
         SubspaceEmbedding(100, 4, num_rows=10, num_subspaces=2, moduli=[10, 5])
 

@@ -6,9 +6,10 @@ every table, so ``V·d`` parameters become ``n·d``. The code ``(c_1(v) .. c_f(v
 
 * ``"modulo"``: computed, nothing stored. With moduli ``m_k = n, n-1, …, n-f+1`` (when their lcm covers ``V``,
   :func:`spread_moduli`): ``c_k(v) = v mod m_k``, distinct for every token (Chinese remainder theorem) and spread
-  over (almost) all ``n`` rows of every table. Otherwise (``n`` close to ``V^(1/f)``, or a layer saved before
-  moduli were recorded) the mixed radix ``c_k(v) = ⌊v / n^(k-1)⌋ mod n``, whose slices past ``⌈log_n V⌉`` would
-  read row 0 for every token when ``n^(f-1) >= V``; or
+  over (almost) all ``n`` rows of every table. Otherwise the mixed radix ``c_k(v) = ⌊v / b^(k-1)⌋ mod b`` with the
+  smallest base ``b <= n`` that covers ``V`` (``b^f >= V``), so that every digit varies (a base as large as ``n``
+  would leave the digits past ``⌈log_n V⌉`` at 0 for every token). Layers saved before moduli were recorded use
+  ``b = n``; or
 * ``"context"``: learned from the pretrained table (see ``hf_compress.methods.subspace``) and stored in the
   checkpoint bit-packed: ``codes`` is ``uint8 [ceil(V·f·b / 8)]`` with ``b = ceil(log2 n)`` bits per index (an
   unpacked ``[V, f]`` copy is cached for lookups). Checkpoints written before packing (``packed_codes=False`` in
@@ -111,7 +112,8 @@ class SubspaceEmbedding(CompressedEmbedding):
         factored_logits: tied-head logits from per-table products (default) instead of a materialized ``[V, d]``.
         packed_codes: store context codes bit-packed (default); ``False`` is the older ``[V, f]`` integer layout.
         moduli: ``"modulo"`` codes ``v mod m_k`` (``f`` ints in ``1..n`` with lcm ``>= V``); ``"auto"`` (default):
-            :func:`spread_moduli`; ``None``: the mixed radix.
+            :func:`spread_moduli`, else the mixed radix in base :func:`min_rows`; ``None``: the mixed radix.
+        radix: base of the mixed radix when there are no moduli (default ``n``, as layers saved before moduli).
     """
 
     layer_type = "subspace_embedding"
@@ -119,8 +121,8 @@ class SubspaceEmbedding(CompressedEmbedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, num_rows: int, widths: list[int] | None = None,
                  assignment: str = "modulo", num_subspaces: int = 2, padding_idx: int | None = None,
                  embed_scale: float | None = None, factored_logits: bool = True, packed_codes: bool = True,
-                 moduli: list[int] | str | None = "auto", device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 moduli: list[int] | str | None = "auto", radix: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__(embedding_dim, padding_idx, embed_scale)
         who = f"SubspaceEmbedding({num_embeddings}x{embedding_dim})"
         if assignment not in ASSIGNMENTS:
@@ -131,9 +133,10 @@ class SubspaceEmbedding(CompressedEmbedding):
                              f"{embedding_dim}; leave widths=None to split it evenly.")
         check_rows(num_embeddings, num_rows, len(widths), who)
         if assignment != "modulo":
-            moduli = None
+            moduli = radix = None
         elif moduli == "auto":
             moduli = spread_moduli(num_embeddings, num_rows, len(widths))
+            radix = None if moduli is not None else min_rows(num_embeddings, len(widths))
         elif moduli is not None:
             moduli = [int(m) for m in moduli]
             if len(moduli) != len(widths) or not all(1 <= m <= num_rows for m in moduli) \
@@ -141,7 +144,12 @@ class SubspaceEmbedding(CompressedEmbedding):
                 raise ValueError(f"hf_compress: {who}: moduli {moduli} must be {len(widths)} ints in 1..{num_rows} "
                                  f"whose lcm is >= the vocabulary size {num_embeddings} (distinct codes); "
                                  "use moduli='auto'.")
-        self.moduli = moduli
+        if assignment == "modulo" and moduli is None:
+            radix = num_rows if radix is None else int(radix)
+            if not 1 <= radix <= num_rows or radix ** len(widths) < num_embeddings:
+                raise ValueError(f"hf_compress: {who}: radix {radix} must be in 1..{num_rows} with "
+                                 f"radix^{len(widths)} >= the vocabulary size {num_embeddings}.")
+        self.moduli, self.radix = moduli, radix
         self.num_embeddings, self.num_rows, self.widths = num_embeddings, num_rows, widths
         self.assignment, self.factored_logits, self.packed_codes = assignment, factored_logits, packed_codes
         self._code_cache: tuple[Any, torch.Tensor] | None = None
@@ -186,7 +194,7 @@ class SubspaceEmbedding(CompressedEmbedding):
         if self.codes is None and self.moduli is not None:
             return torch.stack([torch.remainder(ids.long(), m) for m in self.moduli], 1)
         if self.codes is None:
-            return modulo_codes(ids, self.num_rows, self.num_subspaces)
+            return modulo_codes(ids, self.radix, self.num_subspaces)
         return self.code_table()[ids].long()
 
     def all_codes(self) -> torch.Tensor:
@@ -218,20 +226,21 @@ class SubspaceEmbedding(CompressedEmbedding):
         codes = self.codes_of(ids.to(self.tables[0].device))
         if self.codes is None:  # modulo had no buffer: a context layer now, packed
             self.packed_codes = True
-        self.assignment, self.moduli = "context", None
+        self.assignment, self.moduli, self.radix = "context", None, None
         self.set_codes(codes)
 
     def spec(self) -> dict[str, Any]:
         return {**self._base_spec(), "num_rows": self.num_rows, "widths": list(self.widths),
                 "assignment": self.assignment, "factored_logits": self.factored_logits,
-                "packed_codes": self.packed_codes, "moduli": self.moduli}
+                "packed_codes": self.packed_codes, "moduli": self.moduli, "radix": self.radix}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> SubspaceEmbedding:
         return cls(spec["num_embeddings"], spec["embedding_dim"], spec["num_rows"], widths=spec["widths"],
                    assignment=spec["assignment"], padding_idx=spec.get("padding_idx"),
                    embed_scale=spec.get("embed_scale"), factored_logits=spec.get("factored_logits", True),
-                   packed_codes=spec.get("packed_codes", False), moduli=spec.get("moduli"))
+                   packed_codes=spec.get("packed_codes", False), moduli=spec.get("moduli"),
+                   radix=spec.get("radix"))
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, num_rows={self.num_rows}, widths={self.widths}, "

@@ -83,18 +83,10 @@ from torch import nn
 from ..calibration import input_covariances
 from ..compress import CompressionContext
 from ..config import MethodConfig
-from ..layers.codebook import (
-    CodebookLinear,
-    group_rows,
-    group_sizes,
-    kmeans_codebooks,
-    memoized,
-    nearest,
-    perm_bits,
-    rtn_codebooks,
-)
+from ..layers.codebook import CodebookLinear, group_sizes, perm_bits
 from ..layers.common import linear_weight_and_bias
 from ..registry import register_method
+from .codebook_fit import group_rows, kmeans_codebooks, memoized, nearest, rtn_codebooks
 from .gptq import gptq_codes
 from .jlcm_optim import joint_optimize, output_loss
 from .tied import tied_head_name

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers.codebook import gather_rows, nearest, refit_affine
+from .codebook_fit import gather_rows, nearest, refit_affine
 
 
 def joint_optimize(w: torch.Tensor, sigma: torch.Tensor, centers: torch.Tensor, codes: torch.Tensor,

@@ -2,8 +2,9 @@
 CIKM'23): ``V·d`` embedding parameters become ``n·d`` (``f`` tables of ``n`` rows, ``n^f >= V``).
 
 * ``assignment="modulo"``: token ``i`` -> ``(i mod n, i mod (n-1), …)``, distinct codes by the Chinese remainder
-  theorem, every table's rows in use (or the mixed radix ``(i mod n, ⌊i/n⌋ mod n, …)`` when ``n`` is too close to
-  ``V^(1/f)`` for that, see ``layers.subspace.spread_moduli``); nothing stored.
+  theorem, every table's rows in use (or, when ``n`` is too small for that, the mixed radix
+  ``(i mod b, ⌊i/b⌋ mod b, …)`` in the smallest base ``b`` with ``b^f >= V``, so every table varies; see
+  ``layers.subspace``); nothing stored.
 * ``assignment="context"``: product-quantize the pretrained table: weighted k-means per slice, then a greedy
   pass that gives **every token a distinct code** (highest calibration frequency first, each token takes the
   cheapest free cell of the code grid), then tables = per-row means; repeated ``refine_iters`` times. Stored as
