@@ -236,9 +236,9 @@ class CodebookLinear(nn.Module):
     # ---- accounting / serialization ---------------------------------------------------------------------------
     def storage_bytes(self) -> dict[str, int]:
         """Bytes of each stored tensor as it would be saved now (dtype as is)."""
-        out = {n: t.numel() * t.element_size() for n, t in [*self.named_buffers(recurse=False),
-                                                             *self.named_parameters(recurse=False)]}
-        return out
+        return {n: t.numel() * t.element_size() for n, t in [*self.named_buffers(recurse=False),
+                                                               *self.named_parameters(recurse=False)]
+                if n not in self._non_persistent_buffers_set}
 
     def spec(self) -> dict[str, Any]:
         return {"type": self.layer_type, "in_features": self.in_features, "out_features": self.out_features,
