@@ -130,6 +130,13 @@ def _make_config_class(base: type[PretrainedConfig]) -> type[PretrainedConfig]:
 
     @classmethod  # type: ignore[misc]
     def from_dict(cls: type[PretrainedConfig], config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        if "compression_config" in kwargs:  # e.g. transformers.AutoModel*.from_pretrained(path, compression_config=)
+            raise ValueError(
+                "hf_compress: compression_config= is not a loading option here: it would replace the compressed "
+                "checkpoint's recorded layers. To compress a dense checkpoint on load use hf_compress."
+                "AutoCompressedModel*.from_pretrained(path, compression_config=plan); a compressed checkpoint "
+                "loads as it is (its plan is in config.json); to compress it further call hf_compress.compress."
+            )
         config_dict = {k: v for k, v in config_dict.items() if not (k == "model_type" and v == serialized)}
         return super(config_class, cls).from_dict(config_dict, **kwargs)
 

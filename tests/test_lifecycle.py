@@ -288,6 +288,14 @@ def test_save_pretrained_push_to_hub_passes_privacy_and_message(tmp_path: Path) 
     upload.assert_not_called()
 
 
+def test_plain_auto_class_with_compression_config_is_a_clear_error(tmp_path: Path) -> None:
+    """transformers routes unknown kwargs into the config, where a plan would replace the recorded layers."""
+    _compressed_llama().save_pretrained(tmp_path)
+    plan = CompressionConfig(modules={LLAMA.mlp_pattern: LowRankConfig(rank=4)})
+    with pytest.raises(ValueError, match=r"compression_config= is not a loading option here.*AutoCompressedModel"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, compression_config=plan)
+
+
 def test_compression_config_json_round_trip(tmp_path: Path) -> None:
     cfg = CompressionConfig(modules={ATTN: LowRankConfig(rank_ratio=0.5), "mlp.down_proj": LowRankConfig(rank=4)},
                             skip_modules=["layers.0."])
