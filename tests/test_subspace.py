@@ -114,6 +114,8 @@ def test_modulo_without_recorded_moduli_keeps_the_mixed_radix() -> None:
     assert small.moduli is None and small.radix == 4  # base 5 would leave table 4 at row 0 (5^3 >= 96)
     assert torch.unique(codes, dim=0).shape[0] == 96 and all(codes[:, k].unique().numel() > 1 for k in range(4))
     assert SubspaceEmbedding.from_spec(small.spec()).radix == 4
+    with pytest.warns(UserWarning, match=r"tables 3..3 give every token the same row.*subspaces \(<= 2\)"):
+        SubspaceEmbedding(9, 3, num_rows=3, num_subspaces=3)  # base 3 covers 9 with 2 digits: the third is 0
     with pytest.raises(ValueError, match=r"moduli \[10, 5\] must be 2 ints in 1..10 whose lcm is >= the vocabulary"):
         SubspaceEmbedding(100, 4, num_rows=10, num_subspaces=2, moduli=[10, 5])
 

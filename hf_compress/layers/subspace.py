@@ -24,6 +24,7 @@ materializing ``[V, d]`` each call (``factored_logits=False`` selects that path,
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -83,7 +84,7 @@ def spread_moduli(vocab: int, num_rows: int, num_subspaces: int) -> list[int] | 
     """Moduli ``[n, n-1, …, n-f+1]`` when their lcm is ``>= V`` (then ``v mod m_k`` gives every token a distinct
     code and table ``k`` uses ``m_k`` of its ``n`` rows), else ``None`` (use the mixed radix)."""
     moduli = [num_rows - k for k in range(num_subspaces)]
-    if moduli[-1] < 1 or math.lcm(*moduli) < vocab:
+    if moduli[-1] < 2 or math.lcm(*moduli) < vocab:  # a modulus of 1 would give a constant table
         return None
     return moduli
 
@@ -150,6 +151,11 @@ class SubspaceEmbedding(CompressedEmbedding):
                 raise ValueError(f"hf_compress: {who}: radix {radix} must be in 1..{num_rows} with "
                                  f"radix^{len(widths)} >= the vocabulary size {num_embeddings}.")
         self.moduli, self.radix = moduli, radix
+        if radix is not None and radix ** (len(widths) - 1) >= num_embeddings:  # the top digit is always 0
+            varying = next(t for t in range(len(widths) + 1) if radix ** t >= num_embeddings)
+            warnings.warn(f"hf_compress: {who}: with {len(widths)} subspaces in base {radix}, tables {varying + 1}.."
+                          f"{len(widths)} give every token the same row; use fewer subspaces (<= {max(1, varying)}) "
+                          "or more rows.", UserWarning, stacklevel=2)
         self.num_embeddings, self.num_rows, self.widths = num_embeddings, num_rows, widths
         self.assignment, self.factored_logits, self.packed_codes = assignment, factored_logits, packed_codes
         self._code_cache: tuple[Any, torch.Tensor] | None = None
