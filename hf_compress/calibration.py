@@ -76,12 +76,30 @@ def as_batches(calibration: Any) -> list[Any] | None:
     return out
 
 
+_MASKS: list[torch.Tensor] = []  # the running batch's token masks ``[batch, seq]`` (see :func:`token_rows`)
+
+
 def _forward(model: nn.Module, batch: Any) -> None:
-    """One calibration forward; a pass cut short by :func:`truncated_passes` ends here."""
+    """One calibration forward; a pass cut short by :func:`truncated_passes` ends here. While it runs, the batch's
+    ``attention_mask`` / ``decoder_attention_mask`` are what :func:`token_rows` filters hooked inputs with."""
+    _MASKS[:] = [m for k in ("attention_mask", "decoder_attention_mask")
+                 if isinstance(batch, Mapping) and isinstance(m := batch.get(k), torch.Tensor) and m.ndim == 2]
     try:
         model(**batch) if isinstance(batch, Mapping) else model(batch)
     except _StopForward:
         pass
+    finally:
+        _MASKS.clear()
+
+
+def token_rows(x: torch.Tensor) -> torch.Tensor:
+    """A hooked input ``x [batch, seq, d]`` as rows ``[tokens, d]``, padding left out: positions a mask of the
+    running batch (same ``[batch, seq]`` shape) marks 0. Inputs no mask matches (e.g. Whisper's encoder) are kept
+    whole."""
+    for mask in _MASKS:
+        if x.ndim == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+            return x[mask.to(x.device).bool()]
+    return x.reshape(-1, x.shape[-1])
 
 
 def run_batches(model: nn.Module, batches: Iterable[Any], desc: str = "calibration") -> None:
@@ -102,20 +120,20 @@ def input_hooks(model: nn.Module, names: Iterable[str], fn: Callable[[str, torch
     :func:`truncated_passes`, a forward of ``model`` also stops once every named module has run."""
     names = list(dict.fromkeys(names))
     handles = []
-    for name in names:
-        module = model.get_submodule(name)
-        handles.append(module.register_forward_pre_hook(lambda _m, args, _n=name: fn(_n, args[0])))
-    if _truncate and names:
-        seen: set[str] = set()
+    try:  # a bad name raises while registering: the hooks already attached are removed too
+        for name in names:
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_pre_hook(lambda _m, args, _n=name: fn(_n, args[0])))
+        if _truncate and names:
+            seen: set[str] = set()
 
-        def done(name: str) -> None:
-            seen.add(name)
-            if len(seen) == len(names):
-                raise _StopForward
+            def done(name: str) -> None:
+                seen.add(name)
+                if len(seen) == len(names):
+                    raise _StopForward
 
-        handles += [model.get_submodule(n).register_forward_hook(lambda *_a, _n=n: done(_n)) for n in names]
-        handles.append(model.register_forward_pre_hook(lambda *_a: seen.clear()))  # each forward starts afresh
-    try:
+            handles += [model.get_submodule(n).register_forward_hook(lambda *_a, _n=n: done(_n)) for n in names]
+            handles.append(model.register_forward_pre_hook(lambda *_a: seen.clear()))  # each forward starts afresh
         yield
     finally:
         for h in handles:
@@ -128,7 +146,7 @@ def input_covariances(model: nn.Module, names: Iterable[str], batches: Iterable[
     counts: dict[str, int] = {}
 
     def add(name: str, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        x = token_rows(x.detach()).to(torch.float64)
         sums[name] = sums.get(name, 0) + x.T @ x
         counts[name] = counts.get(name, 0) + x.shape[0]
 
@@ -146,7 +164,7 @@ def input_samples(
     g = torch.Generator().manual_seed(seed)
 
     def add(name: str, x: torch.Tensor) -> None:
-        rows.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]).float().cpu())
+        rows.setdefault(name, []).append(token_rows(x.detach()).float().cpu())
 
     names = list(names)
     with input_hooks(model, names, add):
@@ -207,7 +225,7 @@ def _chunk_statistics(model: nn.Module, chunk: list[str], batches: list[Any], st
         live[id(x)] = (x, name)
         if leader.setdefault(name, name) != name:
             return
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        x = token_rows(x.detach()).to(torch.float64)
         part = x.T @ x if stat == "cov" else x.abs().sum(0)
         sums[name] = sums[name] + part if name in sums else part
         counts[name] = counts.get(name, 0) + x.shape[0]

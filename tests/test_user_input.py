@@ -3,6 +3,7 @@ half-apply, failed distillation, bad TT shapes and sweep budgets. Each case fail
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,36 @@ def test_calibration_forms_give_the_same_compression(form: str) -> None:
     ids = torch.cat(calibration_batches(LLAMA))  # [4, 8]
     reference = _whitened_logits([ids])
     assert torch.equal(_whitened_logits(CALIBRATION_FORMS[form](ids)), reference)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a.name in ("llama", "bert")], ids=lambda a: a.name)
+def test_padded_calibration_batches_give_the_unpadded_statistics(arch: Any) -> None:
+    """A tokenizer's padded batch (``attention_mask`` 0 on pads) must give the same input statistics as the
+    unpadded sequences: pad positions are not calibration tokens."""
+    from hf_compress.calibration import input_covariances, input_statistics_streamed
+
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(0)
+    long, short = torch.randint(3, 90, (1, 12), generator=g), torch.randint(3, 90, (1, 5), generator=g)
+    ids = torch.cat([long, torch.cat([short, torch.zeros(1, 7, dtype=torch.long)], 1)])
+    mask = torch.cat([torch.ones(1, 12), torch.cat([torch.ones(1, 5), torch.zeros(1, 7)], 1)]).long()
+    padded = [{"input_ids": ids, "attention_mask": mask}]
+    plain = [{"input_ids": long}, {"input_ids": short}]
+    names = [n for n, _ in model.named_modules() if re.search(arch.attn_pattern, n)][:2]
+    for stats in (lambda b: input_covariances(model, names, b),
+                  lambda b: next(input_statistics_streamed(model, names, b))[0]):
+        got, want = stats(padded), stats(plain)
+        for n in names:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-8)
+
+
+def test_a_bad_module_name_leaves_no_calibration_hook() -> None:
+    from hf_compress.calibration import input_covariances
+
+    model = tiny_model(LLAMA)
+    with pytest.raises(AttributeError):
+        input_covariances(model, ["model.layers.0.self_attn.q_proj", "model.layers.0.nope"], calibration_batches(LLAMA))
+    assert not model.model.layers[0].self_attn.q_proj._forward_pre_hooks
 
 
 def test_calibration_of_another_type_is_a_clear_error() -> None:
