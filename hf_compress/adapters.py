@@ -97,9 +97,9 @@ def encoder_outputs(encoder: torch.nn.Module, features: torch.Tensor, batch_size
     in eval mode (the encoder's train/eval mode is restored afterwards)."""
     was_training = encoder.training
     encoder.eval()
-    device = next(encoder.parameters()).device
+    weight = next(p for p in encoder.parameters() if p.is_floating_point())
     try:
-        return torch.cat([encoder(features[i:i + batch_size].to(device)).last_hidden_state.cpu()
+        return torch.cat([encoder(features[i:i + batch_size].to(weight.device, weight.dtype)).last_hidden_state.cpu()
                           for i in range(0, len(features), batch_size)])
     finally:
         encoder.train(was_training)
@@ -312,6 +312,7 @@ def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any],
         raise ValueError("hf_compress.adapters: warps= perturbs the distillation inputs; pass teacher=dense_model "
                          "too (warped audio no longer matches a transcript's acoustics).")
     data = SpeechDataset(processor, audios, texts)
+    data.features = data.features.to(model.dtype)  # log-mel features in the model's dtype (bf16/fp16 models)
     data.features = warp_features(data.features, warps, seed)
     if teacher is not None and cache_encoder:
         raise ValueError("hf_compress.adapters: teacher= trains encoder-side adapters and cache_encoder=True freezes "

@@ -47,9 +47,12 @@ def test_heal_merges_and_keeps_structure(setup: tuple, tmp_path: Path) -> None:
     feats = proc.feature_extractor([a for a, _ in data], sampling_rate=16000, return_tensors="pt").input_features
     before, n_params = _gap(student, teacher, feats), sum(p.numel() for p in student.parameters())
     kinds, cls = {n: type(m).__name__ for n, m in student.named_modules()}, type(student)
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
     healed, stats = heal_encoder(student, proc, data, teacher, r=2, max_seconds=None, max_steps=30, pack=0,
                                  learning_rate=2e-2)
     assert type(healed) is cls and stats["steps"] == 30 and stats["objective"] == "distill"
+    assert {n: p.requires_grad for n, p in healed.named_parameters()} == flags  # PEFT's freezing undone
+    assert any(flags.values())
     assert {n: type(m).__name__ for n, m in healed.named_modules()} == kinds  # no LoRA wrappers left
     assert sum(p.numel() for p in healed.parameters()) == n_params
     assert _gap(healed, teacher, feats) < 0.5 * before
@@ -63,6 +66,20 @@ def test_heal_merges_and_keeps_structure(setup: tuple, tmp_path: Path) -> None:
                                           config=lora_config(r=2, alpha=4, target_modules=encoder_targets(healed)),
                                           max_steps=1, teacher=teacher)
     assert any(n.endswith("lora_A.spk") for n, _ in peft_model.named_modules())
+
+
+@pytest.mark.parametrize("objective", ["heal", "cache_encoder", "transcripts"])
+def test_half_precision_whisper_trains(setup: tuple, objective: str, tmp_path: Path) -> None:
+    """The fp32 log-mel features are cast to a bf16 model's dtype (encoder caching, teacher states, training)."""
+    teacher, student, proc, data = setup
+    teacher, student = teacher.to(torch.bfloat16), student.to(torch.bfloat16)
+    if objective == "heal":
+        healed, _ = heal_encoder(student, proc, data[:2], teacher, r=2, max_seconds=None, max_steps=2, pack=0)
+        assert healed.dtype == torch.bfloat16
+    else:
+        _, stats = train_speaker_adapter(student, proc, data[:2], "spk", tmp_path, max_steps=2,
+                                         cache_encoder=objective == "cache_encoder")
+        assert stats["steps"] == 2
 
 
 def test_heal_rejects_bad_input(setup: tuple, tmp_path: Path) -> None:
