@@ -1,4 +1,5 @@
-"""Perplexity of a causal LM on a text: the metric the benchmarks report and ``hf-compress eval --text`` prints.
+"""Quality measures: the perplexity of a causal LM on a text (the metric the benchmarks report and ``hf-compress eval
+--text`` prints), and the quick probes the sweep and planner compare models with (output error, windowed perplexity).
 
 Sliding windows as in the Hugging Face perplexity guide; a tokenizer that prepends BOS by default (Gemma) gets BOS
 in front of every window. Used by ``benchmarks.metrics`` (which re-exports :func:`perplexity`).
@@ -9,9 +10,11 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import restored_training_state
@@ -103,3 +106,59 @@ def perplexity(model: Any, tokenizer: Any, text: str, max_tokens: int = 16384, w
     mean = float(nll / count)
     return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "text_tokens": int(ids.numel()), "window": window,
             "stride": stride, "windows": len(wins), "bos": bos is not None}
+
+
+# ------------------------------------------------------------------- probes of the sweep and planner (CLI)
+def random_batches(model: nn.Module, n: int = 4, seq: int = 32, seed: int = 0) -> list[Any]:
+    """``n`` seeded probe batches: token ids ``[1, seq]``, or (speech) ``{"input_features", "decoder_input_ids"}``."""
+    g, cfg = torch.Generator().manual_seed(seed), model.config
+    if getattr(cfg, "num_mel_bins", None):
+        frames = 2 * cfg.max_source_positions
+        return [{"input_features": torch.randn(1, cfg.num_mel_bins, frames, generator=g),
+                 "decoder_input_ids": torch.randint(0, cfg.vocab_size, (1, 4), generator=g)} for _ in range(n)]
+    return [torch.randint(0, cfg.vocab_size, (1, seq), generator=g) for _ in range(n)]
+
+
+def text_batches(tokenizer: Any, text: str, n: int = 8, seq: int = 128) -> list[torch.Tensor]:
+    """Up to ``n`` consecutive ``[1, seq]`` token windows of ``text``."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][: n * seq])
+    if ids.numel() < seq:
+        raise ValueError(f"hf_compress.evaluation: the text has {ids.numel()} tokens, fewer than one window of {seq}.")
+    return [w.unsqueeze(0) for w in ids[: ids.numel() // seq * seq].view(-1, seq)]
+
+
+def _outputs(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Logits, else the last hidden states with the pooled output (encoders such as BERT) appended as one more
+    position, so a change to the pooler counts too: ``[batch, positions, d]``."""
+    out = model(**batch) if isinstance(batch, Mapping) else model(batch)
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    pooled = getattr(out, "pooler_output", None)
+    hidden = out.last_hidden_state
+    return hidden if pooled is None else torch.cat([hidden, pooled[:, None].to(hidden.dtype)], 1)
+
+
+def output_error_fn(model: nn.Module, batches: Sequence[Any]) -> Callable[[nn.Module], float]:
+    """``m -> ‖out(m) − out(dense)‖ / ‖out(dense)‖`` over ``batches`` (dense outputs captured now; lower is better)."""
+    with torch.inference_mode():
+        refs = [_outputs(model, b).float() for b in batches]
+
+    def fn(m: nn.Module) -> float:
+        with torch.inference_mode():
+            err = sum(float((_outputs(m, b).float() - r).pow(2).sum()) for b, r in zip(batches, refs))
+        return math.sqrt(err / sum(float(r.pow(2).sum()) for r in refs))
+    return fn
+
+
+def perplexity_fn(batches: Sequence[torch.Tensor]) -> Callable[[nn.Module], float]:
+    """``m -> exp(mean next-token NLL)`` of a causal LM over ``[batch, seq]`` windows of token ids."""
+    def fn(m: nn.Module) -> float:
+        nll, count = 0.0, 0
+        with torch.inference_mode():
+            for b in batches:
+                logits = m(b).logits[:, :-1].float()
+                nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(),
+                                                               reduction="sum"))
+                count += b[:, 1:].numel()
+        return math.exp(nll / count)
+    return fn

@@ -15,7 +15,7 @@ import sys
 import time
 import types
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from torch import nn
 from .calibration import as_batches, keeps_training_mode
 from .compress import CompressionContext
 from .config import CompressionConfig, matches
+from .evaluation import output_error_fn, perplexity_fn, random_batches, text_batches  # noqa: F401  (public here)
 from .layers.common import linear_weight_and_bias
 from .layers.lowrank import LowRankLinear
 from .methods.lowrank import LowRankConfig, calibration_statistics, layer_spectrum, resolve_rank
@@ -102,7 +103,21 @@ def _size_configs(ranks: Sequence[float | LowRankConfig], method: str) -> list[L
     out = [r if isinstance(r, LowRankConfig) else LowRankConfig(method=method, rank_ratio=float(r)) for r in ranks]
     if len({c.method for c in out}) != 1:
         raise ValueError("hf_compress.sweep: all candidate sizes must use one method; run one sweep per method.")
+    for c in out:  # the sweep sizes each layer on its own from one spectrum: these options would not be applied
+        if c.allocation != "uniform" or c.sequential:
+            raise ValueError(f"hf_compress.sweep: candidate {_label(c)} sets allocation={c.allocation!r} / "
+                             f"sequential={c.sequential}; the sweep sizes and measures each layer group on its own "
+                             "from dense statistics, so its figures would not match the plan. Sweep with the "
+                             "defaults, or compress() with these options and evaluate that plan.")
+    settings = {tuple((k, v) for k, v in c.to_dict().items() if k not in _SIZE_FIELDS) for c in out}
+    if len(settings) > 1:
+        raise ValueError("hf_compress.sweep: candidate sizes differ in more than their size (rank, rank_ratio, "
+                         "energy, tucker_ranks), e.g. damping or alpha; the sweep computes one spectrum per layer "
+                         "from the first candidate, so give them equal settings.")
     return out
+
+
+_SIZE_FIELDS = ("rank", "rank_ratio", "energy", "tucker_ranks")
 
 
 def _label(cfg: LowRankConfig) -> str:
@@ -143,8 +158,17 @@ class LayerSwapper:
         return spec
 
     def apply(self, assignment: dict[str, LowRankConfig]) -> list[tuple[str, nn.Module]]:
-        """Swap in compressed layers; returns ``[(name, original)]`` for :meth:`restore`."""
-        undo = []
+        """Swap in compressed layers; returns ``[(name, original)]`` for :meth:`restore`. If one fails, the layers
+        already swapped are restored before the error propagates."""
+        undo: list[tuple[str, nn.Module]] = []
+        try:
+            self._swap(assignment, undo)
+        except BaseException:
+            self.restore(undo)
+            raise
+        return undo
+
+    def _swap(self, assignment: dict[str, LowRankConfig], undo: list[tuple[str, nn.Module]]) -> None:
         for name, cfg in assignment.items():
             module = self.model.get_submodule(name)
             with torch.no_grad(), warnings.catch_warnings():
@@ -160,7 +184,6 @@ class LayerSwapper:
             if new is not None:
                 self.model.set_submodule(name, new)
                 undo.append((name, module))
-        return undo
 
     def restore(self, undo: list[tuple[str, nn.Module]]) -> None:
         for name, module in reversed(undo):
@@ -273,6 +296,12 @@ def sweep(
                                                                              for g, i in chosen_steps.items()}}
     if dense.get("latency_s") and result.get("latency_s"):
         chosen["latency_ratio"] = result["latency_s"] / dense["latency_s"]
+    if kind == "params":
+        chosen["budget_met"] = chosen["params_ratio"] <= limit
+        if not chosen["budget_met"]:
+            warnings.warn(f"hf_compress.sweep: the candidates cannot reach the params budget {limit}: the smallest "
+                          f"plan keeps {chosen['params_ratio']:.3f} of the parameters (chosen['budget_met'] is "
+                          "False); add smaller sizes or more candidate layers.", UserWarning, stacklevel=2)
     chosen["sweep_seconds"] = round(time.perf_counter() - start, 1)
     model.train(was_training)
     for step in path:
@@ -338,56 +367,6 @@ def _plan(model: nn.Module, groups: dict[str, list[str]], chosen: dict[str, LowR
     if got.keys() == want.keys() and all(got[n] is want[n] for n in want):
         return plan
     return CompressionConfig(modules={rf"^{re.escape(n)}": cfg for n, cfg in want.items()})
-
-
-# ------------------------------------------------------------------------------------- quality functions (CLI)
-def random_batches(model: nn.Module, n: int = 4, seq: int = 32, seed: int = 0) -> list[Any]:
-    """``n`` seeded probe batches: token ids ``[1, seq]``, or (speech) ``{"input_features", "decoder_input_ids"}``."""
-    g, cfg = torch.Generator().manual_seed(seed), model.config
-    if getattr(cfg, "num_mel_bins", None):
-        frames = 2 * cfg.max_source_positions
-        return [{"input_features": torch.randn(1, cfg.num_mel_bins, frames, generator=g),
-                 "decoder_input_ids": torch.randint(0, cfg.vocab_size, (1, 4), generator=g)} for _ in range(n)]
-    return [torch.randint(0, cfg.vocab_size, (1, seq), generator=g) for _ in range(n)]
-
-
-def text_batches(tokenizer: Any, text: str, n: int = 8, seq: int = 128) -> list[torch.Tensor]:
-    """Up to ``n`` consecutive ``[1, seq]`` token windows of ``text``."""
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][: n * seq])
-    if ids.numel() < seq:
-        raise ValueError(f"hf_compress.sweep: the text has {ids.numel()} tokens, fewer than one window of {seq}.")
-    return [w.unsqueeze(0) for w in ids[: ids.numel() // seq * seq].view(-1, seq)]
-
-
-def _outputs(model: nn.Module, batch: Any) -> torch.Tensor:
-    out = model(**batch) if isinstance(batch, Mapping) else model(batch)
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
-def output_error_fn(model: nn.Module, batches: Sequence[Any]) -> Callable[[nn.Module], float]:
-    """``m -> ‖out(m) − out(dense)‖ / ‖out(dense)‖`` over ``batches`` (dense outputs captured now; lower is better)."""
-    with torch.inference_mode():
-        refs = [_outputs(model, b).float() for b in batches]
-
-    def fn(m: nn.Module) -> float:
-        with torch.inference_mode():
-            err = sum(float((_outputs(m, b).float() - r).pow(2).sum()) for b, r in zip(batches, refs))
-        return math.sqrt(err / sum(float(r.pow(2).sum()) for r in refs))
-    return fn
-
-
-def perplexity_fn(batches: Sequence[torch.Tensor]) -> Callable[[nn.Module], float]:
-    """``m -> exp(mean next-token NLL)`` of a causal LM over ``[batch, seq]`` windows of token ids."""
-    def fn(m: nn.Module) -> float:
-        nll, count = 0.0, 0
-        with torch.inference_mode():
-            for b in batches:
-                logits = m(b).logits[:, :-1].float()
-                nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(),
-                                                               reduction="sum"))
-                count += b[:, 1:].numel()
-        return math.exp(nll / count)
-    return fn
 
 
 class _CallableModule(types.ModuleType):

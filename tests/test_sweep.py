@@ -47,6 +47,50 @@ def test_params_budget_plan_is_met_and_reproducible(arch) -> None:
     assert error == pytest.approx(result.chosen["quality"], rel=1e-3, abs=1e-6)
 
 
+@pytest.mark.parametrize(("size", "match"), [
+    (lambda: hf_compress.LowRankConfig(rank_ratio=0.5, allocation="global"), r"allocation='global'"),
+    (lambda: hf_compress.LowRankConfig(method="whitened", rank_ratio=0.5, sequential=True), r"sequential=True"),
+])
+def test_options_the_sweep_cannot_apply_are_refused(size, match: str) -> None:
+    """The sweep sizes each layer on its own from one dense spectrum; a global allocation or sequential
+    calibration would give a plan whose size and quality differ from what the sweep reported."""
+    model = tiny_model(LLAMA)
+    with pytest.raises(ValueError, match=match):
+        hf_compress.sweep(model, PATTERNS["llama"], [size()], calibration=random_batches(model, n=2, seq=8),
+                          eval_fn=output_error_fn(model, random_batches(model, n=1, seq=8)), budget=0.95,
+                          progress=False)
+    with pytest.raises(ValueError, match="differ in more than their size"):
+        hf_compress.sweep(model, PATTERNS["llama"], [hf_compress.LowRankConfig(method="whitened", rank_ratio=0.5),
+                                                     hf_compress.LowRankConfig(method="whitened", rank_ratio=0.25,
+                                                                               damping=0.1)],
+                          eval_fn=output_error_fn(model, random_batches(model, n=1, seq=8)), budget=0.95,
+                          progress=False)
+
+
+def test_a_failing_candidate_restores_the_model_and_an_unreachable_budget_is_flagged() -> None:
+    model = tiny_model(LLAMA)
+    batches = random_batches(model, n=1, seq=8)
+    ref = output_error_fn(model, batches)
+    with pytest.raises(ValueError, match="exceeds"):  # rank 33 fits gate_proj (64 x 96) but not k_proj (64 x 32)
+        hf_compress.sweep(model, [r"layers\.0\.mlp\.gate_proj|layers\.1\.self_attn\.k_proj"],
+                          [hf_compress.LowRankConfig(rank=33)], eval_fn=output_error_fn(model, batches),
+                          budget=0.95, progress=False)
+    assert ref(model) == 0.0 and type(model.model.layers[0].mlp.gate_proj) is torch.nn.Linear
+    with pytest.warns(UserWarning, match="cannot reach the params budget 0.3"):
+        result = hf_compress.sweep(model, PATTERNS["llama"][:1], [0.5], eval_fn=output_error_fn(model, batches),
+                                   budget=0.3, progress=False)
+    assert result.chosen["budget_met"] is False and result.chosen["params_ratio"] > 0.3
+
+
+def test_output_error_sees_the_pooler_of_an_encoder() -> None:
+    bert = next(a for a in ARCHS if a.name == "bert")
+    model = tiny_model(bert)
+    fn = output_error_fn(model, random_batches(model, n=1, seq=8))
+    with torch.no_grad():
+        model.pooler.dense.weight.mul_(0.5)  # last_hidden_state unchanged: only the pooled output moves
+    assert fn(model) > 0.01
+
+
 def test_quality_budget_and_greedy_path() -> None:
     model = tiny_model(LLAMA)
     batches = random_batches(model, n=2, seq=8)
