@@ -17,14 +17,18 @@ from typing import Any
 
 import torch
 
+from hf_compress.evaluation import PPL_BUDGETS
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # Fixed budgets, written into every results file. "quick" is for smoke tests and CI.
 BUDGETS: dict[str, dict[str, Any]] = {
-    "default": {"ppl_tokens": 4096, "ppl_window": 1024, "ppl_stride": 1024, "wer_utterances": None,
-                "latency_batch": 1, "latency_seq": 256, "decode_new_tokens": 32},
-    "quick": {"ppl_tokens": 1024, "ppl_window": 512, "ppl_stride": 512, "wer_utterances": 16,
-              "latency_batch": 1, "latency_seq": 64, "decode_new_tokens": 8},
+    name: {"ppl_tokens": PPL_BUDGETS[name]["max_tokens"], "ppl_window": PPL_BUDGETS[name]["window"],
+           "ppl_stride": PPL_BUDGETS[name]["stride"], **rest}
+    for name, rest in (("default", {"wer_utterances": None, "latency_batch": 1, "latency_seq": 256,
+                                    "decode_new_tokens": 32}),
+                       ("quick", {"wer_utterances": 16, "latency_batch": 1, "latency_seq": 64,
+                                  "decode_new_tokens": 8}))
 }
 # The quality metric each plot puts on its y axis, and whether lower is better.
 PRIMARY_METRIC = {"causal-lm": ("ppl", True), "speech-seq2seq": ("wer", True), "encoder": ("lee50_spearman", False)}

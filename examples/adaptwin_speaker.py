@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from _common import _benchmarks
 
 import hf_compress
 from hf_compress import CompressionConfig, ProductTwinConfig
@@ -72,6 +73,7 @@ def load(name: str) -> tuple[Any, Any]:
     if Path(name).is_dir() or "/" in name:  # a folder or a Hub id
         return (transformers.AutoModelForSpeechSeq2Seq.from_pretrained(name),
                 transformers.WhisperProcessor.from_pretrained(name))
+    _benchmarks()  # the repository's benchmarks package, beside examples/
     from benchmarks import zoo
 
     return zoo.load(name)
@@ -87,6 +89,7 @@ def speakers(model_name: str, voices: list[str], n_train: int, n_test: int) -> d
 
         return {f"spk{s}": {"train": [make(i, s) for i in range(n_train)], "test": [make(i, s) for i in range(n_test)]}
                 for s in range(2)}
+    _benchmarks()  # the repository's benchmarks package, beside examples/
     from benchmarks import speech
 
     sets = speech.speech_set(tuple(voices), n_train + n_test + 3 * n_test)
@@ -99,6 +102,7 @@ def heal_set(model_name: str, voices: list[str], train: list[Any], n: int) -> li
     if model_name == "tiny-random":
         rng = np.random.default_rng(1)
         return [(rng.normal(0, 0.05 * (i % 4 + 1), 400).astype(np.float32), "") for i in range(n * len(voices))]
+    _benchmarks()  # the repository's benchmarks package, beside examples/
     from benchmarks import speech
 
     return speech.voice_utterances(voices, [u.text for u in train], n)

@@ -39,6 +39,9 @@ def chunks(tok: Any, text: str, seq_len: int, limit: int) -> list[dict[str, torc
     """Causal-LM examples: up to ``limit`` consecutive windows of ``seq_len`` tokens (labels = inputs)."""
     ids = torch.tensor(tok(text)["input_ids"])
     n = min(limit, ids.numel() // seq_len)
+    if n == 0:
+        raise SystemExit(f"a text part has {ids.numel()} tokens, fewer than one window of --seq-len {seq_len}; "
+                         "give a longer --text or a smaller --seq-len")
     return [{"input_ids": w, "labels": w} for w in ids[: n * seq_len].view(n, seq_len)]
 
 

@@ -20,15 +20,30 @@ EXAMPLES = """examples:
 """
 
 
+DEFAULT_PATTERN = r"self_attn\.(q|k|v|o)_proj$"  # --method's default targets (Llama-style names)
+
+
 class CLIError(Exception):
     """A user error: printed as ``hf-compress: error: ...`` with exit status 2."""
 
 
 def _load_plan(args: argparse.Namespace) -> Any:
+    import json
+
     from .config import CompressionConfig, MethodConfig
 
+    given = [flag for flag, value in (("--config", args.config), ("--method", args.method),
+                                      ("--budget", getattr(args, "budget", None))) if value is not None]
+    if len(given) > 1:
+        raise CLIError(f"give one plan, not {' and '.join(given)}: --config plan.json, --method NAME [...], or "
+                       "--budget FRACTION")
     if args.config:
-        return CompressionConfig.from_json(args.config)
+        if not Path(args.config).is_file():
+            raise CLIError(f"--config file {args.config} does not exist")
+        data = json.loads(Path(args.config).read_text())
+        if isinstance(data, dict) and "modules" not in data and isinstance(data.get("config"), dict):
+            data = data["config"]  # a --plan-out / sweep --table file: its plan
+        return CompressionConfig.from_dict(data)
     if args.method:
         params: dict[str, Any] = {"type": args.method}
         if args.rank is not None:
@@ -78,7 +93,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if plan is None:
         model = _mixed_plan(model, args)
     else:
-        compress(model, plan)
+        calibration = _text_windows(model, args)
+        try:
+            compress(model, plan, calibration=calibration)
+        except ValueError as err:
+            if "calibration" in str(err) and calibration is None:
+                raise CLIError(f"{err} With the CLI: pass --calib-text FILE (plain text for calibration).") from err
+            raise
+        if not (model.config.compression_config or {}).get("layers"):
+            raise CLIError(f"the plan compressed no module of {type(model).__name__} (nothing saved); check its "
+                           f"patterns (--pattern defaults to Llama-style {DEFAULT_PATTERN!r}) against "
+                           "`[n for n, _ in model.named_modules()]`")
     out = Path(args.out)
     model.save_pretrained(out)
     _save_preprocessor(args.model, out)
@@ -98,19 +123,11 @@ def _mixed_plan(model: Any, args: argparse.Namespace) -> Any:
     if not 0.0 < args.budget < 1.0:
         raise CLIError(f"--budget must be a fraction of the dense model's bytes to keep in (0, 1), got {args.budget}")
     eval_fn = None
-    if args.calib_text:
-        import transformers
-
-        if not Path(args.calib_text).is_file():
-            raise CLIError(f"--calib-text file {args.calib_text} does not exist")
-        try:
-            tok = transformers.AutoTokenizer.from_pretrained(args.model)
-        except (OSError, ValueError) as err:
-            raise CLIError(f"--calib-text needs a tokenizer in {args.model}: {err}") from err
-        text = Path(args.calib_text)
-        batches = sw.text_batches(tok, text.read_text(), args.n_batches, args.seq_len)
+    batches = _text_windows(model, args)
+    if batches is not None:
         if len(batches) < 2:
-            raise CLIError(f"--calib-text {text} is too short: need at least 2 windows of {args.seq_len} tokens")
+            raise CLIError(f"--calib-text {args.calib_text} is too short: need at least 2 windows of {args.seq_len} "
+                           "tokens")
         fit, held = batches[: -max(1, len(batches) // 4)], batches[-max(1, len(batches) // 4):]
     else:
         fit = sw.random_batches(model, args.n_batches, args.seq_len, seed=1)
@@ -123,6 +140,33 @@ def _mixed_plan(model: Any, args: argparse.Namespace) -> Any:
         result.to_json(args.plan_out)
         print(f"wrote plan and table {args.plan_out}")
     return result.model
+
+
+def _text_windows(model: Any, args: argparse.Namespace) -> list[Any] | None:
+    """``--calib-text`` as ``[1, --seq-len]`` token windows (at most ``--n-batches``), or None without it."""
+    if not args.calib_text:
+        return None
+    import transformers
+
+    from . import sweep as sw
+
+    if getattr(model.config, "num_mel_bins", None):
+        raise CLIError("--calib-text is token text; a speech model calibrates on audio: leave --calib-text out "
+                       "(random audio features) or compress from Python with real audio batches")
+    if not Path(args.calib_text).is_file():
+        raise CLIError(f"--calib-text file {args.calib_text} does not exist")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"--calib-text needs a tokenizer in {args.model}: {err}") from err
+    return sw.text_batches(tok, Path(args.calib_text).read_text(), args.n_batches, args.seq_len)
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
 
 
 def _dtype(name: str | None) -> Any:
@@ -139,16 +183,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = transformers.AutoConfig.from_pretrained(args.model)
     model = auto_compressed_class(default_task(config)).from_pretrained(args.model)
     if args.metric == "ppl" and args.text:  # the benchmarks' sliding-window metric, no repository needed
-        from .evaluation import perplexity
+        from .evaluation import PPL_BUDGETS, perplexity
 
         tok = transformers.AutoTokenizer.from_pretrained(args.model)
-        result = perplexity(model, tok, Path(args.text).read_text())
+        positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions",
+                                                                                          None)
+        settings = dict(PPL_BUDGETS[args.budget])
+        if positions and settings["window"] > positions:  # a model with fewer positions than the window
+            settings["window"] = settings["stride"] = positions
+        result = perplexity(model, tok, Path(args.text).read_text(), **settings)
     else:
+        import os
+
+        if os.getcwd() not in sys.path:  # the console script does not put the clone on sys.path
+            sys.path.insert(0, os.getcwd())
         try:
             from benchmarks import harness
         except ImportError as err:
-            raise CLIError("`eval` without --text needs the repository's `benchmarks` package and data (run from a "
-                           "clone of the hf_compress repository), or pass --metric ppl --text FILE") from err
+            raise CLIError("`eval` without --text needs the repository's `benchmarks` package and data (run it in the "
+                           "root of a clone of the hf_compress repository), or pass --metric ppl --text FILE") from err
         kind = {"ppl": "causal-lm", "wer": "speech-seq2seq", "encoder": "encoder"}[args.metric]
         tok = (transformers.AutoProcessor if kind == "speech-seq2seq" else transformers.AutoTokenizer).from_pretrained(
             args.model)
@@ -194,6 +247,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if (args.budget is None) == (args.quality_budget is None):
         raise CLIError("give exactly one of --budget FRACTION (parameters kept) or --quality-budget RATIO")
+    if args.quality_budget is not None and args.metric == "output":
+        raise CLIError("--quality-budget is a ratio to the dense quality, but the dense model's output error is 0; "
+                       "use --metric ppl --text FILE with it, or a --budget")
     config = transformers.AutoConfig.from_pretrained(args.model)
     model = auto_compressed_class(args.task or default_task(config)).from_pretrained(args.model).eval()
     tok = None
@@ -214,6 +270,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                       method=args.method, group_by=args.group_by, progress=False)
     print(result.format_table())
     chosen = result.chosen
+    if chosen.get("budget_met") is False:
+        raise CLIError(f"--budget {args.budget} is out of reach of these candidates: the smallest plan keeps "
+                       f"{chosen['params_ratio']:.3f} of the parameters (no plan written); add --patterns or "
+                       "smaller --ratios")
     print(f"chosen: params {chosen['params']:,} ({chosen['params_ratio']:.3f} of dense), {args.metric} "
           f"{chosen['quality']:.4g} (dense {result.dense['quality']:.4g}); {chosen['groups']}")
     result.config.to_json(args.out)
@@ -234,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", help="CompressionConfig JSON file")
     p.add_argument("--method", help="single-method plan: method name, e.g. low_rank")
-    p.add_argument("--pattern", default=r"self_attn\.(q|k|v|o)_proj$", help="module pattern for --method")
+    p.add_argument("--pattern", default=DEFAULT_PATTERN,
+                   help="module pattern for --method (default: Llama-style attention projections)")
     p.add_argument("--rank", type=int)
     p.add_argument("--rank-ratio", type=float)
     p.add_argument("--param", action="append", help="extra method parameter KEY=VALUE (JSON value)")
@@ -243,10 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "hf_compress.plan from measured per-module sensitivity and prints its table")
     p.add_argument("--methods", nargs="+", help="--budget: only these methods (e.g. low_rank jlcm tt_embedding "
                                                 "product_twin); default all")
-    p.add_argument("--calib-text", help="--budget: text file for calibration and held-out perplexity (default: random "
-                                        "inputs scored by output error)")
-    p.add_argument("--n-batches", type=int, default=8, help="--budget: calibration windows")
-    p.add_argument("--seq-len", type=int, default=64, help="--budget: tokens per calibration window")
+    p.add_argument("--calib-text", help="text file for calibration: plans whose methods read activations (whitened, "
+                                        "asvd, jlcm, gptq ...) and --budget (also its held-out perplexity; "
+                                        "default there: random inputs scored by output error)")
+    p.add_argument("--n-batches", type=_positive_int, default=8, help="calibration windows")
+    p.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per calibration window")
     p.add_argument("--plan-out", help="--budget: also write the plan, table and search path as JSON")
     p.add_argument("--task", help="head: causal-lm, speech-seq2seq, base, masked-lm, sequence-classification")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
@@ -284,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output: relative output error vs dense (no tokenizer needed); ppl: perplexity of --text")
     p.add_argument("--text", help="evaluation text file (probe inputs)")
     p.add_argument("--calib-text", help="calibration text file for whitened/asvd (default: random inputs)")
-    p.add_argument("--n-batches", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--n-batches", type=_positive_int, default=4)
+    p.add_argument("--seq-len", type=_positive_int, default=64)
     p.add_argument("--group-by", default="pattern", choices=["pattern", "module"])
     p.add_argument("--task", help="head: causal-lm, speech-seq2seq, base, ...")
     p.add_argument("--out", required=True, help="where to write the chosen CompressionConfig JSON")

@@ -63,6 +63,11 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 512) ->
     return total
 
 
+# the benchmarks' perplexity budgets (``benchmarks.harness.BUDGETS`` reads these): tokens scored, window, stride
+PPL_BUDGETS = {"default": {"max_tokens": 4096, "window": 1024, "stride": 1024},
+               "quick": {"max_tokens": 1024, "window": 512, "stride": 512}}
+
+
 @torch.inference_mode()
 def perplexity(model: Any, tokenizer: Any, text: str, max_tokens: int = 16384, window: int = 1024, stride: int = 512,
                batch_size: int = 1) -> dict[str, Any]:

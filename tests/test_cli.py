@@ -72,6 +72,10 @@ def test_compress_with_config_file(dense: Path, tmp_path: Path) -> None:
         (["--method", "nope", "--rank", "2"], "unknown compression method 'nope'"),
         (["--config", "/does/not/exist.json"], "does not exist"),
         ([], "give a plan"),
+        (["--method", "low_rank", "--rank", "2", "--budget", "0.5"], "give one plan, not --method and --budget"),
+        (["--method", "low_rank", "--rank", "2", "--pattern", "nomatch"], "the plan compressed no module"),
+        (["--method", "low_rank", "--rank", "2", "--param", "method=\"whitened\""],
+         "With the CLI: pass --calib-text FILE"),
     ],
 )
 def test_compress_failures_exit_nonzero_with_message(dense: Path, tmp_path: Path, args: list[str],
@@ -79,6 +83,36 @@ def test_compress_failures_exit_nonzero_with_message(dense: Path, tmp_path: Path
     proc = _run("compress", str(dense), "--out", str(tmp_path / "x"), *args)
     assert proc.returncode == 2
     assert message in proc.stderr and "hf-compress: error:" in proc.stderr
+
+
+def test_window_counts_must_be_positive(dense: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for args in (["compress", str(dense), "--budget", "0.5", "--seq-len", "0", "--out", str(tmp_path)],
+                 ["sweep", str(dense), "--patterns", "q_proj", "--ratios", "0.5", "--budget", "0.9", "--n-batches",
+                  "0", "--out", str(tmp_path / "p.json")]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(args)
+        assert exit_info.value.code == 2 and "must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_compress_reads_the_plan_of_a_plan_out_file(dense: Path, tmp_path: Path) -> None:
+    """``--budget --plan-out`` and ``sweep --table`` files hold the plan under "config", beside the table."""
+    plan = {"version": 1, "modules": {"mlp.down_proj": {"type": "low_rank", "rank": 4}}}
+    (tmp_path / "plan_out.json").write_text(json.dumps({"budget": {"size": 0.5}, "table": [], "config": plan}))
+    assert cli.main(["compress", str(dense), "--config", str(tmp_path / "plan_out.json"), "--out",
+                     str(tmp_path / "o")]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert set(model.config.compression_config["layers"]) == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+
+
+def test_sweep_refuses_a_quality_ratio_on_output_error_and_an_unreachable_budget(dense: Path, tmp_path: Path,
+                                                                                capsys: pytest.CaptureFixture) -> None:
+    out = str(tmp_path / "plan.json")
+    assert cli.main(["sweep", str(dense), "--patterns", "q_proj", "--ratios", "0.5", "--quality-budget", "1.5",
+                     "--out", out]) == 2
+    assert "dense model's output error is 0" in capsys.readouterr().err
+    assert cli.main(["sweep", str(dense), "--patterns", "q_proj", "--ratios", "0.5", "--budget", "0.2",
+                     "--out", out]) == 2
+    assert "out of reach" in capsys.readouterr().err and not Path(out).exists()
 
 
 def test_card_and_push_reject_non_compressed_folders(dense: Path, tmp_path: Path) -> None:
