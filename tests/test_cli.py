@@ -134,7 +134,7 @@ def test_push_uploads_folder(dense: Path, tmp_path: Path) -> None:
 
 def test_eval_perplexity_on_a_text_file(dense: Path, tmp_path: Path) -> None:
     text = tmp_path / "t.txt"
-    text.write_text("hello world " * 50)
+    text.write_text("hello world " * 25)  # 50 tokens: one window (the window is clamped to the 64 positions)
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -148,6 +148,9 @@ def test_eval_perplexity_on_a_text_file(dense: Path, tmp_path: Path) -> None:
     with torch.no_grad():  # one window: exp of the model's own mean next-token loss
         reference = float(torch.exp(transformers.AutoModelForCausalLM.from_pretrained(dense)(ids, labels=ids).loss))
     assert ppl == pytest.approx(reference, rel=1e-3)
+    text.write_text("hello world " * 50)  # 100 tokens > 64 positions: two windows, no position error
+    proc = _run("eval", str(dense), "--metric", "ppl", "--text", str(text), without_benchmarks=True)
+    assert proc.returncode == 0 and "window: 64" in proc.stdout, proc.stderr
     proc = _run("eval", str(dense), "--metric", "ppl", without_benchmarks=True)  # the benchmark text: a clone
     assert proc.returncode == 2 and "or pass --metric ppl --text FILE" in proc.stderr
 
