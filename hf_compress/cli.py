@@ -234,7 +234,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     folder = Path(args.model)
     if not (folder / "config.json").is_file():
         raise CLIError(f"{folder} is not a saved model folder (no config.json); run `hf-compress compress` first")
-    result = upload_folder(folder, args.repo_id, private=args.private, token=args.token)
+    # without --private the Hub's default applies (an organisation may make new repos private)
+    result = upload_folder(folder, args.repo_id, private=True if args.private else None, token=args.token)
     print(f"pushed {folder} to {args.repo_id}: {result}")
     return 0
 
@@ -331,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("push", help="upload a saved compressed model folder to the Hub")
     p.add_argument("model")
     p.add_argument("repo_id")
-    p.add_argument("--private", action="store_true")
+    p.add_argument("--private", action="store_true", help="create the repo private (default: the Hub's default)")
     p.add_argument("--token")
     p.set_defaults(func=cmd_push)
 

@@ -130,6 +130,12 @@ def test_push_uploads_folder(dense: Path, tmp_path: Path) -> None:
         assert cli.main(["push", str(out), "me/tiny"]) == 0
     assert upload.call_args.kwargs["folder_path"] == str(out)
     assert upload.call_args.kwargs["repo_id"] == "me/tiny"
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")) as create, \
+            mock.patch("huggingface_hub.HfApi.upload_folder", return_value="url"):
+        assert cli.main(["push", str(out), "me/tiny"]) == 0
+        assert cli.main(["push", str(out), "me/tiny", "--private"]) == 0
+    # private=False would override an organisation's private-by-default setting: leave it to the Hub
+    assert [c.kwargs["private"] for c in create.call_args_list] == [None, True]
 
 
 def test_eval_perplexity_on_a_text_file(dense: Path, tmp_path: Path) -> None:
