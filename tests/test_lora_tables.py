@@ -137,6 +137,15 @@ def test_linear_adapters_take_the_model_dtype_and_refuse_weight_rewriting_inits(
             peft.get_peft_model(_compressed_attention(kind), config)
 
 
+def test_codebook_adapters_on_a_model_compressed_in_bf16_take_bf16() -> None:
+    """The layer's dtype anchor comes from the weight it replaced, not only from later ``.to()`` casts."""
+    plan = CompressionConfig(modules={ARCHS[0].attn_pattern: LINEARS["codebook"]()})
+    model = hf_compress.compress(tiny_model(ARCHS[0]).to(torch.bfloat16), plan, progress=False)
+    pm = peft.get_peft_model(model, register_compressed_lora(peft.LoraConfig(r=4)), autocast_adapter_dtype=False)
+    wrapped = [m for m in pm.modules() if isinstance(m, LoraCompressedLinear)]
+    assert wrapped and {m.lora_A["default"].weight.dtype for m in wrapped} == {torch.bfloat16}
+
+
 def _compressed_attention(kind: str) -> torch.nn.Module:
     return hf_compress.compress(tiny_model(ARCHS[0]), CompressionConfig(modules={ARCHS[0].attn_pattern:
                                                                                  LINEARS[kind]()}), progress=False)

@@ -36,9 +36,12 @@ class CodebookEmbedding(CompressedEmbedding):
                              f"CodebookLinear({embedding_dim}->{num_embeddings}), got {table!r}.")
         self.num_embeddings = num_embeddings
         self.table = table
-        # Follows .to()/.half()/from_pretrained(dtype=): the dtype rows are decoded in (the table's fp16 codebooks
-        # are storage and keep theirs). Only its dtype is read; not saved.
-        self.register_buffer("compute_dtype_anchor", torch.empty(0), persistent=False)
+
+    @property
+    def compute_dtype_anchor(self) -> torch.Tensor:
+        """The table's: follows .to()/.half()/from_pretrained(dtype=), the dtype rows are decoded in (the fp16
+        codebooks are storage and keep theirs)."""
+        return self.table.compute_dtype_anchor
 
     @classmethod
     def from_codebook(cls, table: CodebookLinear, padding_idx: int | None = None,

@@ -277,6 +277,7 @@ def _codebook_from_dense(weight: torch.Tensor, bias: torch.Tensor | None, config
         scales, offsets = s_map[:, ::block // d].contiguous(), o_map[:, ::block // d].contiguous()
     layer = CodebookLinear.from_codes(codes, perm, centers, scales, None if bias is None else bias.detach(),
                                       lay["bits"], offsets=offsets, n_groups=groups)
+    layer.compute_dtype_anchor = torch.empty(0, dtype=weight.dtype)  # the replaced weight's (a bf16/fp16 model)
     return layer, stats
 
 

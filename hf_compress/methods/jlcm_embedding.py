@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..compress import CompressionContext
@@ -18,9 +17,7 @@ def compress_codebook_embedding(module: nn.Embedding, config: CodebookConfig,
     sigma = table_sigma(module.embedding_dim, ctx.state)
     table, stats = codebook_from_dense(module.weight, None, config, sigma, who=ctx.name)
     scale = embedding_scale(module, ctx.name, "CodebookConfig")
-    new = CodebookEmbedding.from_codebook(table, module.padding_idx, scale)
-    # rows decode in the replaced table's dtype (a bf16/fp16 model); the fp16 codebooks stay as stored
-    new.compute_dtype_anchor = torch.empty(0, dtype=module.weight.dtype, device=module.weight.device)
+    new = CodebookEmbedding.from_codebook(table, module.padding_idx, scale)  # decodes in the table's anchor dtype
     new.fit_stats = stats
     attach_tied_head(ctx, module, new, "compressed")
     return new
