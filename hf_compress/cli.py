@@ -254,17 +254,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = transformers.AutoConfig.from_pretrained(args.model)
     model = auto_compressed_class(args.task or default_task(config)).from_pretrained(args.model).eval()
     tok = None
-    if args.text or args.calib_text or args.metric == "ppl":
+    if args.text or args.metric == "ppl":
         try:
             tok = transformers.AutoTokenizer.from_pretrained(args.model)
         except (OSError, ValueError) as err:
-            raise CLIError(f"--text/--calib-text/--metric ppl need a tokenizer in {args.model}: {err}") from err
+            raise CLIError(f"--text/--metric ppl need a tokenizer in {args.model}: {err}") from err
     if args.metric == "ppl" and not args.text:
         raise CLIError("--metric ppl needs --text FILE (evaluation text)")
     probe = (sw.text_batches(tok, Path(args.text).read_text(), args.n_batches, args.seq_len) if args.text
              else sw.random_batches(model, args.n_batches, args.seq_len, seed=1))
-    calib = (sw.text_batches(tok, Path(args.calib_text).read_text(), args.n_batches, args.seq_len) if args.calib_text
-             else sw.random_batches(model, args.n_batches, args.seq_len, seed=2))
+    calib = _text_windows(model, args) or sw.random_batches(model, args.n_batches, args.seq_len, seed=2)
     eval_fn = sw.perplexity_fn(probe) if args.metric == "ppl" else sw.output_error_fn(model, probe)
     budget = {"params": args.budget} if args.budget is not None else {"quality": args.quality_budget}
     result = sw.sweep(model, args.patterns, args.ratios, calibration=calib, eval_fn=eval_fn, budget=budget,

@@ -88,7 +88,7 @@ def compress(
 
     adopt_compressed_class(model)  # fails early, with the supported list, on unsupported HF architectures
     targets = find_targets(model, config)
-    if before_target is None:  # (the streamed load reads each target's weights in before_target)
+    if before_target is None:  # (the streamed load reads each target's weights in before_target: checked there)
         for name in targets:
             _check_loaded(name, model.get_submodule(name))
     for pattern in config.modules:
@@ -114,10 +114,10 @@ def compress(
             if stage:  # calibrate this block on the outputs of the blocks compressed before it
                 with truncated_passes():  # each pass stops once the modules it hooks have run
                     states.update(_prepare(model, {n: targets[n] for n in stage}, calibration))
-            if before_target is not None:
+            if before_target is not None:  # the streamed load reads this target's weights now
                 before_target(name)
+                _check_loaded(name, model.get_submodule(name))
             module = model.get_submodule(name)
-            _check_loaded(name, module)
             tied_to = _tied_input_embedding(model, module)
             ctx = CompressionContext(model=model, name=name, calibration=calibration, state=states.pop(name, None))
             new = method.compress(module, cfg, ctx)

@@ -53,16 +53,14 @@ def heal_encoder(model: Any, processor: Any, utterances: Sequence[Any], teacher:
     if not targets:
         raise ValueError("hf_compress.healing: no encoder linear matches adapters.ENCODER_TARGETS; heal_encoder "
                          "supports Whisper-style encoders (encoder.layers.N.self_attn / fc1 / fc2).")
-    flags = {p: p.requires_grad for p in model.parameters()}  # PEFT freezes the base; merging does not undo it
-    with tempfile.TemporaryDirectory(prefix="hf_compress_heal_") as tmp:
+    # PEFT freezes the base and merging does not undo it: the caller's requires_grad flags come back
+    with restored_training_state(model), tempfile.TemporaryDirectory(prefix="hf_compress_heal_") as tmp:
         peft_model, stats = train_speaker_adapter(
             model, processor, utterances, HEAL_ADAPTER, tmp, config=lora_config(r=r, alpha=2 * r,
                                                                                target_modules=targets),
             max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
             max_seconds=max_seconds, lr_scheduler="constant_with_warmup", warmup_steps=3, teacher=teacher, pack=pack)
-    healed = peft_model.merge_and_unload()
-    for p, flag in flags.items():
-        p.requires_grad_(flag)
+        healed = peft_model.merge_and_unload()
     healed.eval()
     stats = {k: v for k, v in stats.items() if k != "path"}
     return healed, {**stats, "lora_r": r}

@@ -97,6 +97,9 @@ def candidate_groups(model: nn.Module, candidates: Sequence[str], group_by: str 
     return groups
 
 
+_SIZE_FIELDS = ("rank", "rank_ratio", "energy", "tucker_ranks")  # what candidate sizes may differ in
+
+
 def _size_configs(ranks: Sequence[float | LowRankConfig], method: str) -> list[LowRankConfig]:
     if not ranks:
         raise ValueError("hf_compress.sweep: give at least one candidate size in `ranks` (e.g. [0.25, 0.5]).")
@@ -116,8 +119,6 @@ def _size_configs(ranks: Sequence[float | LowRankConfig], method: str) -> list[L
                          "from the first candidate, so give them equal settings.")
     return out
 
-
-_SIZE_FIELDS = ("rank", "rank_ratio", "energy", "tucker_ranks")
 
 
 def _label(cfg: LowRankConfig) -> str:

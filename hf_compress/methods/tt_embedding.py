@@ -257,10 +257,11 @@ def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: tor
         if config.eps is not None:
             check_tt_shape_ranks(d, shape, [1] * (len(shape) - 1), who)
             layer = TTEmbedding.from_dense(weight, shape, eps=config.eps, **kwargs)
-            if tt_params(shape, layer.ranks) >= d:  # every row shares the largest rank any row needs
+            per_token = tt_params(shape, layer.ranks)
+            if per_token >= d:  # every row shares the largest rank any row needs
                 raise BudgetError(f"hf_compress: {who}: eps={config.eps} needs TT ranks {layer.ranks} (the largest "
-                                  f"any token needs), {tt_params(shape, layer.ranks)} parameters per token >= the "
-                                  f"dense {d}: nothing is saved. Raise eps, or give compression= or ranks=.")
+                                  f"any token needs), {per_token} parameters per token >= the dense {d}: nothing is "
+                                  "saved. Raise eps, or give compression= or ranks=.")
             return layer
         ranks = list(config.ranks) if config.ranks is not None else None
         if ranks is None:
