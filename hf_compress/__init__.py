@@ -9,7 +9,7 @@ from importlib import import_module
 from typing import Any
 
 from .compress import compress
-from .config import CompressionConfig, MethodConfig
+from .config import BudgetError, CalibrationRequiredError, CompressionConfig, MethodConfig
 from .layers import LowRankLinear
 from .methods import LowRankConfig
 from .modeling import (
@@ -56,6 +56,8 @@ __all__ = [
     "AutoCompressedModelForMaskedLM",
     "AutoCompressedModelForSequenceClassification",
     "AutoCompressedModelForSpeechSeq2Seq",
+    "BudgetError",
+    "CalibrationRequiredError",
     "CompressionConfig",
     "LowRankConfig",
     "LowRankLinear",

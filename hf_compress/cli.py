@@ -84,6 +84,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     import transformers
 
     from .compress import compress
+    from .config import CalibrationRequiredError
     from .modeling import auto_compressed_class, default_task
 
     plan = _load_plan(args)
@@ -96,8 +97,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         calibration = _text_windows(model, args)
         try:
             compress(model, plan, calibration=calibration)
-        except ValueError as err:
-            if "calibration" in str(err) and calibration is None:
+        except CalibrationRequiredError as err:
+            if calibration is None:
                 raise CLIError(f"{err} With the CLI: pass --calib-text FILE (plain text for calibration).") from err
             raise
         if not (model.config.compression_config or {}).get("layers"):

@@ -88,6 +88,8 @@ def compress(
 
     adopt_compressed_class(model)  # fails early, with the supported list, on unsupported HF architectures
     targets = find_targets(model, config)
+    for name in targets:
+        _check_dense(name, model.get_submodule(name), targets[name][1])
     if before_target is None:  # (the streamed load reads each target's weights in before_target: checked there)
         for name in targets:
             _check_loaded(name, model.get_submodule(name))
@@ -131,6 +133,18 @@ def compress(
 
     _record(model, config)
     return model
+
+
+def _check_dense(name: str, module: nn.Module, cfg: MethodConfig) -> None:
+    """Raise if ``module`` already holds compressed layers (e.g. a product twin planned on an attention whose
+    projections are low-rank): its method needs the dense weights."""
+    inside = [f"{n} ({type(m).__name__})" for n, m in module.named_modules() if isinstance(m, tuple(_LAYERS.values()))]
+    if inside:
+        raise ValueError(
+            f"hf_compress: {name}: {type(cfg).__name__} needs the dense module, but {', '.join(inside[:3])} inside it "
+            "is already compressed. Compress the dense checkpoint with one plan for every module, or leave "
+            f"{name} out of this plan."
+        )
 
 
 def _check_loaded(name: str, module: nn.Module) -> None:

@@ -23,6 +23,11 @@ class BudgetError(ValueError):
     planners skip such candidates, direct calls report it."""
 
 
+class CalibrationRequiredError(ValueError):
+    """A method of the plan reads activations (whitened/ASVD low-rank, JLCM/GPTQ codebooks, whitened twins) and
+    ``compress`` was called without ``calibration=`` batches."""
+
+
 @dataclass
 class MethodConfig:
     """Base of every method's config dataclass.

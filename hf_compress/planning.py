@@ -22,7 +22,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -338,30 +338,41 @@ def _greedy(options: dict[str, list[dict[str, Any]]], total: int, q0: float, sig
 
 def _walk_back(options: dict[str, list[dict[str, Any]]], current: dict[str, int], total: int, saved: int,
                cost: float, q0: float, sign: float, limit: float) -> list[dict[str, Any]]:
-    """After the greedy met a size budget (its last move often saves more than needed): repeatedly take the one
-    change (a group to a milder candidate, or back to dense) that lowers the predicted cost most while the plan still
-    fits ``limit``. Returns the extra path steps."""
-    steps: list[dict[str, Any]] = []
+    """After the greedy met a size budget (its last move often saves more than needed): :func:`walk_back`.
+    Returns the extra path steps."""
+    return [{"step": 0, "bytes": left, "bytes_ratio": left / total, "predicted_quality": _predict(q0, c, sign),
+             "added": f"{g} -> {options[g][i]['candidate'] if i >= 0 else 'dense'} (walk back)",
+             "choice": dict(current)}
+            for g, i, left, c in walk_back(options, current, total - saved, cost, limit)]
+
+
+def walk_back(options: dict[str, list[dict[str, Any]]], current: dict[str, int], left: float, cost: float,
+              limit: float, size_key: str = "bytes_saved", cost_key: str = "cost",
+              clip: bool = False) -> Iterator[tuple[str, int, float, float]]:
+    """Repeatedly take the one change (a group to a milder option, or back to dense: index -1) that lowers the
+    predicted cost most while the plan's size ``left`` stays ``<= limit``; updates ``current`` (group -> option
+    index) and yields ``(group, index, left, cost)`` after each change. ``clip``: negative costs count as 0."""
+    def c(o: dict[str, Any]) -> float:
+        return max(o[cost_key], 0.0) if clip else o[cost_key]
+
     while True:
         best = None
         for g, opts in options.items():
-            cur = opts[current[g]] if g in current else {"bytes_saved": 0, "cost": 0.0}
-            for i, o in [(-1, {"bytes_saved": 0, "cost": 0.0}), *enumerate(opts)]:
-                relief, loss = cur["cost"] - o["cost"], cur["bytes_saved"] - o["bytes_saved"]
-                if relief > 1e-12 and total - saved + loss <= limit and (best is None or relief > best[0]):
+            cur = opts[current[g]] if g in current else None
+            for i, o in [(-1, None), *enumerate(opts)]:
+                relief = (c(cur) if cur else 0.0) - (c(o) if o else 0.0)
+                loss = (cur[size_key] if cur else 0) - (o[size_key] if o else 0)
+                if relief > 1e-12 and left + loss <= limit and (best is None or relief > best[0]):
                     best = (relief, g, i, loss)
         if best is None:
-            return steps
+            return
         relief, g, i, loss = best
         if i < 0:
             current.pop(g)
         else:
             current[g] = i
-        saved, cost = saved - loss, cost - relief
-        steps.append({"step": 0, "bytes": total - saved, "bytes_ratio": (total - saved) / total,
-                      "predicted_quality": _predict(q0, cost, sign),
-                      "added": f"{g} -> {options[g][i]['candidate'] if i >= 0 else 'dense'} (walk back)",
-                      "choice": dict(current)})
+        left, cost = left + loss, cost - relief
+        yield g, i, left, cost
 
 
 def _predict(q0: float, cost: float, sign: float) -> float:

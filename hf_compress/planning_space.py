@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import MethodConfig
 from .methods.lowrank import LowRankConfig
+from .registry import _LAYERS
 from .sweep import _is_linear, output_error_fn, perplexity_fn
 
 TWIN_ATTENTION = ("WhisperAttention", "LlamaAttention", "MistralAttention", "Qwen2Attention")
@@ -91,10 +92,14 @@ def find_groups(model: nn.Module) -> dict[str, Group]:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     groups: dict[str, Group] = {}
     attn: dict[str, list[str]] = {}
+    done = [n for n, m in model.named_modules() if isinstance(m, tuple(_LAYERS.values()))]
     for name, m in model.named_modules():
+        if any(name == d or name.startswith(d + ".") for d in done):
+            continue  # already compressed (its factors are plain linears, but not ours to compress again)
         if m is emb and isinstance(m, nn.Embedding):
             groups[name] = Group(name, "embedding", [name], re.escape(name))
-        elif type(m).__name__ in TWIN_ATTENTION:
+        elif type(m).__name__ in TWIN_ATTENTION and not any(isinstance(sub, tuple(_LAYERS.values()))
+                                                               for sub in m.modules()):
             attn.setdefault(_template(name), []).append(name)
     inside = {}
     for key, names in attn.items():
@@ -106,7 +111,7 @@ def find_groups(model: nn.Module) -> dict[str, Group]:
         inside.update(dict.fromkeys(linears))
     by_template: dict[str, list[str]] = {}
     for name, m in model.named_modules():
-        if _is_linear(m) and m is not head and name not in inside:
+        if _is_linear(m) and m is not head and name not in inside and not any(name.startswith(d + ".") for d in done):
             by_template.setdefault(_template(name), []).append(name)
     for key, names in by_template.items():
         groups[key] = Group(key, "linear", names, _regex(key), names, _regex(key))

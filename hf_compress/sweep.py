@@ -318,7 +318,8 @@ def _within(q: float, q0: float, sign: float, kind: str, limit: float) -> bool:
 def _greedy(options: dict[str, list[dict[str, Any]]], total: int, q0: float, sign: float, kind: str,
             limit: float) -> list[dict[str, Any]]:
     """Multiple-choice greedy: repeatedly take the move with the least predicted quality loss per extra parameter
-    saved (deltas assumed additive), until the parameter budget is met or the quality budget would be passed."""
+    saved (deltas assumed additive), until the parameter budget is met or the quality budget would be passed; a met
+    parameter budget is then walked back (:func:`hf_compress.planning.walk_back`)."""
     current: dict[str, int] = {}
     saved, delta, path = 0, 0.0, []
     for opts in options.values():
@@ -343,6 +344,13 @@ def _greedy(options: dict[str, list[dict[str, Any]]], total: int, q0: float, sig
         saved, delta = saved + gain, delta + d
         path.append({"step": len(path) + 1, "params": total - saved, "params_ratio": (total - saved) / total,
                      "predicted_quality": q0 + sign * delta, "choice": dict(current)})
+    if kind == "params" and path and total - saved <= limit * total:  # the last move may save more than needed
+        from .planning import walk_back
+
+        for _g, _i, left, d in walk_back(options, current, total - saved, delta, limit * total, "params_saved",
+                                         "delta", clip=True):
+            path.append({"step": len(path) + 1, "params": left, "params_ratio": left / total,
+                         "predicted_quality": q0 + sign * d, "choice": dict(current), "walk_back": True})
     return path
 
 

@@ -291,7 +291,7 @@ def test_more_codewords_than_weights_rejected() -> None:
 
 def test_jlcm_without_calibration_is_a_clear_error() -> None:
     arch = ARCHS[0]
-    with pytest.raises(ValueError, match=r"needs calibration batches"):
+    with pytest.raises(hf_compress.CalibrationRequiredError, match=r"needs calibration batches"):
         hf_compress.compress(tiny_model(arch), CompressionConfig(modules={arch.mlp_pattern: CodebookConfig()}),
                              progress=False)
 

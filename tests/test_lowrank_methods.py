@@ -191,7 +191,7 @@ def test_bad_configs(kwargs: dict, match: str) -> None:
 
 def test_bad_inputs_name_the_module_and_fix() -> None:
     msg = r"needs calibration batches for model\.layers\.0\.self_attn\.q_proj.*calibration=batches"
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(hf_compress.CalibrationRequiredError, match=msg):
         hf_compress.compress(tiny_model(LLAMA_ARCH), CompressionConfig(
             modules={"q_proj": LowRankConfig(method="whitened", rank=4)}), progress=False)
     with pytest.raises(ValueError, match=r"mlp\.up_proj: method='tucker' decomposes attention projections only"):

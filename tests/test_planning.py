@@ -218,3 +218,16 @@ def test_a_candidate_out_of_reach_on_a_module_is_skipped() -> None:
              "linear": [CodebookConfig(bits=3, method="kmeans", kmeans_iters=4)]}
     res = plan(model, 0.9, calibration(WHISPER), candidates=cands, progress=False)
     assert {row["method"] for row in res.table} == {"jlcm"}
+
+
+def test_already_compressed_layers_are_neither_groups_nor_recompressed() -> None:
+    model = tiny_model(LLAMA)
+    compress(model, CompressionConfig(modules={r"self_attn\.q_proj": LowRankConfig(rank_ratio=0.5)}), progress=False)
+    groups = find_groups(model)
+    # the attention holds a low-rank q_proj: no product-twin group; the factors of the low-rank layers are no groups
+    assert not [g for g in groups.values() if g.kind == "attention"]
+    assert not [n for g in groups.values() for n in g.linears if ".q_proj." in n or n.endswith("q_proj")]
+    assert any(n.endswith("self_attn.k_proj") for g in groups.values() for n in g.linears)
+    with pytest.raises(ValueError, match=r"self_attn: ProductTwinConfig needs the dense module, but q_proj "
+                                         r"\(LowRankLinear\) inside it is already compressed"):
+        compress(model, CompressionConfig(modules={r"self_attn$": ProductTwinConfig(rank_ratio=0.5)}), progress=False)

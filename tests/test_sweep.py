@@ -159,3 +159,18 @@ def test_cli_sweep_errors(tmp_path: Path, extra: list[str], match: str) -> None:
     args = ["sweep", str(dense), "--patterns", "q_proj", "--ratios", "0.5", "--out", str(tmp_path / "p.json")]
     proc = _cli(*args, *extra)
     assert proc.returncode == 2 and match in proc.stderr
+
+
+def test_params_budget_walks_back_an_overshooting_last_move() -> None:
+    """The greedy's last move (cheapest per parameter) saves far more than the budget needs; the walk back swaps it
+    for the milder size of the same group and keeps the plan within the budget."""
+    from hf_compress.sweep import _greedy
+
+    options = {"a": [{"params_saved": 30, "delta": 0.03}],
+               "b": [{"params_saved": 40, "delta": 0.2}, {"params_saved": 200, "delta": 0.8}]}
+    path = _greedy(options, total=1000, q0=1.0, sign=1.0, kind="params", limit=0.95)
+    assert [p["choice"] for p in path] == [{"a": 0}, {"a": 0, "b": 1}, {"a": 0, "b": 0}]
+    assert path[-1]["params"] == 930 and path[-1]["walk_back"] and path[-1]["params_ratio"] <= 0.95
+    assert path[-1]["predicted_quality"] == pytest.approx(1.23)
+    tight = _greedy(options, total=1000, q0=1.0, sign=1.0, kind="params", limit=0.78)
+    assert tight[-1]["choice"] == {"a": 0, "b": 1}  # nothing can be given back

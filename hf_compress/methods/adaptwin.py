@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..compress import CompressionContext
-from ..config import MethodConfig
+from ..config import CalibrationRequiredError, MethodConfig
 from ..layers.twin_attention import TwinAttention
 from ..registry import register_method
 
@@ -169,9 +169,10 @@ def prepare_product_twin(model: nn.Module, configs: dict[str, ProductTwinConfig]
     if not names:
         return {}
     if not calibration:
-        raise ValueError(f"hf_compress: ProductTwinConfig(whiten=True) needs calibration batches for {names[0]}: call "
-                         "compress(model, plan, calibration=batches) with a few model-input dicts (Whisper: "
-                         "{'input_features', 'decoder_input_ids'}).")
+        raise CalibrationRequiredError(
+            f"hf_compress: ProductTwinConfig(whiten=True) needs calibration batches for {names[0]}: call "
+            "compress(model, plan, calibration=batches) with a few model-input dicts (Whisper: "
+            "{'input_features', 'decoder_input_ids'}).")
     wanted = [f"{n}.{p}" for n in names for p in ("q_proj", "k_proj")]
     stats: dict[str, torch.Tensor] = {}
     for chunk, _ in input_statistics_streamed(model, wanted, calibration, stat="cov"):
@@ -229,8 +230,8 @@ def compress_product_twin(module: nn.Module, config: ProductTwinConfig, ctx: Com
     lx = ly = None
     if config.whiten:
         if not isinstance(ctx.state, dict) or "ly" not in ctx.state:
-            raise ValueError(f"hf_compress: {ctx.name}: ProductTwinConfig(whiten=True) has no calibration statistics; "
-                             "pass calibration=batches to compress().")
+            raise CalibrationRequiredError(f"hf_compress: {ctx.name}: ProductTwinConfig(whiten=True) has no "
+                                           "calibration statistics; pass calibration=batches to compress().")
         lx, ly = ctx.state["lx"].to(q), ctx.state["ly"].to(q)
         q, k, v = q @ lx, k @ ly, v @ ly  # spectra (energy) are taken in the whitened basis too
     if "qk" not in parts and lx is not None:

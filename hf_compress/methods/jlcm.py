@@ -82,7 +82,7 @@ from torch import nn
 
 from ..calibration import input_covariances
 from ..compress import CompressionContext
-from ..config import MethodConfig
+from ..config import CalibrationRequiredError, MethodConfig
 from ..layers.codebook import CodebookLinear, group_sizes, perm_bits
 from ..layers.common import linear_weight_and_bias
 from ..registry import register_method
@@ -237,7 +237,7 @@ def _codebook_from_dense(weight: torch.Tensor, bias: torch.Tensor | None, config
     # k-means weights each vector by its scale², so its error is the weight-space squared error
     pw = s_map[:, :, None].square() if block else None
     if config.method in CALIBRATED and sigma is None:
-        raise ValueError(f"hf_compress: {who}: method={config.method!r} needs calibration batches "
+        raise CalibrationRequiredError(f"hf_compress: {who}: method={config.method!r} needs calibration batches "
                          "(compress(..., calibration=...)); or use method='kmeans' / 'rtn'.")
     if config.method in ("rtn", "gptq"):
         centers = rtn_codebooks(points, row_book, books, k)
@@ -307,8 +307,9 @@ def prepare_jlcm(model: nn.Module, targets: dict[str, CodebookConfig], calibrati
     reuse = {} if any(c.sequential for c in targets.values()) else _PRECOMPUTED  # dense statistics would be stale
     todo = [n for n in [*names, *heads] if n not in reuse]
     if todo and not calibration:  # heads are only asked for with calibration
-        raise ValueError("hf_compress: CodebookConfig(method='jlcm' or 'gptq') needs calibration batches: "
-                         "compress(model, config, calibration=[...]); or use method='kmeans' / 'rtn'.")
+        raise CalibrationRequiredError("hf_compress: CodebookConfig(method='jlcm' or 'gptq') needs calibration "
+                                       "batches: compress(model, config, calibration=[...]); or use method='kmeans' "
+                                       "/ 'rtn'.")
     found = {**reuse, **(input_covariances(model, todo, calibration) if todo else {})}
     state = {n: found[n].float() for n in names}
     state.update({t: found[h].float() for t, h in tables.items() if h in heads})

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..compress import CompressionContext
-from ..config import MethodConfig
+from ..config import CalibrationRequiredError, MethodConfig
 from ..layers.common import linear_weight_and_bias
 from ..layers.lowrank import LowRankLinear, Spectrum, spectrum
 from ..layers.tucker import TuckerLinear, tucker_params
@@ -160,9 +160,10 @@ def calibration_statistics(model: nn.Module, configs: dict[str, LowRankConfig], 
     needs = {n: c for n, c in configs.items() if c.method in _CALIBRATED}
     if needs and not calibration:
         methods = sorted({c.method for c in needs.values()})
-        raise ValueError(f"hf_compress: LowRankConfig(method={methods[0]!r}) needs calibration batches for "
-                         f"{next(iter(needs))}: call compress(model, plan, calibration=batches) with a few "
-                         "[1, seq] token-id tensors (or dicts of model inputs).")
+        raise CalibrationRequiredError(f"hf_compress: LowRankConfig(method={methods[0]!r}) needs calibration "
+                                       f"batches for {next(iter(needs))}: call compress(model, plan, "
+                                       "calibration=batches) with a few [1, seq] token-id tensors (or dicts of model "
+                                       "inputs).")
     report = {"passes": 0, "peak_stat_bytes": 0, "modules": len(needs), "seconds": 0.0,
               "tokens": _count_tokens(calibration) if needs else 0}
     start = time.perf_counter()
