@@ -80,6 +80,12 @@ class CompressedModelMixin(CompressedSaveMixin):
 
         table = self.get_input_embeddings()
         if isinstance(table, CompressedEmbedding):
+            size = args[0] if args else kwargs.get("new_num_tokens")
+            multiple = args[1] if len(args) > 1 else kwargs.get("pad_to_multiple_of")
+            if size is not None and multiple:
+                size = -(-size // multiple) * multiple
+            if size is None or size == table.num_embeddings:  # a no-op, as transformers': the table
+                return table
             kind = type(table)
             ways = [f for f, op in (("hf_compress.vocab.add_tokens(model, tokenizer, new_tokens)", "add_rows"),
                                     ("hf_compress.vocab.keep_tokens / prune_tokens", "keep_rows"))

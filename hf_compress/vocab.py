@@ -15,9 +15,13 @@ is renumbered, BPE merges that produce or use a dropped token are removed (text 
 kept pieces), added tokens and post-processor ids are renumbered. :func:`keep_tokens` also keeps, by default, the
 BPE merge parts of every kept token, so kept tokens stay reachable; :func:`prune_tokens` drops exactly what it is
 given. Special tokens and, for byte-level BPE, the 256
-byte-alphabet tokens cannot be pruned (text would become untokenizable). Other tokenizers (Unigram, slow
-tokenizers, Whisper's timestamp logic) are refused with ``tokenizer=None`` as the way out: the model is pruned and
-the returned remapping must then be applied to ids by the caller.
+byte-alphabet tokens cannot be pruned (text would become untokenizable), nor Whisper's timestamp tokens (a timestamp
+is its id minus the first one's). Other tokenizers (Unigram, slow tokenizers) are refused with ``tokenizer=None`` as
+the way out: the model is pruned and the returned remapping must then be applied to ids by the caller.
+
+Generation settings follow the renumbering: ids that must stay (``forced_bos_token_id``, ``forced_decoder_ids``,
+``force_words_ids``… and the special ids) refuse the prune; entries holding a pruned id are dropped from
+``suppress_tokens``, ``bad_words_ids``, ``sequence_bias`` and Whisper's ``lang_to_id`` / ``task_to_id``.
 """
 
 from __future__ import annotations
@@ -31,9 +35,13 @@ from torch import nn
 
 from .layers.tt_embedding import CompressedEmbedding, TiedEmbeddingHead
 
+# config / generation_config fields holding token ids: ids that must stay (refused if pruned), ids that may go (the
+# entry goes with them), and Whisper's {name: id} maps (the entry of a pruned language/task goes)
 _ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id",
-              "cls_token_id", "unk_token_id", "mask_token_id", "no_timestamps_token_id")
-_ID_LIST_FIELDS = ("suppress_tokens", "begin_suppress_tokens")
+              "cls_token_id", "unk_token_id", "mask_token_id", "no_timestamps_token_id", "forced_bos_token_id",
+              "forced_eos_token_id", "prev_sot_token_id", "forced_decoder_ids", "force_words_ids")
+_ID_LIST_FIELDS = ("suppress_tokens", "begin_suppress_tokens", "bad_words_ids", "sequence_bias")
+_ID_MAP_FIELDS = ("lang_to_id", "task_to_id")
 
 
 def _embedding(model: nn.Module) -> CompressedEmbedding:
@@ -86,27 +94,48 @@ def add_tokens(model: nn.Module, tokenizer: Any, new_tokens: Sequence[Any],
     if vectors.ndim != 2 or vectors.shape != (m, emb.embedding_dim):
         raise ValueError(f"hf_compress.vocab.add_tokens: vectors must be [{m}, {emb.embedding_dim}] (one row per new "
                          f"token), got {list(vectors.shape)}.")
+    if not bool(torch.isfinite(vectors).all()):
+        raise ValueError("hf_compress.vocab.add_tokens: vectors hold NaN or inf; give finite rows.")
     known = tokenizer.get_vocab() if tokenizer is not None else {}
     fresh = [i for i, t in enumerate(names) if t not in known]
     first_new = len(tokenizer) if tokenizer is not None else v_old  # ids the tokenizer will give the fresh tokens
+    if first_new > v_old:
+        raise ValueError(f"hf_compress.vocab.add_tokens: the tokenizer has {first_new} tokens but the table "
+                         f"{v_old} rows; new ids past the table must follow on from it. Prune the tokenizer's extra "
+                         "tokens (or resize the dense model) first; nothing was changed.")
     grows = first_new + len(fresh) > v_old
     overwrites = bool(fresh) and first_new < v_old  # a table padded past the tokenizer: new ids land inside it
     for needed, method, what in ((grows, "add_rows", "adding"), (overwrites, "set_rows", "overwriting")):
         if needed and getattr(type(emb), method) is getattr(CompressedEmbedding, method):
             raise NotImplementedError(f"hf_compress.vocab.add_tokens: {type(emb).__name__} does not support {what} "
                                       "tokens; nothing was changed.")
+    before = _tokenizer_doc(tokenizer)
+    try:
+        _grow(model, emb, tokenizer, new_tokens, names, fresh, vectors[fresh], special_tokens)
+    except Exception:
+        if before is not None:  # the tokenizer as it was: nothing was added
+            _load_tokenizer_json(tokenizer, json.dumps(before))
+        raise
+    _refresh(model, emb.num_embeddings)
+    return [int(i) for i in tokenizer.convert_tokens_to_ids(names)] if tokenizer is not None else \
+        list(range(v_old, v_old + m))
+
+
+def _grow(model: nn.Module, emb: CompressedEmbedding, tokenizer: Any, new_tokens: Sequence[Any], names: list[str],
+          fresh: list[int], vectors: torch.Tensor, special_tokens: bool) -> None:
+    """:func:`add_tokens` once checked: the tokenizer's new ids, then the table's and head's rows."""
+    v_old = emb.num_embeddings
     if tokenizer is not None:
+        first_new = len(tokenizer)
         tokenizer.add_tokens([new_tokens[i] for i in fresh], special_tokens=special_tokens)
-        all_ids = [int(i) for i in tokenizer.convert_tokens_to_ids(names)]
+        ids = [int(tokenizer.convert_tokens_to_ids(names[i])) for i in fresh]
+        if ids != list(range(first_new, first_new + len(fresh))):
+            raise ValueError(f"hf_compress.vocab.add_tokens: the tokenizer gave ids {ids}, not the next free ones; "
+                             "nothing was changed.")
     else:
-        all_ids = list(range(v_old, v_old + m))
-    ids, vectors = [all_ids[i] for i in fresh], vectors[fresh]
+        ids = list(range(v_old, v_old + len(fresh)))
     inside = [i for i, t in enumerate(ids) if t < v_old]
     outside = [i for i, t in enumerate(ids) if t >= v_old]
-    if sorted(ids[i] for i in outside) != list(range(v_old, v_old + len(outside))):
-        raise ValueError(f"hf_compress.vocab.add_tokens: tokenizer gave ids {ids} but the table has {v_old} rows; new "
-                         "ids past the table must be contiguous from there. Resize the tokenizer/model first.")
-    outside.sort(key=lambda i: ids[i])
     vectors = vectors.detach().to(emb.weight.dtype)
     head = _dense_head(model, emb)
     if inside:
@@ -116,17 +145,22 @@ def add_tokens(model: nn.Module, tokenizer: Any, new_tokens: Sequence[Any],
     tied = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(tied, TiedEmbeddingHead) and outside:
         tied.add_rows(len(outside))
+    partners = _bias_partners(model, tied if isinstance(tied, TiedEmbeddingHead) else head, v_old)
+    for bias in partners:
+        bias.data = torch.cat([bias.data, bias.data.new_zeros(len(outside))])
+    biases = [*partners, *(getattr(h, "bias", None) for h in (tied, head) if h is not None)]
+    for bias in (b for b in biases if b is not None and inside):  # an overwritten row starts unbiased, as a new one
+        bias.data[[ids[i] for i in inside]] = 0
     if head is not None:
         with torch.no_grad():
             if inside:
                 head.weight[[ids[i] for i in inside]] = vectors[inside].to(head.weight.dtype)
-            if outside:
-                head.weight = nn.Parameter(torch.cat([head.weight.data, vectors[outside].to(head.weight.dtype)]))
+            if outside:  # (.data: the parameters stay the same objects, with their flags and ties)
+                new_rows = vectors[outside].to(head.weight.device, head.weight.dtype)
+                head.weight.data = torch.cat([head.weight.data, new_rows])
                 if head.bias is not None:
-                    head.bias = nn.Parameter(torch.cat([head.bias.data, head.bias.data.new_zeros(len(outside))]))
+                    head.bias.data = torch.cat([head.bias.data, head.bias.data.new_zeros(len(outside))])
                 head.out_features = head.weight.shape[0]
-    _refresh(model, emb.num_embeddings)
-    return all_ids
 
 
 def prune_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -134,8 +168,22 @@ def prune_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Te
     (BPE: a kept token built through a dropped one can then no longer be produced; nothing else is dropped)."""
     emb = _embedding(model)
     drop = torch.zeros(emb.num_embeddings, dtype=torch.bool)
-    drop[torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long)] = True
+    drop[_token_ids(ids, emb.num_embeddings, "prune_tokens")] = True
     return keep_tokens(model, tokenizer, (~drop).nonzero().squeeze(1), merge_parts=False)
+
+
+def _token_ids(ids: Sequence[int] | torch.Tensor, v: int, who: str) -> torch.Tensor:
+    """``ids`` as a 1-D int64 tensor, checked: integers in ``[0, v)``."""
+    t = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(list(ids))
+    if t.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if t.ndim != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"hf_compress.vocab.{who}: ids must be a flat list of integer token ids, got "
+                         f"{t.dtype} of shape {list(t.shape)}.")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= v):
+        raise ValueError(f"hf_compress.vocab.{who}: ids must lie in [0, {v}) (the table's rows), got "
+                         f"{sorted({int(i) for i in t if not 0 <= int(i) < v})[:5]}.")
+    return t.long()
 
 
 def keep_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Tensor,
@@ -152,8 +200,8 @@ def keep_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Ten
     """
     emb = _embedding(model)
     v_old = emb.num_embeddings
-    keep = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long).unique()
-    if keep.numel() == 0 or int(keep.min()) < 0 or int(keep.max()) >= v_old:
+    keep = _token_ids(ids, v_old, "keep_tokens").unique()
+    if keep.numel() == 0:
         raise ValueError(f"hf_compress.vocab.keep_tokens: ids must be a non-empty subset of [0, {v_old}).")
     doc = _tokenizer_doc(tokenizer)  # parsed once: read by the merge parts, rewritten by the remapping
     if merge_parts and doc is not None:
@@ -163,34 +211,61 @@ def keep_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Ten
     configs = [c for c in (getattr(model, "config", None), getattr(model, "generation_config", None)) if c is not None]
     for cfg in configs:
         for f in _ID_FIELDS:
-            for i in _as_list(getattr(cfg, f, None)):
+            for i in _ids_in(f, getattr(cfg, f, None)):
                 if 0 <= i < v_old and old_to_new[i] < 0:
-                    raise ValueError(f"hf_compress.vocab: cannot prune token {i}: it is {type(cfg).__name__}.{f}. "
+                    raise ValueError(f"hf_compress.vocab: cannot prune token {i}: it is in {type(cfg).__name__}.{f}. "
                                      "Keep it, or change that field first.")
+    stamps = [getattr(c, "no_timestamps_token_id", None) for c in configs]
+    stamps += [t["id"] for t in (doc or {}).get("added_tokens", []) if t.get("content") == "<|notimestamps|>"]
+    for stamp in (s for s in stamps if isinstance(s, int) and 0 <= s < v_old):
+        if bool((old_to_new[stamp + 1:] < 0).any()):
+            raise ValueError(f"hf_compress.vocab: cannot prune Whisper's timestamp tokens (ids > {stamp}): a "
+                             "timestamp is read as its id minus the first timestamp id, so every later one would "
+                             "shift. Keep them.")
     new_json = _remap_tokenizer_json(tokenizer, doc, old_to_new) if tokenizer is not None else None
     emb.keep_rows(keep)
     if emb.padding_idx is not None:  # the padding row moves with the renumbering (gone: no padding row)
         pad = int(old_to_new[emb.padding_idx % v_old])
         emb.padding_idx = pad if pad >= 0 else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for bias in _bias_partners(model, head, v_old):
+        bias.data = bias.data[keep.to(bias.device)].contiguous()
     if isinstance(head, TiedEmbeddingHead):
         head.keep_rows(keep)
     elif isinstance(head, nn.Linear) and head.weight.shape[0] == v_old:
-        head.weight = nn.Parameter(head.weight.data[keep].contiguous())
+        rows = keep.to(head.weight.device)
+        head.weight.data = head.weight.data[rows].contiguous()  # same parameter objects (flags, ties)
         if head.bias is not None:
-            head.bias = nn.Parameter(head.bias.data[keep].contiguous())
+            head.bias.data = head.bias.data[rows].contiguous()
         head.out_features = keep.numel()
+    mapping = old_to_new.tolist()
     for cfg in configs:
-        for f in _ID_FIELDS + _ID_LIST_FIELDS:
+        for f in _ID_FIELDS + _ID_LIST_FIELDS + _ID_MAP_FIELDS:
             value = getattr(cfg, f, None)
-            if isinstance(value, int) and 0 <= value < v_old:
-                setattr(cfg, f, int(old_to_new[value]))
-            elif isinstance(value, list):
-                setattr(cfg, f, [int(old_to_new[i]) for i in value if 0 <= i < v_old and old_to_new[i] >= 0])
+            if value is not None:
+                setattr(cfg, f, _remap_field(f, value, mapping))
     _refresh(model, emb.num_embeddings)
     if new_json is not None:
         _load_tokenizer_json(tokenizer, new_json)
     return old_to_new
+
+
+def _bias_partners(model: nn.Module, head: nn.Module | None, v_old: int) -> list[nn.Parameter]:
+    """Parameters ``[v_old]`` the model class ties to ``head``'s bias but that are other objects now (BERT's
+    ``cls.predictions.bias``, kept apart once the model is untied): resized with the head so a reload fits."""
+    bias = getattr(head, "bias", None)
+    name = next((n for n, m in model.named_modules() if m is head), None) if bias is not None else None
+    found: list[nn.Parameter] = []
+    for key, source in (getattr(type(model), "_tied_weights_keys", None) or {}).items():
+        for a, b in ((key, source), (source, key)):
+            if name is not None and a == f"{name}.bias":
+                try:
+                    p = model.get_parameter(b)
+                except AttributeError:
+                    continue
+                if p is not bias and tuple(p.shape) == (v_old,) and all(p is not q for q in found):
+                    found.append(p)
+    return found
 
 
 def _tokenizer_doc(tokenizer: Any) -> dict[str, Any] | None:
@@ -243,10 +318,45 @@ def _merged(a: str, b: str, bpe: dict[str, Any]) -> str:
     return a + (b[len(prefix):] if prefix and b.startswith(prefix) else b)
 
 
-def _as_list(value: Any) -> list[int]:
+def _ids_in(field: str, value: Any) -> list[int]:
+    """The token ids in a config field (an id, a list, nested lists; ``forced_decoder_ids``: ``[position, id]``
+    pairs)."""
+    if field == "forced_decoder_ids" and isinstance(value, (list, tuple)):
+        return [p[1] for p in value if isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[1], int)]
+    if isinstance(value, bool):
+        return []
     if isinstance(value, int):
         return [value]
-    return [v for v in value if isinstance(v, int)] if isinstance(value, (list, tuple)) else []
+    return [i for v in value for i in _ids_in("", v)] if isinstance(value, (list, tuple)) else []
+
+
+def _remap_field(field: str, value: Any, mapping: list[int]) -> Any:
+    """``value`` of config ``field`` renumbered by ``mapping`` (old id -> new, -1 dropped; ids outside the table
+    are left alone). List fields drop the entries holding a dropped id (a suppressed token, a bad-words sequence, a
+    sequence bias); map fields (Whisper's ``lang_to_id``) drop the pruned names. The fields whose ids must stay
+    were checked before."""
+    def new(i: int) -> int:
+        return mapping[i] if 0 <= i < len(mapping) else i
+
+    def ok(v: Any) -> bool:
+        return all(new(i) >= 0 for i in _ids_in("", v))
+
+    def deep(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return type(v)(deep(x) for x in v)
+        return new(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    if field in _ID_MAP_FIELDS and isinstance(value, dict):
+        return {k: new(i) for k, i in value.items() if not isinstance(i, int) or new(i) >= 0}
+    if field == "sequence_bias" and isinstance(value, dict):
+        return {deep(k): b for k, b in value.items() if ok(k)}
+    if field == "sequence_bias" and isinstance(value, list):  # [[ids, bias], ...]
+        return [[deep(p[0]), *p[1:]] for p in value if ok(p[0])]
+    if field == "forced_decoder_ids" and isinstance(value, list):
+        return [[p[0], new(p[1])] for p in value]
+    if field in _ID_LIST_FIELDS and isinstance(value, list):
+        return [deep(v) for v in value if ok(v)]
+    return deep(value)
 
 
 def _remap_tokenizer_json(tokenizer: Any, doc: dict[str, Any] | None, old_to_new: torch.Tensor) -> str:

@@ -176,6 +176,12 @@ def test_resize_token_embeddings_on_a_compressed_table_names_the_vocab_tools() -
     model = _with_embedding(TTEmbeddingConfig(compression=1.5, metric="identity"))
     with pytest.raises(TypeError, match=r"hf_compress\.vocab\.add_tokens"):
         model.resize_token_embeddings(100)
+    table = model.get_input_embeddings()  # calls that change nothing answer as transformers does: the table
+    v = table.num_embeddings
+    assert model.resize_token_embeddings() is table and model.resize_token_embeddings(v) is table
+    assert model.resize_token_embeddings(v - 1, pad_to_multiple_of=v) is table
+    with pytest.raises(TypeError, match=r"hf_compress\.vocab\.add_tokens"):
+        model.resize_token_embeddings(v, pad_to_multiple_of=v + 1)
     dense_table = hf_compress.compress(tiny_model(LLAMA), WHITENED, calibration=calibration_batches(LLAMA),
                                        progress=False)
     assert dense_table.resize_token_embeddings(100).num_embeddings == 100  # a dense table resizes as usual

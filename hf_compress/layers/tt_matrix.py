@@ -233,14 +233,16 @@ class AdaptiveRankEmbedding(CompressedEmbedding):
                 continue
             new_tier[sel] = len(kept_ranks)
             new_slot[sel] = torch.arange(sel.numel(), device=sel.device)
-            kept_coeffs.append(nn.Parameter(self.coeffs[t].data[slots[sel]].contiguous()))
+            coeffs = self.coeffs[t]  # the same parameter objects, with their flags
+            coeffs.data = coeffs.data[slots[sel]].contiguous()
+            kept_coeffs.append(coeffs)
             kept_ranks.append(self.tier_ranks[t])
             kept_sizes.append(int(sel.numel()))
         self.coeffs = nn.ParameterList(kept_coeffs)
         self.tier, self.slot = new_tier.to(torch.int32), new_slot.to(torch.int32)
         self.tier_ranks, self.tier_sizes, self.num_embeddings = kept_ranks, kept_sizes, int(ids.numel())
         if max(kept_ranks) < self.basis.shape[0]:
-            self.basis = nn.Parameter(self.basis.data[: max(kept_ranks)].contiguous())
+            self.basis.data = self.basis.data[: max(kept_ranks)].contiguous()
 
     def spec(self) -> dict[str, Any]:
         return {**self._base_spec(), "tier_ranks": list(self.tier_ranks), "tier_sizes": list(self.tier_sizes)}

@@ -65,6 +65,8 @@ def attach_tied_head(ctx: CompressionContext, module: nn.Embedding, new: nn.Modu
         ctx.model.set_submodule(head_name, tied)
     else:
         head.weight = nn.Parameter(module.weight.detach().clone())
+        if getattr(head, "bias", None) is not None:  # its own too: a bias shared through the dropped tie entries
+            head.bias = nn.Parameter(head.bias.detach().clone())  # (BERT's) would be saved once, reloaded as zeros
     untie(ctx.model, (head_name, ctx.name))
 
 
