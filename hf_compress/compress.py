@@ -124,6 +124,8 @@ def compress(
             ctx = CompressionContext(model=model, name=name, calibration=calibration, state=states.pop(name, None))
             new = method.compress(module, cfg, ctx)
             if new is not None and new is not module:
+                if not any(p.requires_grad for p in module.parameters()) and any(True for _ in module.parameters()):
+                    new.requires_grad_(False)  # a frozen dense module stays frozen
                 model.set_submodule(name, new)
                 if tied_to is not None:  # a head sharing the dense table no longer does: record the model untied
                     from .methods.tied import untie

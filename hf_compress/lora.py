@@ -71,6 +71,14 @@ class _CompressedBase:
                 f"{type(self.get_base_layer()).__name__} does not store densely; use the default init "
                 "(init_lora_weights=True or 'gaussian'), or initialize on the dense model and compress it after."
             )
+        targets = getattr(config, "target_modules", None)
+        inner = [n for n, _ in self.get_base_layer().named_children()]
+        both = sorted(set(inner) & set(targets)) if isinstance(targets, (list, set, tuple)) else []
+        if both:
+            raise ValueError(
+                f"hf_compress: target_modules names both this compressed {type(self.get_base_layer()).__name__} and "
+                f"its factors {both}; target one or the other (the outer layer, e.g. 'q_proj', or its factors)."
+            )
         if getattr(config, "use_dora", False):
             raise ValueError(
                 f"hf_compress: DoRA on the compressed {type(self.get_base_layer()).__name__} would rebuild its whole "

@@ -215,3 +215,54 @@ def test_dora_is_refused_and_codebook_adapters_use_the_model_dtype() -> None:
                              autocast_adapter_dtype=False)
     layer = pm.get_base_model().get_input_embeddings()
     assert layer.lora_embedding_A["default"].dtype == layer.lora_embedding_B["default"].dtype == torch.float32
+
+
+def test_codebook_storage_made_trainable_by_peft_trains_in_fp32() -> None:
+    """``modules_to_save`` on a codebook table turns on its fp16 storage's gradients; the first training forward
+    promotes it to fp32 (Adam's small steps vanished in fp16) in the same parameter objects the optimizer holds."""
+    arch = ARCHS[0]
+    model = hf_compress.compress(tiny_model(arch), CompressionConfig(modules={"embed_tokens": TABLES["codebook"]()}),
+                                 progress=False)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    storage = [p for n, p in pm.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    assert storage and all(p.dtype == torch.float16 for p in storage)
+    before = [p.detach().clone() for p in storage]
+    opt = torch.optim.AdamW(storage, lr=1e-4)
+    pm.train()
+    for _ in range(3):
+        pm(**arch.inputs(), labels=arch.inputs()["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(p.dtype == torch.float32 for p in storage)
+    assert all((p.detach() - b.float()).abs().max() > 1e-5 for p, b in zip(storage, before, strict=True))
+
+
+def test_a_target_list_naming_a_compressed_linear_and_its_factors_is_a_clear_error() -> None:
+    arch = ARCHS[0]
+    model = hf_compress.compress(tiny_model(arch), CompressionConfig(modules={"q_proj": LowRankConfig(rank=4)}),
+                                 progress=False)
+    config = register_compressed_lora(peft.LoraConfig(r=2, target_modules=["q_proj", "down", "up"]))
+    with pytest.raises(ValueError, match=r"names both this compressed LowRankLinear and its factors \['down', 'up'\]"):
+        peft.get_peft_model(model, config)
+
+
+def test_a_copy_of_the_tied_head_alone_reads_the_models_table_and_a_model_copy_its_own() -> None:
+    import copy
+
+    arch = ARCHS[0]
+    model = hf_compress.compress(tiny_model(arch), CompressionConfig(modules={"embed_tokens": TTEmbeddingConfig()}),
+                                 progress=False)
+    assert copy.deepcopy(model.lm_head).embedding is model.model.embed_tokens  # (PEFT modules_to_save copies it)
+    twin = copy.deepcopy(model)
+    assert twin.lm_head.embedding is twin.model.embed_tokens is not model.model.embed_tokens
+
+
+@pytest.mark.parametrize("table", ["tt_adaptive", "low_rank"])
+def test_compressing_a_frozen_model_keeps_it_frozen(table: str) -> None:
+    arch = ARCHS[0]
+    model = tiny_model(arch).requires_grad_(False)
+    plan = {"embed_tokens": TTEmbeddingConfig()} if table == "tt_adaptive" else {"q_proj": LowRankConfig(rank=4)}
+    hf_compress.compress(model, CompressionConfig(modules=plan), progress=False)
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]
+    unfrozen = hf_compress.compress(tiny_model(arch), CompressionConfig(modules=plan), progress=False)
+    assert any(p.requires_grad for p in unfrozen.parameters())  # a trainable module stays trainable

@@ -208,6 +208,16 @@ class CodebookLinear(nn.Module):
         self.clear_cache()
         return self
 
+    def _fp32_masters(self) -> None:
+        """Trainable fp16/bf16 storage becomes fp32 (in place: optimizers keep the same parameter objects), as
+        ``mark_codebooks_trainable`` does: PEFT's ``modules_to_save`` or ``requires_grad_(True)`` turn training on
+        without it, and Adam on fp16 storage loses every small update. ``freeze_codebooks`` returns it to fp16."""
+        for p in self.storage():
+            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+                if p.grad is not None:
+                    p.grad = p.grad.float()
+
     def clear_cache(self) -> None:
         """Drop the decoded caches. They are keyed on the tensors' in-place version counters, which writes through
         ``.data`` (``p.data.mul_(2)``) do not bump: call this after such writes."""
@@ -219,6 +229,8 @@ class CodebookLinear(nn.Module):
         trainable = self.codebooks.requires_grad or self.scales.requires_grad
         trainable |= self.offsets is not None and self.offsets.requires_grad
         if self.mode == "lookup" or (trainable and torch.is_grad_enabled()):
+            if trainable and torch.is_grad_enabled():
+                self._fp32_masters()
             self._weight_cache = None
             return self._dequantize(dtype)
         key = (*map(content_key, (self.codebooks, self.scales, self.indices, self.perm)), dtype, device,

@@ -11,6 +11,7 @@ head, and the dynamic-vocabulary operations ``add_rows`` / ``set_rows`` / ``keep
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -232,6 +233,18 @@ class TiedEmbeddingHead(nn.Module):
         self._out_features = out_features
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self.__dict__["_embedding"] = None  # not a submodule: no second copy in the state dict
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TiedEmbeddingHead:
+        """A copy of the whole model reads the copied table (the model's modules come before its head); a copy of
+        the head alone (PEFT's ``modules_to_save``) reads the same table, not a hidden private copy of it."""
+        emb = self.__dict__.get("_embedding")
+        if emb is not None and id(emb) not in memo:
+            memo[id(emb)] = emb
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
 
     def bind_model(self, model: nn.Module) -> None:
         """Point this head at ``model.get_submodule(self.source)``."""
