@@ -103,6 +103,8 @@ def perplexity(model: Any, tokenizer: Any, text: str, max_tokens: int = 16384, w
                 x = torch.cat([torch.full((x.shape[0], 1), bos), x], dim=1)
             n_new = batch[0][2]
             n_pred = min(n_new, x.shape[1] - 1)  # without BOS the very first token has no prediction
+            if n_pred == 0:  # a last window of one token and no BOS: nothing it could score
+                continue
             kwargs = {"logits_to_keep": n_pred + 1} if keep else {}
             logits = model(input_ids=x.to(device), **kwargs).logits
             logits = logits[:, -(n_pred + 1):-1]

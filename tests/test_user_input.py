@@ -3,6 +3,7 @@ half-apply, failed distillation, bad TT shapes and sweep budgets. Each case fail
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -236,3 +237,16 @@ def test_compressing_the_linears_never_materializes_a_compressed_table(monkeypat
                                       r"(self_attn|mlp)\.\w+_proj$": LowRankConfig(rank_ratio=0.5)})
     hf_compress.compress(tiny_model(LLAMA), plan, progress=False)
     assert reads == []  # the tied-head check read the whole table once per linear target
+
+
+def test_perplexity_with_a_last_window_of_one_token() -> None:
+    """Stride = window and no BOS: a text of 2·window + 1 tokens ends in a one-token window with nothing to score
+    (it crashed); each window's first token is context only, as documented."""
+    from test_vocab import _bpe
+
+    from hf_compress.evaluation import perplexity
+
+    model = tiny_model(LLAMA)
+    out = perplexity(model, _bpe(), "the cat sat on the mat and the dog ate the hat " * 4, max_tokens=17, window=8,
+                     stride=8)
+    assert out["text_tokens"] == 17 and out["tokens"] == 14 and out["windows"] == 3 and math.isfinite(out["ppl"])
