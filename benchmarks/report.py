@@ -45,12 +45,38 @@ def _latency(rec: dict[str, Any]) -> str:
     return f"{_fmt(value)}*" if value is not None else ""
 
 
+# setting fields that tell rows of one method apart (the first few present are shown)
+SETTING_KEYS = ("setting", "label", "format", "compression", "bits_per_weight", "target_cut", "assignment",
+                "num_subspaces", "whiten", "error_feedback", "sequential", "tied_head", "metric")
+
+
 def _budget(doc: dict[str, Any], rec: dict[str, Any]) -> str:
-    """The evaluation budget of a record: its run's (merged files keep one per run) or the file's."""
+    """The evaluation budget of a record: its run's (merged files keep one per run) or the file's, with the fields
+    where it differs from the named budget of ``benchmarks.harness.BUDGETS`` (a suite may evaluate fewer
+    utterances), and a speaker-adaptation suite's own test-set size."""
+    from .harness import BUDGETS
+
     budget = doc.get("budget") or {}
     if rec.get("run") in budget:
         budget = budget[rec["run"]]
-    return ", ".join(budget) if isinstance(budget, dict) else ""
+    if not isinstance(budget, dict):
+        return ""
+    names = []
+    for name, fields in budget.items():
+        base = BUDGETS.get(name.split("+")[0], {})
+        diff = {k: v for k, v in fields.items() if k in base and base[k] != v} if isinstance(fields, dict) else {}
+        names.append(name + (f" ({', '.join(f'{k}={v}' for k, v in diff.items())})" if diff else ""))
+    own = (rec.get("setting") or {}).get("budget") if isinstance(rec.get("setting"), dict) else None
+    if isinstance(own, dict) and "n_test" in own:
+        names.append(f"WER on {own['n_test']} test utterances per voice")
+    return ", ".join(names)
+
+
+def _setting(rec: dict[str, Any]) -> str:
+    """The method, with the setting fields that tell its rows apart."""
+    setting = rec.get("setting") if isinstance(rec.get("setting"), dict) else {}
+    shown = [f"{k}={_fmt(setting[k])}" for k in SETTING_KEYS if isinstance(setting.get(k), (str, int, float))][:3]
+    return f"{rec.get('method')}" + (f" ({', '.join(shown)})" if shown else "")
 
 
 def rows(results_dir: Path = RESULTS_DIR) -> list[str]:
@@ -64,7 +90,7 @@ def rows(results_dir: Path = RESULTS_DIR) -> list[str]:
             size, ratios = rec.get("size") or {}, rec.get("ratios") or {}
             disk = size.get("disk_bytes")
             out.append(
-                f"| `{path.name}` | {_budget(doc, rec)} | {rec.get('model')} | {rec.get('method')} | {_quality(rec)} | "
+                f"| `{path.name}` | {_budget(doc, rec)} | {rec.get('model')} | {_setting(rec)} | {_quality(rec)} | "
                 f"{_fmt(size.get('params'))} | {_fmt(ratios.get('params'))} | "
                 f"{_fmt(disk / 1e6) if isinstance(disk, (int, float)) else ''} | {_latency(rec)} |"
             )
