@@ -254,6 +254,7 @@ def run_sweep(bench: harness.Bench, budget: str, models: list[str], keep: float,
             eval_fn = _whisper_dev_fn(model, tok, 16 if budget == "default" else 4)
             calib = _whisper_calibration(model, tok, n_calib)
         dense = _measure(bench, name, model, tok, kind, budget, "dense", {}, None)
+        dense_model = copy.deepcopy(model)  # timed beside the plan after the sweep (the sweep takes many minutes)
 
         def lat_fn(m: Any, k: str = kind) -> float:
             inputs = _latency_inputs(m, k, budget)
@@ -262,8 +263,14 @@ def run_sweep(bench: harness.Bench, budget: str, models: list[str], keep: float,
         result = hf_compress.sweep(model, candidates, configs, calibration=calib, eval_fn=eval_fn,
                                    budget=keep, method="whitened", latency_fn=lat_fn, path_evals=2)
         hf_compress.compress(model, result.config, calibration=calib, progress=False)
+        lat = harness.paired_latency({"dense": dense_model, "plan": model}, budget=budget)
+        del dense_model
         extra = {"plan": result.config.to_dict(), "chosen": result.chosen, "dev_metric": result.dense,
-                 "table": result.table, "pareto": result.pareto, "path": result.path}
+                 "table": result.table, "pareto": result.pareto, "path": result.path, "paired_latency": lat,
+                 "forward_ratio_vs_dense_paired": lat["plan"]["forward_s"] / lat["dense"]["forward_s"]}
+        if "decode_tokens_per_s" in lat["plan"]:
+            extra["decode_ratio_vs_dense_paired"] = (lat["plan"]["decode_tokens_per_s"]
+                                                     / lat["dense"]["decode_tokens_per_s"])
         rec = _measure(bench, name, model, tok, kind, budget, "sweep-whitened",
                        {"budget_params": keep, "candidates": candidates, "sizes": sizes,
                         "calibration": len(calib), "damping": damping}, dense, extra)
