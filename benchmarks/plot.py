@@ -31,10 +31,18 @@ def plot_file(path: Path) -> Path | None:
     models = sorted({r["model"] for r in records})
     if not records:
         return None
-    # (record section, x key, axis label); suites that time nothing get no empty latency panel
-    panels = [("size", "params", "parameters")]
-    if any((r.get("latency") or {}).get("forward_s") is not None for r in records):
-        panels.append(("latency", "forward_s", "forward latency (s)"))
+    from .report import PAIRED_LATENCY, _budget
+
+    def x_of(rec: dict[str, Any], panel: str, recs: list[dict[str, Any]]) -> float | None:
+        if panel == "size":  # bytes on disk where every record of the model has them (packed codes are no params)
+            disk = all(isinstance((r.get("size") or {}).get("disk_bytes"), (int, float)) for r in recs)
+            return (rec.get("size") or {}).get("disk_bytes" if disk else "params")
+        extra = rec.get("extra") or {}
+        paired = next((extra[k] for k in PAIRED_LATENCY if isinstance(extra.get(k), (int, float))), None)
+        return paired if paired is not None else (rec.get("ratios") or {}).get("forward_s")
+
+    timed = any(x_of(r, "latency", records) is not None for r in records)
+    panels = ["size", "latency"] if timed else ["size"]  # suites that time nothing get no empty latency panel
     fig, axes = plt.subplots(len(models), len(panels), figsize=(5.5 * len(panels), 4 * len(models)), squeeze=False)
     for row, model in zip(axes, models):
         recs = [r for r in records if r["model"] == model]
@@ -42,20 +50,30 @@ def plot_file(path: Path) -> Path | None:
         if metric is None:
             continue
         name, lower = metric
-        for ax, (section, xkey, xlabel) in zip(row, panels):
-            methods = sorted({r["method"] for r in recs})
-            for method in methods:
-                pts = [((r.get(section) or {}).get(xkey), r["quality"].get(name))
-                       for r in recs if r["method"] == method]
+        # one series per method, evaluation budget and run: points of different budgets or runs are not joined
+        key = {id(r): (r["method"], _budget(doc, r), str(r.get("run") or "")) for r in recs}
+        budgets, runs = {k[1] for k in key.values()}, {k[2] for k in key.values()}
+        disk = all(isinstance((r.get("size") or {}).get("disk_bytes"), (int, float)) for r in recs)
+        colors = {k: plt.get_cmap("tab20")(i % 20) for i, k in enumerate(sorted(set(key.values())))}
+        for ax, panel in zip(row, panels):
+            for series in sorted(set(key.values())):
+                pts = [(x_of(r, panel, recs), r["quality"].get(name)) for r in recs if key[id(r)] == series]
                 pts = sorted(p for p in pts if p[0] is not None and p[1] is not None)
+                label = series[0] + (f" [{series[1]}]" if len(budgets) > 1 else "") + \
+                    (f" run {series[2]}" if len(runs) > 1 and series[2] else "")
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=method)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=label,
+                            color=colors[series])
+            xlabel = ("bytes on disk" if disk else "parameters") if panel == "size" else \
+                "forward latency / dense (same run; paired where measured)"
             ax.set_xlabel(xlabel)
             ys = [r["quality"].get(name) for r in recs if isinstance(r["quality"].get(name), (int, float))]
             if name == "ppl" and ys and min(ys) > 0 and max(ys) / min(ys) > 20:
                 ax.set_yscale("log")  # perplexities span orders of magnitude; a linear axis hides the good ones
             ax.set_ylabel(f"{name} ({'lower' if lower else 'higher'} is better)")
-            ax.set_title(f"{model}: {name} vs {xlabel}")
+            ax.set_title(f"{model}: {name} vs {'size' if panel == 'size' else 'latency'}")
+            if panel == "latency":
+                ax.axvline(1.0, color="grey", lw=0.8, ls="--")  # dense
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle(f"{doc.get('suite')} ({doc.get('created', '')})")
