@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .calibration import on_cpu
+
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 DECODER_TARGETS = r".*decoder\.layers\.\d+\.((self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)"
 # encoder self-attention projections and FFN linears, including the two factors of a low-rank fc1 / fc2
@@ -342,7 +344,7 @@ def train_speaker_adapter(model: Any, processor: Any, utterances: Sequence[Any],
         learning_rate=learning_rate, lr_scheduler_type=lr_scheduler,
         warmup_steps=warmup_steps if warmup_steps is not None else max(1, min(10, max_steps // 10)),
         logging_steps=max(1, max_steps // 5), save_strategy="no", report_to=[], seed=seed,
-        remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False, dataloader_num_workers=0, use_cpu=on_cpu(peft_model),
         disable_tqdm=True,
     )
     callbacks = [_time_limit(max_seconds)] if max_seconds else None

@@ -254,3 +254,9 @@ def _in_features(module: nn.Module) -> int:
     if weight is None:
         raise TypeError(f"hf_compress.calibration: {type(module).__name__} has no weight; hook linear layers only.")
     return int(weight.shape[-1])
+
+
+def on_cpu(model: torch.nn.Module) -> bool:
+    """Whether ``model`` sits on the CPU: Trainer then trains it there (``use_cpu``) instead of moving it to a GPU
+    away from the teacher and the caller's other tensors."""
+    return next(model.parameters()).device.type == "cpu"

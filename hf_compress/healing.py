@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .adapters import _time_limit, encoder_targets, lora_config, train_speaker_adapter
-from .calibration import restored_training_state
+from .calibration import on_cpu, restored_training_state
 
 HEAL_ADAPTER = "heal"
 
@@ -99,9 +99,16 @@ class _Distiller(torch.nn.Module):
     def match(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The distillation loss of one batch of model inputs (``input_ids [b, seq]``, ...)."""
         hidden = self.loss in ("hidden", "both")
+        where = next(self.teacher.parameters()).device  # the teacher stays where the caller put it
         with torch.no_grad():
-            t = self.teacher(**inputs, output_hidden_states=hidden)
+            t = self.teacher(**{k: v.to(where) for k, v in inputs.items()}, output_hidden_states=hidden)
         s = self.student(**inputs, output_hidden_states=hidden)
+        here = next(self.student.parameters()).device
+        if where != here:
+            if hidden:
+                t.hidden_states = tuple(h.to(here) for h in t.hidden_states)
+            if self.loss in ("logits", "both"):
+                t.logits = t.logits.to(here)
         loss = next(iter(inputs.values())).new_zeros((), dtype=torch.float32)
         if hidden:
             terms = [(a.float() - b.float()).pow(2).mean() / b.float().pow(2).mean().clamp_min(1e-12)
@@ -184,7 +191,7 @@ def distill_logits(model: torch.nn.Module, teacher: torch.nn.Module, batches: Se
                 output_dir=tmp, per_device_train_batch_size=batch_size, max_steps=max_steps,
                 learning_rate=learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=warmup_steps,
                 weight_decay=0.0, logging_steps=max(1, max_steps // 10), save_strategy="no", report_to=[], seed=seed,
-                remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+                remove_unused_columns=False, dataloader_num_workers=0, use_cpu=on_cpu(model),
                 disable_tqdm=True)
             trainer = Trainer(model=_Distiller(model, teacher, "logits"), args=args, train_dataset=_Batches(batches),
                               data_collator=_concat, callbacks=[_time_limit(max_seconds)] if max_seconds else None)

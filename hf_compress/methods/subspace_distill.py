@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import restored_training_state
+from ..calibration import on_cpu, restored_training_state
 from ..healing import _Distiller
 from ..layers.subspace import SubspaceEmbedding
 from ..layers.tt_embedding import TiedEmbeddingHead
@@ -106,7 +106,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tens
             args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size,
                                      learning_rate=lr, weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0,
                                      logging_steps=max(1, steps // 10), save_strategy="no", report_to=[],
-                                     use_cpu=True, disable_tqdm=not progress, remove_unused_columns=False, seed=seed,
+                                     use_cpu=on_cpu(student), disable_tqdm=not progress,
+                                     remove_unused_columns=False, seed=seed,
                                      dataloader_num_workers=0)
             trainer = Trainer(model=wrap, args=args, train_dataset=[{"input_ids": r} for r in rows],
                               data_collator=collate)
