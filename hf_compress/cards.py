@@ -11,9 +11,12 @@ from huggingface_hub import ModelCard, ModelCardData
 _PIPELINE = {"causal-lm": "text-generation", "speech-seq2seq": "automatic-speech-recognition",
              "masked-lm": "fill-mask", "sequence-classification": "text-classification", "base": "feature-extraction"}
 
+GENERATED = "<!-- hf_compress: generated card, rewritten by each save; delete this line to keep your edits -->"
 TEMPLATE = """---
 {{ card_data }}
 ---
+
+<!-- hf_compress: generated card, rewritten by each save; delete this line to keep your edits -->
 
 # {{ title }}
 

@@ -102,11 +102,17 @@ class CompressedModelMixin(CompressedSaveMixin):
         layers = (getattr(model.config, "compression_config", None) or {}).get("layers") or {}
         names = _prefixed(model, list(resolve_layer_names(model, layers).values()))
         missing = [k for k in info.get("missing_keys", []) if any(k.startswith(n + ".") for n in names)]
-        if missing:
+        unexpected = info.get("unexpected_keys", [])
+        unlisted = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])
+                           if any(u.startswith(k.rsplit(".", 1)[0] + ".") for u in unexpected)})
+        if missing or unlisted:  # factors absent, or stored for a layer the config no longer lists
             raise ValueError(
                 f"hf_compress: the checkpoint lacks factor tensor(s) {sorted(missing)[:8]} of compressed layers "
                 f"({len(missing)} missing). The weights file is incomplete or does not match config.json's "
-                "compression_config; re-save the compressed model."
+                "compression_config; re-save the compressed model." if missing else
+                f"hf_compress: the checkpoint stores compressed tensors for {unlisted[:4]}, which config.json's "
+                "compression_config does not list (their dense weights would be random). The config was edited "
+                "or belongs to another save; re-save the compressed model."
             )
         from .layers.codebook import CodebookLinear
 

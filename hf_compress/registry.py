@@ -131,7 +131,13 @@ def build_compressed_structure(model: nn.Module, compression_config: dict[str, A
     """Replace the modules named in ``compression_config["layers"]`` by empty compressed layers (shapes only)."""
     layers = (compression_config or {}).get("layers") or {}
     for name, target in resolve_layer_names(model, layers).items():
-        model.set_submodule(target, layer_from_spec(layers[name]))
+        try:
+            layer = layer_from_spec(layers[name])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"hf_compress: config.json's compression_config.layers[{name!r}] cannot be built "
+                             f"({type(err).__name__}: {err}); the entry was edited or damaged: re-save the "
+                             "compressed model.") from err
+        model.set_submodule(target, layer)
     for module in model.modules():  # layers that read another module (e.g. a head tied to a compressed table)
         if callable(getattr(module, "bind_model", None)):
             module.bind_model(model)

@@ -16,7 +16,16 @@ REMOTE_CODE_FILE = "modeling_hf_compress.py"
 # Weights: model[.variant][-0000k-of-0000n].safetensors, their index model.safetensors.index[.variant].json, and
 # the same for pytorch_model*.bin (variant= saves put the variant there).
 _OWNED = re.compile(r"^((model|pytorch_model)(\.[\w-]+?)?(-\d+-of-\d+)?\.(safetensors|bin)(\.index(\.[\w-]+)?\.json)?|"
-                    r"config\.json|generation_config\.json|README\.md|" + re.escape(REMOTE_CODE_FILE) + r")$")
+                    r"config\.json|generation_config\.json|" + re.escape(REMOTE_CODE_FILE) + r")$")
+
+
+def _own_card(folder: Path) -> bool:
+    """Whether ``folder`` has no model card, or one hf_compress generated (the save then writes a fresh one; a card
+    someone wrote or edited is kept, as transformers keeps it)."""
+    from .cards import GENERATED
+
+    card = folder / "README.md"
+    return not card.is_file() or GENERATED in card.read_text(errors="replace")
 
 def _remote_code(model: Any) -> tuple[str, dict[str, str]]:
     """Source of the ``trust_remote_code`` shim for ``model``'s family, and the ``auto_map`` pointing into it."""
@@ -81,12 +90,15 @@ def replace_directory(new: Path, target: Path) -> None:
     if not target.is_dir():
         raise NotADirectoryError(f"hf_compress: save path {target} exists and is not a directory.")
     if new.parent == target:
-        names = sorted((p.name for p in new.iterdir()), key=lambda n: n == "config.json")
+        names = [p.name for p in new.iterdir()]
         for name in names:
-            os.replace(new / name, target / name)
-        for entry in target.iterdir():
+            if name != "config.json":
+                os.replace(new / name, target / name)
+        for entry in target.iterdir():  # stale weights before config.json: an interrupted save never loads them
             if entry.name not in names and _OWNED.match(entry.name) and entry.is_file():
                 entry.unlink()
+        if "config.json" in names:
+            os.replace(new / "config.json", target / "config.json")
         return
     for entry in target.iterdir():
         if not (new / entry.name).exists() and not _OWNED.match(entry.name):
@@ -98,7 +110,11 @@ def replace_directory(new: Path, target: Path) -> None:
         pass
     old = target.with_name(f".{target.name}.hf_compress-old-{uuid.uuid4().hex[:8]}")
     os.replace(target, old)
-    os.replace(new, target)
+    try:
+        os.replace(new, target)
+    except BaseException:  # the old checkpoint back where it was
+        os.replace(old, target)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -130,7 +146,9 @@ class CompressedSaveMixin:
             push = {k: kwargs.pop(k) for k in ("private", "commit_message", "create_pr", "revision") if k in kwargs}
             self.save_pretrained(save_directory, *args, **kwargs)
             if kwargs.get("is_main_process", True):  # one upload, from the process that wrote the files
-                upload_folder(save_directory, repo_id, token=kwargs.get("token"), **push)
+                written = [p.name for p in Path(save_directory).iterdir()  # not the folder's other files
+                           if _OWNED.match(p.name) or (p.name == "README.md" and _own_card(Path(save_directory)))]
+                upload_folder(save_directory, repo_id, token=kwargs.get("token"), allow_patterns=written, **push)
             return
         if kwargs.pop("safe_serialization", None) is False:  # transformers 5 ignores the argument too
             warnings.warn("hf_compress: safe_serialization=False is ignored: checkpoints are safetensors only.",
@@ -145,10 +163,12 @@ class CompressedSaveMixin:
             self.config.auto_map = auto_map
             super().save_pretrained(tmp, *args, **kwargs)
             (tmp / REMOTE_CODE_FILE).write_text(source)
-            if not (tmp / "README.md").exists():
+            if not (tmp / "README.md").exists() and _own_card(target):
                 from .cards import model_card
 
                 model_card(self).save(tmp / "README.md")
+            elif (tmp / "README.md").exists() and not _own_card(target):
+                (tmp / "README.md").unlink()  # (transformers wrote one) the folder's own card is kept
             replace_directory(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -159,17 +179,34 @@ class CompressedSaveMixin:
     ) -> Any:
         """Save through ``save_pretrained`` (weights, config with ``auto_map``, remote code, model card) into a
         temporary folder and upload it to ``repo_id``."""
+        from huggingface_hub import ModelCard
+
         tags = kwargs.pop("tags", None)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, max_shard_size=kwargs.pop("max_shard_size", "5GB"))
+            kept = _hub_card(repo_id, token)
+            if kept is not None:  # the repo's own card stays (as transformers keeps it); tags are still added
+                kept.save(Path(tmp) / "README.md")
             if tags:  # the Hub reads tags from the model card's metadata
-                from huggingface_hub import ModelCard
-
                 card = ModelCard.load(Path(tmp) / "README.md")
                 card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *([tags] if isinstance(tags, str)
                                                                                  else tags)]))
                 card.save(Path(tmp) / "README.md")
             return upload_folder(tmp, repo_id, private=private, token=token, commit_message=commit_message, **kwargs)
+
+
+def _hub_card(repo_id: str, token: str | None) -> Any:
+    """The model card of ``repo_id`` on the Hub if it has one that hf_compress did not generate, else ``None``."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    from .cards import GENERATED
+
+    try:
+        card = ModelCard.load(repo_id, token=token)  # (the main branch's card)
+    except (OSError, ValueError, HfHubHTTPError, EntryNotFoundError):  # no repo or card yet, or no Hub
+        return None
+    return None if GENERATED in card.content else card
 
 
 def upload_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = None, token: str | None = None,

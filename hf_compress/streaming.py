@@ -38,6 +38,7 @@ class SafetensorsReader:
                 size = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(size))
             header.pop("__metadata__", None)
+            _check_layout(path, header, 8 + size)
             for key, info in header.items():
                 self.index[key] = (path, info, 8 + size)
 
@@ -58,9 +59,31 @@ class SafetensorsReader:
         buf = bytearray(end - start)
         with open(path, "rb") as f:
             f.seek(base + start)
-            f.readinto(buf)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"hf_compress: {path}: tensor {key!r} is cut short (the file is truncated); "
+                                 "download or save the checkpoint again.")
         flat = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
         return flat.view(dtype).reshape(info["shape"])
+
+
+def _check_layout(path: Path, header: dict[str, Any], base: int) -> None:
+    """Raise unless the tensors of a safetensors ``header`` tile its data section and the file holds all of it (as
+    ``safe_open`` checks; a truncated file would otherwise read as zeros)."""
+    from math import prod
+
+    spans = sorted((info["data_offsets"][0], info["data_offsets"][1], key) for key, info in header.items())
+    at = 0
+    for start, end, key in spans:
+        info = header[key]
+        dtype = _DTYPES.get(info["dtype"])
+        width = torch.empty(0, dtype=dtype).element_size() if dtype is not None else None
+        if start != at or (width is not None and end - start != prod(info["shape"]) * width):
+            raise ValueError(f"hf_compress: {path}: the safetensors header is inconsistent at tensor {key!r}; the "
+                             "file is damaged: download or save the checkpoint again.")
+        at = end
+    if path.stat().st_size != base + at:
+        raise ValueError(f"hf_compress: {path} holds {path.stat().st_size} bytes, its header describes {base + at} "
+                         "(truncated or damaged); download or save the checkpoint again.")
 
 
 def checkpoint_files(path: str | Path, hub: dict[str, Any]) -> list[Path] | None:

@@ -176,6 +176,16 @@ def test_low_memory_compress_on_load_matches_regular(arch, dtype: torch.dtype, t
     assert torch.equal(model_output(arch.auto_class.from_pretrained(tmp_path / "out"), x), model_output(low, x))
 
 
+def test_low_memory_refuses_a_truncated_checkpoint(tmp_path: Path) -> None:
+    """The streamed reader checks the file against its header, as safe_open does (missing bytes read as zeros)."""
+    tiny_model(LLAMA).save_pretrained(tmp_path / "dense")
+    weights = tmp_path / "dense" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4096])
+    plan = CompressionConfig(modules={LLAMA.attn_pattern: LowRankConfig(rank_ratio=0.5)})
+    with pytest.raises(ValueError, match=r"model\.safetensors holds \d+ bytes, its header describes \d+ \(truncated"):
+        LLAMA.compressed_auto.from_pretrained(tmp_path / "dense", compression_config=plan, low_memory=True)
+
+
 def test_low_memory_base_model_from_head_checkpoint(tmp_path: Path) -> None:
     """``AutoCompressedModel`` on a ``*ForCausalLM`` checkpoint: names carry the ``model.`` prefix."""
     tiny_model(LLAMA).save_pretrained(tmp_path / "dense")

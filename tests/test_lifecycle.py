@@ -244,6 +244,14 @@ def test_a_replaced_folder_keeps_its_mode(tmp_path: Path) -> None:
     assert target.stat().st_mode & 0o777 == 0o750
 
 
+@pytest.fixture(autouse=True)
+def _no_hub_card(monkeypatch: pytest.MonkeyPatch) -> None:
+    """push_to_hub reads the repo's card first; offline that retries for half a minute: no repo card here."""
+    from hf_compress import saving
+
+    monkeypatch.setattr(saving, "_hub_card", lambda repo_id, token: None)
+
+
 def test_push_to_hub_uploads_the_save_path(tmp_path: Path) -> None:
     model = _compressed_llama()
     seen: dict[str, object] = {}
@@ -414,3 +422,105 @@ def test_safe_serialization_false_still_writes_safetensors_with_a_warning(tmp_pa
     assert (tmp_path / "model.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
     _assert_reloads_exactly(model, tmp_path)
+
+
+def test_a_written_model_card_is_kept_and_the_save_pushes_only_its_files(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card someone wrote (no generated-card marker) survives re-saves and pushes, locally and on the Hub, as
+    transformers keeps it; a generated card is rewritten. save_pretrained(push_to_hub=True) uploads the files the
+    save wrote, not the folder's others (secrets, trainer state)."""
+    from huggingface_hub import ModelCard
+
+    from hf_compress import saving
+    from hf_compress.cards import GENERATED
+
+    model, target = _compressed_llama(), tmp_path / "ckpt"
+    model.save_pretrained(target)
+    assert GENERATED in (target / "README.md").read_text()
+    (target / "README.md").write_text("# my own card\n")
+    (target / "secrets.env").write_text("TOKEN=x")
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", return_value="url") as upload:
+        model.save_pretrained(target, push_to_hub=True, repo_id="me/tiny")
+    assert (target / "README.md").read_text() == "# my own card\n" and (target / "secrets.env").exists()
+    sent = upload.call_args.kwargs["allow_patterns"]
+    assert "model.safetensors" in sent and "config.json" in sent and "secrets.env" not in sent
+    assert "README.md" not in sent  # the user's card is not the save's
+    monkeypatch.undo()  # the real _hub_card, reading a mocked Hub card
+    seen: dict[str, str] = {}
+
+    def fake_upload(self: object, repo_id: str, folder_path: str, **kwargs: object) -> str:
+        seen["card"] = (Path(folder_path) / "README.md").read_text()
+        return "url"
+
+    real_load = ModelCard.load
+    for hub_card, kept in (("---\nlicense: mit\n---\n# theirs\n", True), (None, False)):
+        def load(repo_or_path: object, *args: object, text: str | None = hub_card, **kwargs: object) -> ModelCard:
+            if repo_or_path != "me/tiny":  # a local file
+                return real_load(repo_or_path, *args, **kwargs)
+            if text is None:
+                raise OSError("no card on the Hub")
+            return ModelCard(text)
+
+        with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")), \
+                mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload), \
+                mock.patch("huggingface_hub.ModelCard.load", load):
+            model.push_to_hub("me/tiny", tags=["speech"])
+        assert ("# theirs" in seen["card"]) is kept and (GENERATED in seen["card"]) is not kept
+        assert "- speech" in seen["card"]
+    assert saving._hub_card is not None
+
+
+
+def test_a_failed_swap_puts_the_old_checkpoint_back(tmp_path: Path) -> None:
+    model, target = _compressed_llama(), tmp_path / "ckpt"
+    model.save_pretrained(target)
+    (target / "tokenizer.json").write_text("{}")
+    before = sorted(p.name for p in target.iterdir())
+    real_replace = os.replace
+
+    def replace(src: object, dst: object) -> None:  # the new folder cannot be moved in (killed, full disk ...)
+        if Path(dst) == target and ".hf_compress-tmp-" in str(src):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    with mock.patch("os.replace", replace), pytest.raises(OSError, match="No space left"):
+        _compressed_llama().save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == before and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    _assert_reloads_exactly(model, target)
+
+
+@pytest.mark.parametrize("edit", ["drop_entry", "drop_rank", "not_a_dict"])
+def test_a_hand_edited_compression_config_is_a_clear_error(edit: str, tmp_path: Path) -> None:
+    _compressed_llama().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    layers = cfg["compression_config"]["layers"]
+    name = next(n for n, spec in layers.items() if spec["type"] == "low_rank_linear")
+    if edit == "drop_entry":  # its stored factors would be unexpected keys and the dense weight random
+        del layers[name]
+        match = rf"stores compressed tensors for \['{name}'\], which config.json's compression_config does not list"
+    else:
+        if edit == "drop_rank":
+            del layers[name]["rank"]
+        else:
+            layers[name] = "low_rank_linear"
+        match = rf"compression_config.layers\['{name}'\] cannot be built"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_damaged_packed_buffers_are_refused_not_decoded(tmp_path: Path) -> None:
+    """A row permutation that is not one (or codes past the codebook) would decode through uninitialized memory."""
+    from hf_compress.methods.jlcm import CodebookConfig
+
+    model = hf_compress.compress(tiny_model(LLAMA), CompressionConfig(
+        modules={"mlp.up_proj": CodebookConfig(bits=3, method="kmeans", kmeans_iters=2)}), progress=False)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("up_proj.perm"))
+    tensors[key] = torch.zeros_like(tensors[key])  # every row "comes from" row 0
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    damaged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"CodebookLinear\(64->\d+\): the stored row permutation or codes are out"):
+        damaged(**LLAMA.inputs())

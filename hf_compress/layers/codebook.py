@@ -163,7 +163,14 @@ class CodebookLinear(nn.Module):
             n = self.out_features * self.in_features // self.vector_dim
             small = torch.int16 if self.bits <= 15 else torch.int32
             codes = unpack_bits(self.indices, self.bits, n, dtype=small).view(self.out_features, -1)
-            inv = torch.empty_like(perm := self.permutation())
+            perm = self.permutation()
+            if bool((perm >= self.out_features).any()) or bool(
+                    (torch.bincount(perm.long(), minlength=self.out_features) != 1).any()) or \
+                    (codes.numel() and int(codes.max()) >= self.codebooks.shape[1]):
+                raise ValueError(f"hf_compress: CodebookLinear({self.in_features}->{self.out_features}): the stored "
+                                 "row permutation or codes are out of range (the checkpoint is damaged); re-save "
+                                 "the compressed model.")
+            inv = torch.empty_like(perm)
             inv[perm] = torch.arange(self.out_features, device=perm.device)
             self._codes_cache = (key, codes, inv)
         return self._codes_cache[1]

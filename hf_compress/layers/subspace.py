@@ -192,6 +192,10 @@ class SubspaceEmbedding(CompressedEmbedding):
             n = self.num_embeddings * self.num_subspaces
             table = unpack_bits(self.codes, code_bits(self.num_rows), n, dtype=code_dtype(self.num_rows))
             table = table.view(self.num_embeddings, -1)
+            if table.numel() and int(table.max()) >= self.num_rows:
+                raise ValueError(f"hf_compress: SubspaceEmbedding({self.num_embeddings}, {self.embedding_dim}): a "
+                                 f"stored code is >= num_rows={self.num_rows} (the checkpoint is damaged); re-save "
+                                 "the compressed model.")
             self._code_cache = (key, table)
         return self._code_cache[1]
 
