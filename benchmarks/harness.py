@@ -91,7 +91,10 @@ def paired_latency(models: dict[str, Any], kind: str | None = None, budget: str 
     """:func:`latency` of several models (e.g. dense and compressed) measured **interleaved**: every round times
     each model once in turn, so a shared, noisy machine slows them alike and their ratio stays meaningful.
 
-    Returns ``{name: {"forward_s": median seconds, "decode_tokens_per_s": ...}}`` (decode for generative kinds).
+    Returns ``{name: {"forward_s": median seconds, "decode_tokens_per_s": ...}}`` (decode for generative kinds);
+    every model after the first also gets ``forward_ratio`` / ``decode_ratio``: the median over rounds of its
+    figure divided by the first model's in the same round (a burst of load on the shared CPU spoils one round's
+    pair, not the median).
     """
     from . import metrics
 
@@ -114,15 +117,20 @@ def paired_latency(models: dict[str, Any], kind: str | None = None, budget: str 
         for name, model in models.items():
             fwd[name].append(metrics.forward_latency(model, inputs, repeats=1, warmup=0)["median_s"])
     if kind != "encoder":
-        for _ in range(3):
+        for _ in range(rounds):
             for name, model in models.items():
                 dec_rate[name].append(metrics.decode_tokens_per_s(model, prompt, new_tokens=b["decode_new_tokens"],
                                                                   repeats=1))
     out = {}
+    ref = next(iter(models))
     for name in models:
         out[name] = {"forward_s": statistics.median(fwd[name])}
         if dec_rate[name]:
             out[name]["decode_tokens_per_s"] = statistics.median(dec_rate[name])
+        if name != ref:
+            out[name]["forward_ratio"] = statistics.median(a / b for a, b in zip(fwd[name], fwd[ref]))
+            if dec_rate[name]:
+                out[name]["decode_ratio"] = statistics.median(a / b for a, b in zip(dec_rate[name], dec_rate[ref]))
     return out
 
 

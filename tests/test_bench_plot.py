@@ -55,3 +55,18 @@ def test_table_prefers_paired_latency_and_names_each_run_budget(tmp_path: Path) 
     table = rows(tmp_path)[2:]
     assert table[0].split(" | ")[1] == "default" and table[0].endswith("| 0.9 |")
     assert table[1].split(" | ")[1] == "quick" and table[1].endswith("| 0.2* |")
+
+
+def test_paired_latency_gives_per_round_ratios_to_the_first_model() -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import ARCHS, tiny_model
+
+    from benchmarks.harness import paired_latency
+
+    model = tiny_model(ARCHS[0])
+    out = paired_latency({"dense": model, "same": model}, budget="quick", rounds=3)
+    assert set(out["dense"]) == {"forward_s", "decode_tokens_per_s"}
+    assert set(out["same"]) == {"forward_s", "decode_tokens_per_s", "forward_ratio", "decode_ratio"}
+    assert out["same"]["forward_ratio"] > 0 and out["same"]["decode_ratio"] > 0

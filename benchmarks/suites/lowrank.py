@@ -267,10 +267,9 @@ def run_sweep(bench: harness.Bench, budget: str, models: list[str], keep: float,
         del dense_model
         extra = {"plan": result.config.to_dict(), "chosen": result.chosen, "dev_metric": result.dense,
                  "table": result.table, "pareto": result.pareto, "path": result.path, "paired_latency": lat,
-                 "forward_ratio_vs_dense_paired": lat["plan"]["forward_s"] / lat["dense"]["forward_s"]}
-        if "decode_tokens_per_s" in lat["plan"]:
-            extra["decode_ratio_vs_dense_paired"] = (lat["plan"]["decode_tokens_per_s"]
-                                                     / lat["dense"]["decode_tokens_per_s"])
+                 "forward_ratio_vs_dense_paired": lat["plan"]["forward_ratio"]}
+        if "decode_ratio" in lat["plan"]:
+            extra["decode_ratio_vs_dense_paired"] = lat["plan"]["decode_ratio"]
         rec = _measure(bench, name, model, tok, kind, budget, "sweep-whitened",
                        {"budget_params": keep, "candidates": candidates, "sizes": sizes,
                         "calibration": len(calib), "damping": damping}, dense, extra)
