@@ -40,7 +40,10 @@ def _load_plan(args: argparse.Namespace) -> Any:
     if args.config:
         if not Path(args.config).is_file():
             raise CLIError(f"--config file {args.config} does not exist")
-        data = json.loads(Path(args.config).read_text())
+        try:
+            data = json.loads(Path(args.config).read_text())
+        except json.JSONDecodeError as err:
+            raise CLIError(f"--config {args.config} is not valid JSON: {err}") from err
         if isinstance(data, dict) and "modules" not in data and isinstance(data.get("config"), dict):
             data = data["config"]  # a --plan-out / sweep --table file: its plan
         return CompressionConfig.from_dict(data)

@@ -28,6 +28,48 @@ class CalibrationRequiredError(ValueError):
     ``compress`` was called without ``calibration=`` batches."""
 
 
+def check_field_types(cfg: Any) -> None:
+    """Raise ``TypeError`` unless every field of the dataclass ``cfg`` has its annotated type: ``int`` (not a bool),
+    ``float`` (an int or float, finite), ``bool``, ``str``, ``list[...]`` of those, or ``None`` where optional.
+    Catches ``rank=True``, ``damping=nan`` (which made a whitening loop spin forever) or ``order=2.5`` up front."""
+    import math
+    import types
+    import typing
+
+    def fits(value: Any, hint: Any) -> bool:
+        origin = typing.get_origin(hint)
+        if origin in (typing.Union, types.UnionType):
+            return any(fits(value, h) for h in typing.get_args(hint))
+        if hint is type(None):
+            return value is None
+        if hint is bool:
+            return isinstance(value, bool)
+        if hint is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        if hint is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if origin in (list, tuple):
+            inner = typing.get_args(hint)
+            return isinstance(value, (list, tuple)) and all(fits(v, inner[0]) for v in value) if inner else \
+                isinstance(value, (list, tuple))
+        return isinstance(value, hint) if isinstance(hint, type) else True
+
+    def name(hint: Any) -> str:
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            return " or ".join(name(h) for h in args)
+        if args:
+            return f"{typing.get_origin(hint).__name__}[{', '.join(name(h) for h in args)}]"
+        return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in hints and not fits(value, hints[f.name]):
+            raise TypeError(f"hf_compress: {type(cfg).__name__}.{f.name} must be {name(hints[f.name])} (numbers "
+                            f"finite), got {value!r}.")
+
+
 @dataclass
 class MethodConfig:
     """Base of every method's config dataclass.
@@ -44,6 +86,8 @@ class MethodConfig:
     def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
         from .registry import get_method
 
+        if not isinstance(data, dict):
+            raise TypeError(f"hf_compress: a method config is a JSON object {{\"type\": method, ...}}, got {data!r}.")
         data = dict(data)
         name = data.pop("type", None)
         if name is None:
@@ -89,6 +133,9 @@ class CompressionConfig:
             raise TypeError("hf_compress: CompressionConfig.modules must be a dict {pattern: MethodConfig}.")
         parsed: dict[str, MethodConfig] = {}
         for pattern, cfg in self.modules.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"hf_compress: CompressionConfig.modules keys are module-name patterns (str), got "
+                                f"{pattern!r}.")
             _pattern_regex(pattern)
             if isinstance(cfg, dict):
                 cfg = MethodConfig.from_dict(cfg)
@@ -99,8 +146,14 @@ class CompressionConfig:
                 )
             parsed[pattern] = cfg
         self.modules = parsed
+        if not isinstance(self.skip_modules, (list, tuple)) or not all(isinstance(p, str) for p in self.skip_modules):
+            raise TypeError(f"hf_compress: CompressionConfig.skip_modules must be a list of module-name patterns, got "
+                            f"{self.skip_modules!r}.")
+        self.skip_modules = list(self.skip_modules)
         for pattern in self.skip_modules:
             _pattern_regex(pattern)
+        if not isinstance(self.version, int) or isinstance(self.version, bool):
+            raise TypeError(f"hf_compress: CompressionConfig.version must be an int, got {self.version!r}.")
         if self.version > CONFIG_VERSION:
             raise ValueError(
                 f"hf_compress: compression config version {self.version} is newer than this hf_compress supports "
@@ -125,6 +178,9 @@ class CompressionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
+        if not isinstance(data, dict) or not isinstance(data.get("modules", {}), dict):
+            raise TypeError("hf_compress: a compression plan is a JSON object {\"modules\": {pattern: {\"type\": "
+                            "method, ...}}, \"skip_modules\": [...]}; got " + repr(data)[:200])
         data = dict(data)
         for key in ("layers", "base_model"):  # what a model's config records beside the plan
             data.pop(key, None)
@@ -132,7 +188,7 @@ class CompressionConfig:
         if unknown:
             raise ValueError(f"hf_compress: unknown CompressionConfig key(s) {unknown}.")
         modules = {p: MethodConfig.from_dict(c) for p, c in data.get("modules", {}).items()}
-        return cls(modules=modules, skip_modules=list(data.get("skip_modules", [])), version=data.get("version", 1))
+        return cls(modules=modules, skip_modules=data.get("skip_modules", []), version=data.get("version", 1))
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)

@@ -99,12 +99,14 @@ class _Distiller(torch.nn.Module):
     def match(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The distillation loss of one batch of model inputs (``input_ids [b, seq]``, ...)."""
         hidden = self.loss in ("hidden", "both")
-        where = next(self.teacher.parameters()).device  # the teacher stays where the caller put it
+        first = next(self.teacher.parameters(), None)  # the teacher stays where the caller put it
+        where = first.device if first is not None else None
         with torch.no_grad():
-            t = self.teacher(**{k: v.to(where) for k, v in inputs.items()}, output_hidden_states=hidden)
+            t = self.teacher(**{k: v.to(where) if where is not None else v for k, v in inputs.items()},
+                             output_hidden_states=hidden)
         s = self.student(**inputs, output_hidden_states=hidden)
         here = next(self.student.parameters()).device
-        if where != here:
+        if where is not None and where != here:
             if hidden:
                 t.hidden_states = tuple(h.to(here) for h in t.hidden_states)
             if self.loss in ("logits", "both"):

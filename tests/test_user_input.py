@@ -250,3 +250,31 @@ def test_perplexity_with_a_last_window_of_one_token() -> None:
     out = perplexity(model, _bpe(), "the cat sat on the mat and the dog ate the hat " * 4, max_tokens=17, window=8,
                      stride=8)
     assert out["text_tokens"] == 17 and out["tokens"] == 14 and out["windows"] == 3 and math.isfinite(out["ppl"])
+
+
+@pytest.mark.parametrize(("make", "field", "want"), [
+    (lambda: LowRankConfig(method="whitened", rank_ratio=0.5, damping=math.nan), "damping", "float"),  # spun forever
+    (lambda: TTEmbeddingConfig(format="per_token", order=2.5), "order", "int"),  # spun forever
+    (lambda: LowRankConfig(rank=True), "rank", "int or None"),
+    (lambda: LowRankConfig(rank_ratio="0.5"), "rank_ratio", "float or None"),
+    (lambda: LowRankConfig(method="tucker", tucker_ranks=[2.5, 2, 2]), "tucker_ranks", r"list\[int\] or None"),
+    (lambda: CodebookConfig(bits_per_weight=math.inf), "bits_per_weight", "float or None"),
+    (lambda: CodebookConfig(bits=3, steps=2.5), "steps", "int"),
+    (lambda: SubspaceEmbeddingConfig(num_subspaces=2, frequency_smoothing=math.nan), "frequency_smoothing", "float"),
+    (lambda: hf_compress.ProductTwinConfig(rank=4, whiten="no"), "whiten", "bool"),
+])
+def test_config_fields_of_the_wrong_type_are_refused_up_front(make: Any, field: str, want: str) -> None:
+    with pytest.raises(TypeError, match=rf"Config\.{field} must be {want} \(numbers finite\), got"):
+        make()
+
+
+@pytest.mark.parametrize(("plan", "message"), [
+    ({"modules": []}, "a compression plan is a JSON object"),
+    ([], "a compression plan is a JSON object"),
+    ({"modules": {"q_proj": "low_rank"}}, "a method config is a JSON object"),
+    ({"modules": {}, "skip_modules": "k_proj"}, "skip_modules must be a list of module-name patterns"),  # was split
+    ({"modules": {}, "version": "1"}, "version must be an int"),
+])
+def test_malformed_plans_are_clear_errors(plan: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        CompressionConfig.from_dict(plan)

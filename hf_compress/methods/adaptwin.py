@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..compress import CompressionContext
-from ..config import CalibrationRequiredError, MethodConfig
+from ..config import CalibrationRequiredError, MethodConfig, check_field_types
 from ..layers.twin_attention import TwinAttention
 from ..registry import register_method
 
@@ -63,6 +63,7 @@ class ProductTwinConfig(MethodConfig):
                                                                 "(M_VO is usually the more sensitive product)"})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         sizes = [k for k in ("rank", "rank_ratio", "energy") if getattr(self, k) is not None]
         if len(sizes) != 1:
             raise ValueError("hf_compress: ProductTwinConfig needs exactly one of `rank`, `rank_ratio` or `energy`, "

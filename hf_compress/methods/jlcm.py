@@ -82,7 +82,7 @@ from torch import nn
 
 from ..calibration import input_covariances
 from ..compress import CompressionContext
-from ..config import CalibrationRequiredError, MethodConfig
+from ..config import CalibrationRequiredError, MethodConfig, check_field_types
 from ..layers.codebook import CodebookLinear, group_sizes, perm_bits
 from ..layers.common import linear_weight_and_bias
 from ..registry import register_method
@@ -126,6 +126,7 @@ class CodebookConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.bits_per_weight is not None:
             bpw = float(self.bits_per_weight)
             dims = [d for d in (1, 2, 4, 8) if abs(bpw * d - round(bpw * d)) < 1e-6 and 1 <= round(bpw * d) <= 16]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..compress import CompressionContext
-from ..config import CalibrationRequiredError, MethodConfig
+from ..config import CalibrationRequiredError, MethodConfig, check_field_types
 from ..layers.common import linear_weight_and_bias
 from ..layers.lowrank import LowRankLinear, Spectrum, spectrum
 from ..layers.tucker import TuckerLinear, tucker_params
@@ -71,6 +71,7 @@ class LowRankConfig(MethodConfig):
                                                               "(one truncated calibration pass per block)"})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.method not in _METHODS:
             raise ValueError(f"hf_compress: LowRankConfig.method must be one of {_METHODS}, got {self.method!r}.")
         sizes = [k for k in ("rank", "rank_ratio", "energy", "tucker_ranks") if getattr(self, k) is not None]

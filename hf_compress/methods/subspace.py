@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..compress import CompressionContext
-from ..config import MethodConfig
+from ..config import MethodConfig, check_field_types
 from ..layers.subspace import (
     ASSIGNMENTS,
     SubspaceEmbedding,
@@ -67,6 +67,7 @@ class SubspaceEmbeddingConfig(MethodConfig):
     seed: int = field(default=0, metadata={"help": "k-means seed"})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         who = "SubspaceEmbeddingConfig"
         f = self.num_subspaces
         if not isinstance(f, int) or isinstance(f, bool) or f < 1:

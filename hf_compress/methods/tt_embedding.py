@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..compress import CompressionContext
-from ..config import BudgetError, MethodConfig
+from ..config import BudgetError, MethodConfig, check_field_types
 from ..layers.tt_embedding import TTEmbedding, check_tt_shape_ranks
 from ..layers.tt_matrix import AdaptiveRankEmbedding, TTMatrixEmbedding
 from ..registry import register_method
@@ -96,6 +96,7 @@ class TTEmbeddingConfig(MethodConfig):
                                                                "relative to the lookup error (equal traces at 1)"})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.format not in FORMATS:
             raise ValueError(f"hf_compress: TTEmbeddingConfig.format must be one of {FORMATS}, got {self.format!r}.")
         if self.tied_head not in HEADS:
