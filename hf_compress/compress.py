@@ -86,55 +86,89 @@ def compress(
 
     from .modeling import adopt_compressed_class
 
+    was = (type(model), getattr(model, "config", None))
     adopt_compressed_class(model)  # fails early, with the supported list, on unsupported HF architectures
-    targets = find_targets(model, config)
-    for name in targets:
-        _check_dense(name, model.get_submodule(name), targets[name][1])
-    if before_target is None:  # (the streamed load reads each target's weights in before_target: checked there)
+    try:
+        targets = find_targets(model, config)
         for name in targets:
-            _check_loaded(name, model.get_submodule(name))
-    for pattern in config.modules:
-        if not any(p == pattern for p, _ in targets.values()):
-            warnings.warn(
-                f"hf_compress: pattern {pattern!r} matched no module of {type(model).__name__}; "
-                "check the module names with `[n for n, _ in model.named_modules()]`.",
-                UserWarning,
-                stacklevel=2,
-            )
-
-    stages: dict[str, list[str]] = {}  # sequential targets by block, in model order
-    for name, (_, cfg) in targets.items():
-        if getattr(cfg, "sequential", False):
-            stages.setdefault(stage_of(name), []).append(name)
-    sequential = {n for names in stages.values() for n in names}
-    states = _prepare(model, {n: t for n, t in targets.items() if n not in sequential}, calibration)
-
-    with torch.no_grad():
-        for name, (_, cfg) in tqdm(targets.items(), desc="hf_compress", disable=not progress or not targets):
-            method = get_method(cfg.registry_name)
-            stage = stages.pop(stage_of(name), None) if name in sequential else None
-            if stage:  # calibrate this block on the outputs of the blocks compressed before it
-                with truncated_passes():  # each pass stops once the modules it hooks have run
-                    states.update(_prepare(model, {n: targets[n] for n in stage}, calibration))
-            if before_target is not None:  # the streamed load reads this target's weights now
-                before_target(name)
+            _check_dense(name, model.get_submodule(name), targets[name][1])
+        if before_target is None:  # (the streamed load reads each target's weights in before_target: checked there)
+            for name in targets:
                 _check_loaded(name, model.get_submodule(name))
-            module = model.get_submodule(name)
-            tied_to = _tied_input_embedding(model, module)
-            ctx = CompressionContext(model=model, name=name, calibration=calibration, state=states.pop(name, None))
-            new = method.compress(module, cfg, ctx)
-            if new is not None and new is not module:
-                if not any(p.requires_grad for p in module.parameters()) and any(True for _ in module.parameters()):
-                    new.requires_grad_(False)  # a frozen dense module stays frozen
-                model.set_submodule(name, new)
-                if tied_to is not None:  # a head sharing the dense table no longer does: record the model untied
-                    from .methods.tied import untie
+        for pattern in config.modules:
+            if not any(p == pattern for p, _ in targets.values()):
+                warnings.warn(
+                    f"hf_compress: pattern {pattern!r} matched no module of {type(model).__name__}; "
+                    "check the module names with `[n for n, _ in model.named_modules()]`.",
+                    UserWarning,
+                    stacklevel=2,
+                )
 
-                    untie(model, (name, tied_to))
-            del module, new
+        stages: dict[str, list[str]] = {}  # sequential targets by block, in model order
+        for name, (_, cfg) in targets.items():
+            if getattr(cfg, "sequential", False):
+                stages.setdefault(stage_of(name), []).append(name)
+        sequential = {n for names in stages.values() for n in names}
+        states = _prepare(model, {n: t for n, t in targets.items() if n not in sequential}, calibration)
+    except BaseException:
+        _undo_adopt(model, *was)  # nothing replaced yet: the model is as it was
+        raise
+
+    done: list[str] = []
+    with torch.no_grad():
+        try:
+            for name, (_, cfg) in tqdm(targets.items(), desc="hf_compress", disable=not progress or not targets):
+                _compress_one(model, name, cfg, stages, sequential, targets, states, calibration, before_target)
+                done.append(name)
+        except BaseException as err:
+            if not done:
+                _undo_adopt(model, *was)
+            else:  # the replaced modules stay (their dense weights are gone): recorded, so a save reloads as is
+                _record(model, config)
+                err.add_note(f"hf_compress: compress() stopped at {name}; {len(done)} module(s) before it are already "
+                             f"compressed ({', '.join(done[:3])}{', ...' if len(done) > 3 else ''}) and recorded in "
+                             "config.compression_config. Fix the plan and compress the dense model again.")
+            raise
 
     _record(model, config)
     return model
+
+
+def _compress_one(model: nn.Module, name: str, cfg: MethodConfig, stages: dict[str, list[str]], sequential: set[str],
+                  targets: dict[str, tuple[str, MethodConfig]], states: dict[str, Any], calibration: Any,
+                  before_target: Callable[[str], None] | None) -> None:
+    """Replace target ``name`` by its compressed layer (calibrating its block first if sequential)."""
+    method = get_method(cfg.registry_name)
+    stage = stages.pop(stage_of(name), None) if name in sequential else None
+    if stage:  # calibrate this block on the outputs of the blocks compressed before it
+        with truncated_passes():  # each pass stops once the modules it hooks have run
+            states.update(_prepare(model, {n: targets[n] for n in stage}, calibration))
+    if before_target is not None:  # the streamed load reads this target's weights now
+        before_target(name)
+        _check_loaded(name, model.get_submodule(name))
+    module = model.get_submodule(name)
+    tied_to = _tied_input_embedding(model, module)
+    ctx = CompressionContext(model=model, name=name, calibration=calibration, state=states.pop(name, None))
+    new = method.compress(module, cfg, ctx)
+    if new is not None and new is not module:
+        if not any(p.requires_grad for p in module.parameters()) and any(True for _ in module.parameters()):
+            new.requires_grad_(False)  # a frozen dense module stays frozen
+        model.set_submodule(name, new)
+        if tied_to is not None:  # a head sharing the dense table no longer does: record the model untied
+            from .methods.tied import untie
+
+            untie(model, (name, tied_to))
+
+
+def _undo_adopt(model: nn.Module, cls: type, config: Any) -> None:
+    """Undo :func:`hf_compress.modeling.adopt_compressed_class` after a failed compress (class and config back)."""
+    if type(model) is cls:
+        return
+    new = model.config
+    model.__class__ = cls
+    for module in model.modules():
+        if getattr(module, "config", None) is new:
+            module.config = config
 
 
 def _check_dense(name: str, module: nn.Module, cfg: MethodConfig) -> None:

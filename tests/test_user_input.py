@@ -278,3 +278,22 @@ def test_config_fields_of_the_wrong_type_are_refused_up_front(make: Any, field: 
 def test_malformed_plans_are_clear_errors(plan: Any, message: str) -> None:
     with pytest.raises(TypeError, match=message):
         CompressionConfig.from_dict(plan)
+
+
+def test_a_failed_compress_leaves_the_model_as_it_was_or_recorded_as_it_is(tmp_path: Path) -> None:
+    model = tiny_model(LLAMA)
+    cls, cfg = type(model), model.config
+    with pytest.raises(ValueError):  # fails on the first target: nothing replaced
+        hf_compress.compress(model, CompressionConfig(modules={"q_proj": LowRankConfig(rank=1000)}), progress=False)
+    assert type(model) is cls and model.config is cfg and model.model.layers[0].self_attn.config is cfg
+    assert not isinstance(model.model.layers[0].self_attn.q_proj, hf_compress.LowRankLinear)
+    # q_proj fits rank 16, k_proj ([32, 64]) does not take rank 40: q_proj of layer 0 is replaced before the error
+    plan = CompressionConfig(modules={"q_proj": LowRankConfig(rank=16), "k_proj": LowRankConfig(rank=40)})
+    with pytest.raises(ValueError) as err:
+        hf_compress.compress(model, plan, progress=False)
+    assert "stopped at model.layers.0.self_attn.k_proj; 1 module(s) before it are already compressed" in \
+        "".join(getattr(err.value, "__notes__", []))
+    assert list(model.config.compression_config["layers"]) == ["model.layers.0.self_attn.q_proj"]
+    model.save_pretrained(tmp_path)  # partly compressed, but consistent: it reloads exactly
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(model_output(again, LLAMA.inputs()), model_output(model, LLAMA.inputs()))
