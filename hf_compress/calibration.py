@@ -58,9 +58,11 @@ def keeps_training_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def as_batches(calibration: Any) -> list[Any] | None:
+def as_batches(calibration: Any, vocab_size: int | None = None) -> list[Any] | None:
     """Calibration data as a list of batches: ``LongTensor [batch, seq]`` (a 1-D row gains the batch axis) or plain
-    dicts of model inputs (``BatchEncoding`` included). A lone tensor or mapping is one batch."""
+    dicts of model inputs (``BatchEncoding`` included). A lone tensor or mapping is one batch. Token ids (a bare
+    tensor, ``input_ids``, ``decoder_input_ids``) must be non-empty integer ``[batch, seq]`` tensors in
+    ``[0, vocab_size)``; dict values must be tensors."""
     if calibration is None:
         return None
     items = [calibration] if isinstance(calibration, (torch.Tensor, Mapping)) else list(calibration)
@@ -68,12 +70,29 @@ def as_batches(calibration: Any) -> list[Any] | None:
     for i, b in enumerate(items):
         if isinstance(b, Mapping):
             out.append(dict(b))
+            for key, value in b.items():
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"hf_compress: calibration batch {i}[{key!r}] is a {type(value).__name__}, not a "
+                                    "tensor; tokenize with return_tensors='pt'.")
+                if key in ("input_ids", "decoder_input_ids"):
+                    _check_ids(value, f"calibration batch {i}[{key!r}]", vocab_size)
         elif isinstance(b, torch.Tensor):
             out.append(b[None] if b.ndim == 1 else b)
+            _check_ids(out[-1], f"calibration batch {i}", vocab_size)
         else:
             raise TypeError(f"hf_compress: calibration batch {i} is a {type(b).__name__}; give LongTensor [batch, seq] "
                             "batches of token ids, or dicts of model inputs (e.g. a tokenizer's output).")
     return out
+
+
+def _check_ids(ids: torch.Tensor, what: str, vocab_size: int | None) -> None:
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.ndim != 2 or not ids.numel():
+        raise ValueError(f"hf_compress: {what} must be a non-empty integer [batch, seq] tensor of token ids, got "
+                         f"{ids.dtype} of shape {list(ids.shape)} (speech models take dicts of input_features).")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        raise ValueError(f"hf_compress: {what} holds token ids in [{low}, {high}], outside the model's vocabulary "
+                         f"[0, {vocab_size}); use the model's own tokenizer.")
 
 
 _MASKS: list[torch.Tensor] = []  # the running batch's token masks ``[batch, seq]`` (see :func:`token_rows`)
@@ -153,7 +172,16 @@ def input_covariances(model: nn.Module, names: Iterable[str], batches: Iterable[
     names = list(names)
     with input_hooks(model, names, add):
         run_batches(model, batches)
-    return {n: sums[n] / counts[n] for n in sums}
+    for n in names:
+        if not counts.get(n):
+            raise ValueError(f"hf_compress: no calibration token reached {n} (every token padding, or the module "
+                             "never ran); give batches with real tokens.")
+    out = {n: sums[n] / counts[n] for n in sums}
+    for n, cov in out.items():
+        if not bool(torch.isfinite(cov).all()):
+            raise ValueError(f"hf_compress: the calibration activations at {n} are not finite (NaN/inf inputs or "
+                             "weights?); check the calibration batches.")
+    return out
 
 
 def input_samples(

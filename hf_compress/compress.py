@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import as_batches, truncated_passes
-from .config import CompressionConfig, MethodConfig
+from .config import CompressionConfig, MethodConfig, matches
 from .registry import _LAYERS, get_method
 
 
@@ -82,7 +82,7 @@ def compress(
         config = CompressionConfig.from_dict(config)
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"hf_compress.compress: config must be a CompressionConfig, got {type(config).__name__}.")
-    calibration = as_batches(calibration)
+    calibration = as_batches(calibration, getattr(getattr(model, "config", None), "vocab_size", None))
 
     from .modeling import adopt_compressed_class
 
@@ -95,9 +95,13 @@ def compress(
         if before_target is None:  # (the streamed load reads each target's weights in before_target: checked there)
             for name in targets:
                 _check_loaded(name, model.get_submodule(name))
+        done_before = list(compressed_layer_specs(model))
         for pattern in config.modules:
             if not any(p == pattern for p, _ in targets.values()):
+                hit = [n for n in done_before if matches(pattern, n)]
                 warnings.warn(
+                    f"hf_compress: pattern {pattern!r} matched only already-compressed modules ({hit[0]}, ...), left "
+                    "as they are; compress the dense model to change them." if hit else
                     f"hf_compress: pattern {pattern!r} matched no module of {type(model).__name__}; "
                     "check the module names with `[n for n, _ in model.named_modules()]`.",
                     UserWarning,

@@ -172,7 +172,8 @@ def plan(
         reuse: a previous result for this model and calibration: its measured table is reused (no new
             sensitivity trials), only the search and the final measurement run (e.g. for several budgets).
     """
-    calibration, eval_batches = as_batches(calibration), as_batches(eval_batches)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    calibration, eval_batches = as_batches(calibration, vocab), as_batches(eval_batches, vocab)
     if eval_batches is None and calibration:
         held = max(1, len(calibration) // 4) if len(calibration) > 1 else 0
         fit, eval_batches = (calibration[:-held], calibration[-held:]) if held else (calibration, calibration)

@@ -224,7 +224,7 @@ def sweep(
         latency_fn: ``model -> seconds``, measured on dense and on evaluated plans.
         path_evals: also evaluate this many evenly spaced points of the greedy path (Pareto data).
     """
-    calibration = as_batches(calibration)
+    calibration = as_batches(calibration, getattr(getattr(model, "config", None), "vocab_size", None))
     if eval_fn is None:
         raise ValueError("hf_compress.sweep: pass eval_fn (model -> float), e.g. a perplexity function.")
     if budget is None:
@@ -235,8 +235,10 @@ def sweep(
         raise ValueError("hf_compress.sweep: budget must be a params fraction (0.91), {'params': f}, "
                          f"{{'quality': ratio}} or {{'quality_delta': d}}; got {budget!r}.")
     kind, limit = next(iter(budget.items()))
-    if kind == "params" and not 0 < limit <= 1:
-        raise ValueError(f"hf_compress.sweep: params budget must be in (0, 1], got {limit}.")
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or \
+            (kind == "params" and not 0 < limit <= 1) or (kind == "quality" and limit < 1) or \
+            (kind == "quality_delta" and limit <= 0):
+        raise ValueError(f"hf_compress.sweep: a {kind} budget must be {_BUDGET_RANGES[kind]}, got {limit!r}.")
     sign = -1.0 if higher_is_better else 1.0
     groups = candidate_groups(model, candidates, group_by)
     configs = _size_configs(ranks, method)
@@ -308,6 +310,10 @@ def sweep(
     for step in path:
         step["choice"] = {g: _label(options[g][i]["cfg"]) for g, i in step["choice"].items()}
     return SweepResult({**dense, "total_params": total}, table, path, points, chosen, plan, groups)
+
+
+_BUDGET_RANGES = {"params": "a fraction in (0, 1]", "quality": "a ratio to dense quality >= 1",
+                  "quality_delta": "a change > 0"}
 
 
 def _within(q: float, q0: float, sign: float, kind: str, limit: float) -> bool:

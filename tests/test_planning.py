@@ -231,3 +231,10 @@ def test_already_compressed_layers_are_neither_groups_nor_recompressed() -> None
     with pytest.raises(ValueError, match=r"self_attn: ProductTwinConfig needs the dense module, but q_proj "
                                          r"\(LowRankLinear\) inside it is already compressed"):
         compress(model, CompressionConfig(modules={r"self_attn$": ProductTwinConfig(rank_ratio=0.5)}), progress=False)
+
+
+def test_a_pattern_matching_only_compressed_modules_says_so() -> None:
+    model = tiny_model(LLAMA)
+    compress(model, CompressionConfig(modules={"q_proj": LowRankConfig(rank=4)}), progress=False)
+    with pytest.warns(UserWarning, match=r"'q_proj' matched only already-compressed modules \(model\.layers\.0"):
+        compress(model, CompressionConfig(modules={"q_proj": LowRankConfig(rank=8)}), progress=False)

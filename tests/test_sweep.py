@@ -117,7 +117,10 @@ def test_per_module_groups_and_tucker() -> None:
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"candidates": ["nope_proj"]}, "'nope_proj' matches no linear layer"),
-    ({"budget": 1.5}, r"params budget must be in \(0, 1\]"),
+    ({"budget": 1.5}, r"params budget must be a fraction in \(0, 1\], got 1.5"),
+    ({"budget": {"quality": 0.5}}, r"quality budget must be a ratio to dense quality >= 1, got 0.5"),
+    ({"budget": {"quality": float("nan")}}, r"quality budget must be a ratio to dense quality >= 1, got nan"),
+    ({"budget": {"quality_delta": -1}}, r"quality_delta budget must be a change > 0, got -1"),
     ({"budget": {"speed": 2}}, "budget must be a params fraction"),
     ({"eval_fn": None}, "pass eval_fn"),
     ({"ranks": []}, "at least one candidate size"),

@@ -297,3 +297,23 @@ def test_a_failed_compress_leaves_the_model_as_it_was_or_recorded_as_it_is(tmp_p
     model.save_pretrained(tmp_path)  # partly compressed, but consistent: it reloads exactly
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(model_output(again, LLAMA.inputs()), model_output(model, LLAMA.inputs()))
+
+
+@pytest.mark.parametrize(("batch", "message"), [
+    (torch.rand(1, 8), r"calibration batch 0 must be a non-empty integer \[batch, seq\] tensor"),
+    (torch.zeros(1, 2, 8, dtype=torch.long), r"calibration batch 0 must be a non-empty integer"),
+    (torch.zeros(1, 0, dtype=torch.long), r"calibration batch 0 must be a non-empty integer"),
+    (torch.full((1, 8), 500), r"token ids in \[500, 500\], outside the model's vocabulary \[0, 96\)"),
+    ({"input_ids": [[1, 2, 3]]}, r"calibration batch 0\['input_ids'\] is a list, not a tensor"),
+])
+def test_bad_calibration_batches_are_named(batch: Any, message: str) -> None:
+    model = tiny_model(LLAMA)
+    with pytest.raises((ValueError, TypeError), match=message):
+        hf_compress.compress(model, WHITENED, calibration=[batch], progress=False)
+
+
+def test_calibration_of_padding_only_is_an_error_not_a_silent_fallback() -> None:
+    batch = {"input_ids": torch.ones(1, 8, dtype=torch.long), "attention_mask": torch.zeros(1, 8, dtype=torch.long)}
+    plan = CompressionConfig(modules={"q_proj": CodebookConfig(bits=3)})  # jlcm: it fell back to plain k-means
+    with pytest.raises(ValueError, match=r"no calibration token reached model\.layers\.0\.self_attn\.q_proj"):
+        hf_compress.compress(tiny_model(LLAMA), plan, calibration=[batch], progress=False)
