@@ -317,3 +317,13 @@ def test_calibration_of_padding_only_is_an_error_not_a_silent_fallback() -> None
     plan = CompressionConfig(modules={"q_proj": CodebookConfig(bits=3)})  # jlcm: it fell back to plain k-means
     with pytest.raises(ValueError, match=r"no calibration token reached model\.layers\.0\.self_attn\.q_proj"):
         hf_compress.compress(tiny_model(LLAMA), plan, calibration=[batch], progress=False)
+
+
+@pytest.mark.parametrize(("cfg", "message"), [
+    (TTEmbeddingConfig(format="svd", ranks=[64]), r"rank 64 store 10240 parameters, not fewer than .* 6144"),
+    (TTEmbeddingConfig(format="per_token", shape=[8, 8], ranks=[8]), r"TT ranks \[8\] store"),
+    (SubspaceEmbeddingConfig(num_subspaces=2, num_rows=96), r"num_rows = 96 rows per table .* no fewer\s+parameters"),
+])
+def test_explicit_sizes_that_save_nothing_are_warned_about(cfg: Any, message: str) -> None:
+    with pytest.warns(UserWarning, match=message):
+        hf_compress.compress(tiny_model(LLAMA), CompressionConfig(modules={"embed_tokens": cfg}), progress=False)

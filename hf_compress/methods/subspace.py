@@ -98,6 +98,12 @@ class SubspaceEmbeddingConfig(MethodConfig):
         else:
             n = min_rows(vocab, self.num_subspaces)
         check_rows(vocab, n, self.num_subspaces, who)
+        if n >= vocab:
+            import warnings
+
+            warnings.warn(f"hf_compress: {who}: num_rows = {n} rows per table for a {vocab}-token vocabulary store "
+                          "no fewer parameters than the dense table: nothing is saved; give num_rows < V (or "
+                          "param_fraction < 1).", UserWarning, stacklevel=3)
         return n, widths
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -270,6 +271,7 @@ def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: tor
             ranks = choose_tt_ranks(shape, budget / v, who)
         check_tt_shape_ranks(d, shape, ranks, who)
         check_reachable(shape, ranks, who)
+        _saves(tt_params(shape, ranks) * v, v * d, f"TT ranks {ranks}", who)
         return TTEmbedding.from_dense(weight, shape, ranks=ranks, **kwargs)
     if config.format == "tt_matrix":
         check_tt_shape_ranks(d, shape, [1] * (len(shape) - 1), who)
@@ -282,12 +284,14 @@ def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: tor
         ranks = list(config.ranks) if config.ranks is not None else choose_tt_ranks(modes, budget, who)
         check_tt_shape_ranks(math.prod(modes), modes, ranks, who)
         check_reachable(modes, ranks, who)
+        _saves(tt_params(modes, ranks), v * d, f"TT-matrix ranks {ranks}", who)
         return TTMatrixEmbedding.from_dense(weight, vocab_shape, shape, ranks, **kwargs)
     # svd / adaptive
     if config.ranks is not None:
         if not 1 <= config.ranks[0] <= min(v, d):
             raise ValueError(f"hf_compress: {who}: rank {config.ranks[0]} must be in [1, min(V, d) = {min(v, d)}].")
         single = config.ranks[0]
+        _saves(single * (v + d), v * d, f"rank {single}", who)
     elif config.format == "svd":
         single = min(d, int(budget // (v + d)))
         if single < 1:
@@ -307,6 +311,14 @@ def build_embedding(weight: torch.Tensor, config: TTEmbeddingConfig, counts: tor
         raise ValueError(f"hf_compress: {who}: min_rank {config.min_rank} exceeds min(V, d) = {min(v, d)}; lower it.")
     basis, coeffs, tier, slot = adaptive_factors(weight, budget, weights, config.min_rank, single, exact, metric)
     return AdaptiveRankEmbedding.from_factors(basis, coeffs, tier, slot, **kwargs)
+
+
+def _saves(params: int, dense: int, what: str, who: str) -> None:
+    """Warn when explicit sizes store no fewer parameters than the dense table (exact, but no compression)."""
+    if params >= dense:
+        warnings.warn(f"hf_compress: {who}: {what} store {params} parameters, not fewer than the dense table's "
+                      f"{dense}: nothing is saved; give smaller ranks, or compression= instead.", UserWarning,
+                      stacklevel=3)
 
 
 def compress_tt_embedding(module: nn.Module, config: TTEmbeddingConfig, ctx: CompressionContext) -> nn.Module | None:
