@@ -327,3 +327,13 @@ def test_calibration_of_padding_only_is_an_error_not_a_silent_fallback() -> None
 def test_explicit_sizes_that_save_nothing_are_warned_about(cfg: Any, message: str) -> None:
     with pytest.warns(UserWarning, match=message):
         hf_compress.compress(tiny_model(LLAMA), CompressionConfig(modules={"embed_tokens": cfg}), progress=False)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: TTEmbeddingConfig(shape=[3, 5, 7]), r"TTEmbeddingConfig.shape shapes the tensor train .* 'adaptive'"),
+    (lambda: TTEmbeddingConfig(format="per_token", vocab_shape=[8, 12]), r"TTEmbeddingConfig.vocab_shape shapes"),
+    (lambda: hf_compress.ProductTwinConfig(rank=4, parts="qk", vo_rank=2), r"vo_rank sizes the VO twin"),
+])
+def test_options_the_chosen_format_ignores_are_refused(make: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -81,6 +81,9 @@ class ProductTwinConfig(MethodConfig):
             raise ValueError(f"hf_compress: ProductTwinConfig.damping must be >= 0, got {self.damping!r}.")
         if self.parts not in _PARTS:
             raise ValueError(f"hf_compress: ProductTwinConfig.parts must be one of {_PARTS}, got {self.parts!r}.")
+        if self.vo_rank is not None and self.parts == "qk":
+            raise ValueError("hf_compress: ProductTwinConfig.vo_rank sizes the VO twin, which parts='qk' leaves "
+                             "dense; drop vo_rank or use parts='qk_vo'.")
 
     def rank_for(self, head_dim: int, spectra: list[torch.Tensor] | None = None) -> int:
         """Per-head rank for ``head_dim`` (``spectra``: singular values of each group's product, for ``energy``)."""

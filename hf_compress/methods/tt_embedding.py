@@ -133,6 +133,11 @@ class TTEmbeddingConfig(MethodConfig):
             raise ValueError(f"hf_compress: TTEmbeddingConfig.head_weight must be > 0, got {self.head_weight!r}.")
         if self.order < 1 or self.min_rank < 1:
             raise ValueError("hf_compress: TTEmbeddingConfig.order and min_rank must be >= 1.")
+        unused = [k for k, formats in (("shape", ("per_token", "tt_matrix")), ("vocab_shape", ("tt_matrix",)))
+                  if getattr(self, k) is not None and self.format not in formats]
+        if unused:  # (they were ignored silently)
+            raise ValueError(f"hf_compress: TTEmbeddingConfig.{unused[0]} shapes the tensor train of format "
+                             f"'per_token'/'tt_matrix'; format={self.format!r} does not use it: leave it None.")
 
     @property
     def adaptive_like(self) -> bool:
