@@ -153,7 +153,12 @@ def _compress_one(model: nn.Module, name: str, cfg: MethodConfig, stages: dict[s
     module = model.get_submodule(name)
     tied_to = _tied_input_embedding(model, module)
     ctx = CompressionContext(model=model, name=name, calibration=calibration, state=states.pop(name, None))
-    new = method.compress(module, cfg, ctx)
+    try:
+        new = method.compress(module, cfg, ctx)
+    except (ValueError, TypeError) as err:  # a layer-level message (e.g. "TuckerLinear(64->64): ...") gets its module
+        if name not in str(err):
+            err.add_note(f"hf_compress: raised while compressing {name} with {type(cfg).__name__}.")
+        raise
     if new is not None and new is not module:
         if not any(p.requires_grad for p in module.parameters()) and any(True for _ in module.parameters()):
             new.requires_grad_(False)  # a frozen dense module stays frozen

@@ -337,3 +337,10 @@ def test_explicit_sizes_that_save_nothing_are_warned_about(cfg: Any, message: st
 def test_options_the_chosen_format_ignores_are_refused(make: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_a_layer_level_error_names_the_module_being_compressed() -> None:
+    plan = CompressionConfig(modules={"up_proj": CodebookConfig(bits=3, method="kmeans", vector_dim=3)})
+    with pytest.raises(ValueError, match=r"CodebookLinear\(64->\d+\): vector_dim 3") as err:
+        hf_compress.compress(tiny_model(LLAMA), plan, progress=False)
+    assert "while compressing model.layers.0.mlp.up_proj with CodebookConfig" in "".join(err.value.__notes__)
