@@ -86,6 +86,25 @@ def _check_layout(path: Path, header: dict[str, Any], base: int) -> None:
                          "(truncated or damaged); download or save the checkpoint again.")
 
 
+def _release_freed_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``; elsewhere nothing). Layer-sized blocks freed
+    during the streamed load otherwise stay resident: glibc raises its mmap threshold after the first large free,
+    so later ones come from the heap, and the peak grew by ~0.15x the dense size on SmolLM2."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+
+
 def checkpoint_files(path: str | Path, hub: dict[str, Any]) -> list[Path] | None:
     """The safetensors file(s) of a local folder or Hub repo (single or sharded), or ``None`` if there are none."""
     from transformers.utils.hub import cached_file
@@ -222,7 +241,12 @@ def load_compressed_low_memory(
         warnings.warn(f"hf_compress: low-memory loading found no checkpoint tensor for {filler.missing[:4]}; "
                       "loading the dense model first instead.", UserWarning, stacklevel=3)
         return None
-    compress(model, plan, calibration=None, progress=progress, before_target=filler.fill)
+    def before(name: str) -> None:
+        _release_freed_memory()  # the previous target's dense weights, freed, back to the OS before the next read
+        filler.fill(name)
+
+    compress(model, plan, calibration=None, progress=progress, before_target=before)
+    _release_freed_memory()
     filler.fill()
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
