@@ -70,11 +70,11 @@ def as_batches(calibration: Any, vocab_size: int | None = None) -> list[Any] | N
     for i, b in enumerate(items):
         if isinstance(b, Mapping):
             out.append(dict(b))
-            for key, value in b.items():
-                if not isinstance(value, torch.Tensor):
+            for key, value in b.items():  # (other values, e.g. use_cache=False, pass through to the model)
+                if isinstance(value, (list, tuple)) and key in _TENSOR_INPUTS:
                     raise TypeError(f"hf_compress: calibration batch {i}[{key!r}] is a {type(value).__name__}, not a "
                                     "tensor; tokenize with return_tensors='pt'.")
-                if key in ("input_ids", "decoder_input_ids"):
+                if key in ("input_ids", "decoder_input_ids") and isinstance(value, torch.Tensor):
                     _check_ids(value, f"calibration batch {i}[{key!r}]", vocab_size)
         elif isinstance(b, torch.Tensor):
             out.append(b[None] if b.ndim == 1 else b)
@@ -83,6 +83,10 @@ def as_batches(calibration: Any, vocab_size: int | None = None) -> list[Any] | N
             raise TypeError(f"hf_compress: calibration batch {i} is a {type(b).__name__}; give LongTensor [batch, seq] "
                             "batches of token ids, or dicts of model inputs (e.g. a tokenizer's output).")
     return out
+
+
+_TENSOR_INPUTS = ("input_ids", "decoder_input_ids", "attention_mask", "decoder_attention_mask", "input_features",
+                  "token_type_ids", "position_ids")
 
 
 def _check_ids(ids: torch.Tensor, what: str, vocab_size: int | None) -> None:

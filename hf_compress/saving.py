@@ -22,10 +22,17 @@ _OWNED = re.compile(r"^((model|pytorch_model)(\.[\w-]+?)?(-\d+-of-\d+)?\.(safete
 def _own_card(folder: Path) -> bool:
     """Whether ``folder`` has no model card, or one hf_compress generated (the save then writes a fresh one; a card
     someone wrote or edited is kept, as transformers keeps it)."""
+    card = folder / "README.md"
+    return not card.is_file() or generated_card(card.read_text(errors="replace"))
+
+
+def generated_card(text: str) -> bool:
+    """Whether a model card's ``text`` is one hf_compress generated: it has the marker line, or (cards written before
+    the marker) the generated template's opening sentence."""
     from .cards import GENERATED
 
-    card = folder / "README.md"
-    return not card.is_file() or GENERATED in card.read_text(errors="replace")
+    return GENERATED in text or ("made with [hf_compress](https://pypi.org/project/hf-compress/)" in text
+                                 and "the compressed layers are rebuilt from" in text)
 
 def _remote_code(model: Any) -> tuple[str, dict[str, str]]:
     """Source of the ``trust_remote_code`` shim for ``model``'s family, and the ``auto_map`` pointing into it."""
@@ -146,8 +153,9 @@ class CompressedSaveMixin:
             push = {k: kwargs.pop(k) for k in ("private", "commit_message", "create_pr", "revision") if k in kwargs}
             self.save_pretrained(save_directory, *args, **kwargs)
             if kwargs.get("is_main_process", True):  # one upload, from the process that wrote the files
-                written = [p.name for p in Path(save_directory).iterdir()  # not the folder's other files
-                           if _OWNED.match(p.name) or (p.name == "README.md" and _own_card(Path(save_directory)))]
+                mine = _own_card(Path(save_directory)) and _hub_card(repo_id, kwargs.get("token")) is None
+                written = [p.name for p in Path(save_directory).iterdir()  # not the folder's other files, nor a
+                           if _OWNED.match(p.name) or (p.name == "README.md" and mine)]  # card over the repo's own
                 upload_folder(save_directory, repo_id, token=kwargs.get("token"), allow_patterns=written, **push)
             return
         if kwargs.pop("safe_serialization", None) is False:  # transformers 5 ignores the argument too
@@ -198,15 +206,12 @@ class CompressedSaveMixin:
 def _hub_card(repo_id: str, token: str | None) -> Any:
     """The model card of ``repo_id`` on the Hub if it has one that hf_compress did not generate, else ``None``."""
     from huggingface_hub import ModelCard
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
-
-    from .cards import GENERATED
 
     try:
         card = ModelCard.load(repo_id, token=token)  # (the main branch's card)
-    except (OSError, ValueError, HfHubHTTPError, EntryNotFoundError):  # no repo or card yet, or no Hub
+    except Exception:  # no repo or card yet, or the Hub unreachable (httpx, OSError and Hub errors alike)
         return None
-    return None if GENERATED in card.content else card
+    return None if generated_card(card.content) else card
 
 
 def upload_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = None, token: str | None = None,

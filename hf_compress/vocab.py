@@ -34,14 +34,7 @@ import torch
 from torch import nn
 
 from .layers.tt_embedding import CompressedEmbedding, TiedEmbeddingHead
-
-# config / generation_config fields holding token ids: ids that must stay (refused if pruned), ids that may go (the
-# entry goes with them), and Whisper's {name: id} maps (the entry of a pruned language/task goes)
-_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id",
-              "cls_token_id", "unk_token_id", "mask_token_id", "no_timestamps_token_id", "forced_bos_token_id",
-              "forced_eos_token_id", "prev_sot_token_id", "forced_decoder_ids", "force_words_ids")
-_ID_LIST_FIELDS = ("suppress_tokens", "begin_suppress_tokens", "bad_words_ids", "sequence_bias")
-_ID_MAP_FIELDS = ("lang_to_id", "task_to_id")
+from .vocab_fields import _ID_FIELDS, _ID_LIST_FIELDS, _ID_MAP_FIELDS, _TIMESTAMPS, _ids_in, _remap_field
 
 
 def _embedding(model: nn.Module) -> CompressedEmbedding:
@@ -218,10 +211,14 @@ def keep_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Ten
     stamps = [getattr(c, "no_timestamps_token_id", None) for c in configs]
     stamps += [t["id"] for t in (doc or {}).get("added_tokens", []) if t.get("content") == "<|notimestamps|>"]
     for stamp in (s for s in stamps if isinstance(s, int) and 0 <= s < v_old):
-        if bool((old_to_new[stamp + 1:] < 0).any()):
-            raise ValueError(f"hf_compress.vocab: cannot prune Whisper's timestamp tokens (ids > {stamp}): a "
-                             "timestamp is read as its id minus the first timestamp id, so every later one would "
-                             "shift. Keep them.")
+        # Whisper's 1501 timestamps <|0.00|> .. <|30.00|> follow <|notimestamps|>; tokens added after them may go
+        if bool((old_to_new[stamp + 1:stamp + 1 + _TIMESTAMPS] < 0).any()):
+            raise ValueError(f"hf_compress.vocab: cannot prune Whisper's timestamp tokens (ids {stamp + 1} .. "
+                             f"{stamp + _TIMESTAMPS}): a timestamp is read as its id minus the first timestamp id, so "
+                             "every later one would shift. Keep them.")
+    mapping = old_to_new.tolist()  # the config fields' new values, computed before anything changes
+    fields = [(cfg, f, _remap_field(f, getattr(cfg, f), mapping)) for cfg in configs
+              for f in _ID_FIELDS + _ID_LIST_FIELDS + _ID_MAP_FIELDS if getattr(cfg, f, None) is not None]
     new_json = _remap_tokenizer_json(tokenizer, doc, old_to_new) if tokenizer is not None else None
     emb.keep_rows(keep)
     if emb.padding_idx is not None:  # the padding row moves with the renumbering (gone: no padding row)
@@ -238,12 +235,8 @@ def keep_tokens(model: nn.Module, tokenizer: Any, ids: Sequence[int] | torch.Ten
         if head.bias is not None:
             head.bias.data = head.bias.data[rows].contiguous()
         head.out_features = keep.numel()
-    mapping = old_to_new.tolist()
-    for cfg in configs:
-        for f in _ID_FIELDS + _ID_LIST_FIELDS + _ID_MAP_FIELDS:
-            value = getattr(cfg, f, None)
-            if value is not None:
-                setattr(cfg, f, _remap_field(f, value, mapping))
+    for cfg, f, value in fields:
+        setattr(cfg, f, value)
     _refresh(model, emb.num_embeddings)
     if new_json is not None:
         _load_tokenizer_json(tokenizer, new_json)
@@ -316,47 +309,6 @@ def _merged(a: str, b: str, bpe: dict[str, Any]) -> str:
     """The token a BPE merge ``(a, b)`` produces (``b`` loses a ``continuing_subword_prefix`` such as ``##``)."""
     prefix = bpe.get("continuing_subword_prefix") or ""
     return a + (b[len(prefix):] if prefix and b.startswith(prefix) else b)
-
-
-def _ids_in(field: str, value: Any) -> list[int]:
-    """The token ids in a config field (an id, a list, nested lists; ``forced_decoder_ids``: ``[position, id]``
-    pairs)."""
-    if field == "forced_decoder_ids" and isinstance(value, (list, tuple)):
-        return [p[1] for p in value if isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[1], int)]
-    if isinstance(value, bool):
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [i for v in value for i in _ids_in("", v)] if isinstance(value, (list, tuple)) else []
-
-
-def _remap_field(field: str, value: Any, mapping: list[int]) -> Any:
-    """``value`` of config ``field`` renumbered by ``mapping`` (old id -> new, -1 dropped; ids outside the table
-    are left alone). List fields drop the entries holding a dropped id (a suppressed token, a bad-words sequence, a
-    sequence bias); map fields (Whisper's ``lang_to_id``) drop the pruned names. The fields whose ids must stay
-    were checked before."""
-    def new(i: int) -> int:
-        return mapping[i] if 0 <= i < len(mapping) else i
-
-    def ok(v: Any) -> bool:
-        return all(new(i) >= 0 for i in _ids_in("", v))
-
-    def deep(v: Any) -> Any:
-        if isinstance(v, (list, tuple)):
-            return type(v)(deep(x) for x in v)
-        return new(v) if isinstance(v, int) and not isinstance(v, bool) else v
-
-    if field in _ID_MAP_FIELDS and isinstance(value, dict):
-        return {k: new(i) for k, i in value.items() if not isinstance(i, int) or new(i) >= 0}
-    if field == "sequence_bias" and isinstance(value, dict):
-        return {deep(k): b for k, b in value.items() if ok(k)}
-    if field == "sequence_bias" and isinstance(value, list):  # [[ids, bias], ...]
-        return [[deep(p[0]), *p[1:]] for p in value if ok(p[0])]
-    if field == "forced_decoder_ids" and isinstance(value, list):
-        return [[p[0], new(p[1])] for p in value]
-    if field in _ID_LIST_FIELDS and isinstance(value, list):
-        return [deep(v) for v in value if ok(v)]
-    return deep(value)
 
 
 def _remap_tokenizer_json(tokenizer: Any, doc: dict[str, Any] | None, old_to_new: torch.Tensor) -> str:

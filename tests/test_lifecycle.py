@@ -524,3 +524,21 @@ def test_damaged_packed_buffers_are_refused_not_decoded(tmp_path: Path) -> None:
     damaged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"CodebookLinear\(64->\d+\): the stored row permutation or codes are out"):
         damaged(**LLAMA.inputs())
+
+
+def test_cards_generated_before_the_marker_are_still_rewritten_and_hub_cards_kept_on_save_push(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hf_compress import saving
+    from hf_compress.cards import GENERATED
+
+    model, target = _compressed_llama(), tmp_path / "ckpt"
+    model.save_pretrained(target)
+    old = (target / "README.md").read_text().replace(GENERATED + "\n", "")  # as an earlier version wrote it
+    (target / "README.md").write_text(old)
+    model.save_pretrained(target)
+    assert GENERATED in (target / "README.md").read_text()
+    monkeypatch.setattr(saving, "_hub_card", lambda repo_id, token: object())  # the repo has its own card
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", return_value="url") as upload:
+        model.save_pretrained(target, push_to_hub=True, repo_id="me/tiny")
+    assert "README.md" not in upload.call_args.kwargs["allow_patterns"]

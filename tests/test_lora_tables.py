@@ -256,6 +256,14 @@ def test_a_copy_of_the_tied_head_alone_reads_the_models_table_and_a_model_copy_i
     twin = copy.deepcopy(model)
     assert twin.lm_head.embedding is twin.model.embed_tokens is not model.model.embed_tokens
 
+    class HeadFirst(torch.nn.Module):  # a wrapper that registers the head before the model: copied first
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.head, self.inner = inner.lm_head, inner
+
+    wrapped = copy.deepcopy(HeadFirst(model))
+    assert wrapped.head.embedding is wrapped.inner.model.embed_tokens is not model.model.embed_tokens
+
 
 @pytest.mark.parametrize("table", ["tt_adaptive", "low_rank"])
 def test_compressing_a_frozen_model_keeps_it_frozen(table: str) -> None:

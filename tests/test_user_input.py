@@ -344,3 +344,9 @@ def test_a_layer_level_error_names_the_module_being_compressed() -> None:
     with pytest.raises(ValueError, match=r"CodebookLinear\(64->\d+\): vector_dim 3") as err:
         hf_compress.compress(tiny_model(LLAMA), plan, progress=False)
     assert "while compressing model.layers.0.mlp.up_proj with CodebookConfig" in "".join(err.value.__notes__)
+
+
+def test_calibration_dicts_may_carry_other_model_arguments() -> None:
+    batches = [{"input_ids": b, "use_cache": False} for b in calibration_batches(LLAMA)]
+    model = hf_compress.compress(tiny_model(LLAMA), WHITENED, calibration=batches, progress=False)
+    assert isinstance(model.model.layers[0].mlp.up_proj, hf_compress.LowRankLinear)

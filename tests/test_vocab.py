@@ -165,10 +165,13 @@ def test_pruning_renumbers_whisper_prompt_ids_and_keeps_timestamps() -> None:
     model.generate(torch.randn(1, model.config.num_mel_bins, 32), language="en", task="transcribe", max_new_tokens=1)
     hook.remove()
     assert prompt[0][0].tolist() == [new[100], new[101], new[105], new[106]]
-    with pytest.raises(ValueError, match=r"cannot prune Whisper's timestamp tokens \(ids > 102\)"):
+    with pytest.raises(ValueError, match=r"cannot prune Whisper's timestamp tokens \(ids 103 \.\. 1603\)"):
         prune_tokens(model, None, [110])
     with pytest.raises(ValueError, match=rf"cannot prune token {new[105]}: it is in .*forced_decoder_ids"):
         prune_tokens(model, None, [new[105]])
+    gc.forced_decoder_ids = [[1, None], [2, new[105]]]  # multilingual checkpoints leave the language open
+    again = prune_tokens(model, None, [4]).tolist()
+    assert gc.forced_decoder_ids == [[1, None], [2, again[new[105]]]]
 
 
 def test_pruning_renumbers_forced_and_banned_generation_ids() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -235,20 +236,32 @@ class TiedEmbeddingHead(nn.Module):
         self.__dict__["_embedding"] = None  # not a submodule: no second copy in the state dict
 
     def __deepcopy__(self, memo: dict[int, Any]) -> TiedEmbeddingHead:
-        """A copy of the whole model reads the copied table (the model's modules come before its head); a copy of
-        the head alone (PEFT's ``modules_to_save``) reads the same table, not a hidden private copy of it."""
-        emb = self.__dict__.get("_embedding")
-        if emb is not None and id(emb) not in memo:
-            memo[id(emb)] = emb
+        """Inside a copy of something larger (``memo`` already holds its parents) the copy reads the copied table of
+        the copied model, copied here if the head comes first; a copy of the head alone (PEFT's ``modules_to_save``)
+        reads the model's own table instead of a hidden private copy of it."""
+        emb, ref = self.__dict__.get("_embedding"), self.__dict__.get("_model")
+        root = ref() if ref is not None else None
+        alone = not memo
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            new.__dict__[key] = copy.deepcopy(value, memo)
+            if key not in ("_embedding", "_model"):
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        if emb is not None and root is not None and not alone:
+            copied = copy.deepcopy(root, memo)  # (its copy, made now or earlier; the table's comes with it)
+            new.tie(copy.deepcopy(emb, memo), copied)
+        else:
+            new.__dict__["_embedding"], new.__dict__["_model"] = emb, ref
         return new
+
+    def tie(self, embedding: nn.Module, model: nn.Module) -> None:
+        """Read ``embedding`` (the compressed table of ``model``) from now on."""
+        self.__dict__["_embedding"] = embedding
+        self.__dict__["_model"] = weakref.ref(model)  # (not a submodule: no cycle, nothing saved twice)
 
     def bind_model(self, model: nn.Module) -> None:
         """Point this head at ``model.get_submodule(self.source)``."""
-        self.__dict__["_embedding"] = model.get_submodule(self.source)
+        self.tie(model.get_submodule(self.source), model)
 
     @property
     def embedding(self) -> CompressedEmbedding:

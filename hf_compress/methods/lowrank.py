@@ -249,8 +249,8 @@ def compress_low_rank(module: nn.Module, config: LowRankConfig, ctx: Compression
     weight, bias = linear_weight_and_bias(module, ctx.name)
     if config.method in _CALIBRATED or config.allocation == "global":
         if not isinstance(ctx.state, dict) or "spectrum" not in ctx.state:
-            raise ValueError(f"hf_compress: {ctx.name}: LowRankConfig(method={config.method!r}) has no calibration "
-                             "statistics; pass calibration=batches to compress().")
+            raise CalibrationRequiredError(f"hf_compress: {ctx.name}: LowRankConfig(method={config.method!r}) has no "
+                                           "calibration statistics; pass calibration=batches to compress().")
         spec, rank = ctx.state["spectrum"], ctx.state.get("rank")
         if spec is None:
             return None

@@ -61,7 +61,7 @@ def attach_tied_head(ctx: CompressionContext, module: nn.Embedding, new: nn.Modu
                                  device=module.weight.device, dtype=module.weight.dtype)
         if bias is not None:
             tied.bias.data.copy_(bias.detach())
-        tied.__dict__["_embedding"] = new
+        tied.tie(new, ctx.model)
         ctx.model.set_submodule(head_name, tied)
     else:
         head.weight = nn.Parameter(module.weight.detach().clone())

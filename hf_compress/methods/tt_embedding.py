@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..compress import CompressionContext
-from ..config import BudgetError, MethodConfig, check_field_types
+from ..config import BudgetError, CalibrationRequiredError, MethodConfig, check_field_types
 from ..layers.tt_embedding import TTEmbedding, check_tt_shape_ranks
 from ..layers.tt_matrix import AdaptiveRankEmbedding, TTMatrixEmbedding
 from ..registry import register_method
@@ -227,7 +227,8 @@ def prepare_tt(model: nn.Module, targets: dict[str, TTEmbeddingConfig], calibrat
     if not (probe and generative):  # metric="auto" scores next-token loss: else it falls back to identity
         heads = {n: h for n, h in heads.items() if targets[n].metric == "head"}
     if heads and not runnable:
-        raise ValueError("hf_compress: TTEmbeddingConfig(metric='head') weighs rows by the tied head's input "
+        raise CalibrationRequiredError("hf_compress: TTEmbeddingConfig(metric='head') weighs rows by the tied head's "
+                                       "input "
                          "statistics: pass calibration batches the model can run (encoder-decoder models: dicts "
                          "such as {'input_features', 'decoder_input_ids'}), or use metric='identity'.")
     if heads:
