@@ -181,3 +181,15 @@ def test_padding_rows_give_no_gradient_like_nn_embedding(name: str, negative: bo
         assert torch.allclose(with_pad, without)
     with torch.no_grad():
         assert torch.equal(layer(torch.tensor([3])), layer.rows(torch.tensor([3])))  # the value is unchanged
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda: TTEmbedding.from_dense(torch.randn(10, 12), [3, 4]), "exactly one of ranks or eps"),
+    (lambda: TTEmbedding.from_dense(torch.randn(10, 12), [3, 5], ranks=[2]), r"TT shape \[3, 5\] has product 15"),
+    (lambda: TTEmbedding.from_dense(torch.randn(10, 12), [3, 4], ranks=[2, 2]), "needs 1 inner ranks"),
+    (lambda: TuckerLinear.from_dense(torch.nn.Linear(64, 64), 8, ranks=(1, 1)), "Tucker ranks are three"),
+    (lambda: TuckerLinear.from_dense(torch.nn.Linear(64, 64), 8, energy=2.0), r"energy must be a fraction in \(0, 1\]"),
+])
+def test_layer_builders_name_bad_arguments(build: Callable[[], object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()

@@ -167,6 +167,11 @@ class TTEmbedding(CompressedEmbedding):
         """TT-SVD of every row of ``weight [V, d]`` at once (fixed ``ranks`` or tolerance ``eps``)."""
         from ..methods.tt_embedding import tt_svd_rows
 
+        if weight.ndim != 2 or (ranks is None) == (eps is None):
+            raise ValueError(f"hf_compress: TTEmbedding.from_dense takes a [V, d] weight and exactly one of ranks or "
+                             f"eps; got a weight of shape {list(weight.shape)}, ranks={ranks}, eps={eps}.")
+        check_tt_shape_ranks(weight.shape[1], shape, ranks if ranks is not None else [1] * (len(shape) - 1),
+                             "TTEmbedding.from_dense")
         cores = tt_svd_rows(weight.detach(), shape, ranks=ranks, eps=eps)
         layer = cls(weight.shape[0], weight.shape[1], shape, [c.shape[-1] for c in cores[:-1]],
                     device=weight.device, dtype=weight.dtype, **kwargs)

@@ -42,6 +42,8 @@ def tucker_params(shape: tuple[int, int, int], ranks: tuple[int, int, int]) -> i
 
 def check_tucker_ranks(shape: tuple[int, int, int], ranks: tuple[int, int, int], who: str) -> None:
     """Reject ranks outside ``1..mode size`` and ranks larger than the product of the other two."""
+    if len(ranks) != 3:
+        raise ValueError(f"hf_compress: {who}: Tucker ranks are three (heads, head_dim, hidden), got {list(ranks)}.")
     for mode, size, r in zip(MODES, shape, ranks):
         if not isinstance(r, int) or r < 1 or r > size:
             raise ValueError(f"hf_compress: {who}: Tucker rank {r!r} for mode '{mode}' must be in 1..{size} "
@@ -167,6 +169,9 @@ class TuckerLinear(nn.Module):
             raise ValueError(f"hf_compress: TuckerLinear: {heads_on}_features={split} is not a multiple of "
                              f"head_dim={head_dim}; pass the model's attention head size.")
         t = as_tensor3(weight.detach().to(torch.float64), head_dim, heads_on)
+        if energy is not None and not 0.0 < energy <= 1.0:
+            raise ValueError(f"hf_compress: TuckerLinear.from_dense({in_f}->{out_f}): energy must be a fraction in "
+                             f"(0, 1], got {energy!r}.")
         if ranks is None:
             ranks = choose_ranks(t, max_params=max_params, energy=energy)
         check_tucker_ranks(tuple(t.shape), tuple(ranks), f"TuckerLinear.from_dense({in_f}->{out_f})")
