@@ -21,7 +21,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto import modeling_auto
 
 from .offload import compressed_layer_class_names, group_offload_hooks  # noqa: F401  (public here too)
-from .registry import build_compressed_structure, resolve_layer_names
+from .registry import build_compressed_structure, check_loaded_layers, resolve_layer_names
 from .saving import CompressedSaveMixin
 
 PREFIX = "hf_compress_"
@@ -100,20 +100,7 @@ class CompressedModelMixin(CompressedSaveMixin):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         layers = (getattr(model.config, "compression_config", None) or {}).get("layers") or {}
-        names = _prefixed(model, list(resolve_layer_names(model, layers).values()))
-        missing = [k for k in info.get("missing_keys", []) if any(k.startswith(n + ".") for n in names)]
-        unexpected = info.get("unexpected_keys", [])
-        unlisted = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])
-                           if any(u.startswith(k.rsplit(".", 1)[0] + ".") for u in unexpected)})
-        if missing or unlisted:  # factors absent, or stored for a layer the config no longer lists
-            raise ValueError(
-                f"hf_compress: the checkpoint lacks factor tensor(s) {sorted(missing)[:8]} of compressed layers "
-                f"({len(missing)} missing). The weights file is incomplete or does not match config.json's "
-                "compression_config; re-save the compressed model." if missing else
-                f"hf_compress: the checkpoint stores compressed tensors for {unlisted[:4]}, which config.json's "
-                "compression_config does not list (their dense weights would be random). The config was edited "
-                "or belongs to another save; re-save the compressed model."
-            )
+        check_loaded_layers(info, _prefixed(model, list(resolve_layer_names(model, layers).values())))
         from .layers.codebook import CodebookLinear
 
         for module in model.modules():  # loading makes new Parameters: fp16 codebook storage stays frozen

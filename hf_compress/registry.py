@@ -159,3 +159,20 @@ def _check_tied_head(model: nn.Module) -> None:
                          f"it does not hold (it was saved from a base model); {type(model).__name__} cannot tie a "
                          "dense head to it. Load it with the class it was saved from, or compress the task model "
                          "itself (its tied head then reads the compressed table).")
+
+
+def check_loaded_layers(info: dict[str, Any], names: list[str]) -> None:
+    """Raise if ``from_pretrained``'s loading ``info`` shows factor tensors of the compressed layers ``names``
+    missing, or compressed tensors stored for a layer the config no longer lists (its dense weight would be random)."""
+    missing = [k for k in info.get("missing_keys", []) if any(k.startswith(n + ".") for n in names)]
+    unexpected = info.get("unexpected_keys", [])
+    unlisted = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])
+                       if any(u.startswith(k.rsplit(".", 1)[0] + ".") for u in unexpected)})
+    if missing:
+        raise ValueError(f"hf_compress: the checkpoint lacks factor tensor(s) {sorted(missing)[:8]} of compressed "
+                         f"layers ({len(missing)} missing). The weights file is incomplete or does not match "
+                         "config.json's compression_config; re-save the compressed model.")
+    if unlisted:
+        raise ValueError(f"hf_compress: the checkpoint stores compressed tensors for {unlisted[:4]}, which "
+                         "config.json's compression_config does not list (their dense weights would be random). The "
+                         "config was edited or belongs to another save; re-save the compressed model.")
