@@ -10,7 +10,7 @@ import torch
 from conftest import ARCHS, EMBED, tiny_model
 
 import hf_compress
-from hf_compress import CompressionConfig
+from hf_compress import CompressionConfig, LowRankLinear
 from hf_compress.layers.codebook import CodebookLinear
 from hf_compress.layers.codebook_embedding import CodebookEmbedding
 from hf_compress.layers.subspace import SubspaceEmbedding
@@ -189,6 +189,9 @@ def test_padding_rows_give_no_gradient_like_nn_embedding(name: str, negative: bo
     (lambda: TTEmbedding.from_dense(torch.randn(10, 12), [3, 4], ranks=[2, 2]), "needs 1 inner ranks"),
     (lambda: TuckerLinear.from_dense(torch.nn.Linear(64, 64), 8, ranks=(1, 1)), "Tucker ranks are three"),
     (lambda: TuckerLinear.from_dense(torch.nn.Linear(64, 64), 8, energy=2.0), r"energy must be a fraction in \(0, 1\]"),
+    (lambda: TTMatrixEmbedding.from_dense(torch.randn(40, 12), [4, 4], [3, 4], [2]), "whose product covers V"),
+    (lambda: TTMatrixEmbedding.from_dense(torch.randn(40, 12), [8, 8], [3, 4], [500]), "r_1 = 500 exceeds"),
+    (lambda: LowRankLinear.from_factors(torch.randn(8, 3), torch.randn(4, 6), None), r"needs up \[out, r\]"),
 ])
 def test_layer_builders_name_bad_arguments(build: Callable[[], object], message: str) -> None:
     with pytest.raises(ValueError, match=message):

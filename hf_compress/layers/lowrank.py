@@ -51,6 +51,11 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_factors(cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None) -> LowRankLinear:
         """Build from ``up [out, r]``, ``down [r, in]`` and ``bias [out]``."""
+        if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0] or (
+                bias is not None and tuple(bias.shape) != (up.shape[0],)):
+            raise ValueError(f"hf_compress: LowRankLinear.from_factors needs up [out, r], down [r, in] and bias [out]; "
+                             f"got up {list(up.shape)}, down {list(down.shape)}, bias "
+                             f"{None if bias is None else list(bias.shape)}.")
         layer = cls(down.shape[1], up.shape[0], up.shape[1], bias=bias is not None, device=up.device, dtype=up.dtype)
         with torch.no_grad():
             layer.up.weight.copy_(up)

@@ -60,7 +60,16 @@ class TTMatrixEmbedding(CompressedEmbedding):
                    **kwargs: Any) -> TTMatrixEmbedding:
         """TT-SVD of the zero-padded table reshaped to ``[v_1 n_1, …, v_N n_N]``."""
         from ..methods.tt_embedding import tt_svd_rows
+        from .tt_embedding import check_tt_shape_ranks
 
+        if weight.ndim != 2 or len(vocab_shape) != len(shape) or any(int(v) < 1 for v in vocab_shape) or \
+                math.prod(vocab_shape) < weight.shape[0]:
+            raise ValueError(f"hf_compress: TTMatrixEmbedding.from_dense needs a [V, d] weight and vocab_shape with "
+                             f"one factor per hidden factor of {list(shape)} whose product covers V; got weight "
+                             f"{list(weight.shape)}, vocab_shape {list(vocab_shape)}.")
+        check_tt_shape_ranks(weight.shape[1], shape, [1] * (len(shape) - 1), "TTMatrixEmbedding.from_dense")
+        modes_ = [v * m for v, m in zip(vocab_shape, shape)]
+        check_tt_shape_ranks(math.prod(modes_), modes_, ranks, "TTMatrixEmbedding.from_dense")
         v_total, d = math.prod(vocab_shape), weight.shape[1]
         padded = weight.new_zeros(v_total, d)
         padded[: weight.shape[0]] = weight.detach()
