@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .calibration import as_batches, truncated_passes
 from .config import CompressionConfig, MethodConfig, matches
-from .registry import _LAYERS, get_method
+from .registry import get_method, is_compressed_layer
 
 
 @dataclass
@@ -34,9 +34,9 @@ class CompressionContext:
 def find_targets(model: nn.Module, config: CompressionConfig) -> dict[str, tuple[str, MethodConfig]]:
     """Module name -> (pattern, method config) for every module the plan compresses (outermost match wins)."""
     targets: dict[str, tuple[str, MethodConfig]] = {}
-    done = list(compressed_layer_specs(model))
+    done = compressed_layer_names(model)
     for name, _ in model.named_modules():
-        if not name or any(name == d or name.startswith(d + ".") for d in done):
+        if not name or within(name, done):
             continue
         if any(name.startswith(t + ".") for t in targets):
             continue
@@ -46,13 +46,23 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> dict[str, tuple
     return targets
 
 
+def compressed_layer_names(model: nn.Module) -> list[str]:
+    """Names of the outermost compressed layers in ``model`` (their factors are plain modules inside them)."""
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if name and is_compressed_layer(module) and not within(name, names):
+            names.append(name)
+    return names
+
+
+def within(name: str, prefixes: Iterable[str]) -> bool:
+    """Whether module ``name`` is one of ``prefixes`` or lies inside one."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 def compressed_layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Module name -> JSON spec of every outermost compressed layer in ``model``."""
-    specs: dict[str, dict[str, Any]] = {}
-    for name, module in model.named_modules():
-        if name and isinstance(module, tuple(_LAYERS.values())) and not any(name.startswith(s + ".") for s in specs):
-            specs[name] = module.spec()
-    return specs
+    return {name: model.get_submodule(name).spec() for name in compressed_layer_names(model)}
 
 
 def compress(
@@ -95,10 +105,9 @@ def compress(
         if before_target is None:  # (the streamed load reads each target's weights in before_target: checked there)
             for name in targets:
                 _check_loaded(name, model.get_submodule(name))
-        done_before = list(compressed_layer_specs(model))
         for pattern in config.modules:
             if not any(p == pattern for p, _ in targets.values()):
-                hit = [n for n in done_before if matches(pattern, n)]
+                hit = [n for n in compressed_layer_names(model) if matches(pattern, n)]
                 warnings.warn(
                     f"hf_compress: pattern {pattern!r} matched only already-compressed modules ({hit[0]}, ...), left "
                     "as they are; compress the dense model to change them." if hit else
@@ -183,7 +192,7 @@ def _undo_adopt(model: nn.Module, cls: type, config: Any) -> None:
 def _check_dense(name: str, module: nn.Module, cfg: MethodConfig) -> None:
     """Raise if ``module`` already holds compressed layers (e.g. a product twin planned on an attention whose
     projections are low-rank): its method needs the dense weights."""
-    inside = [f"{n} ({type(m).__name__})" for n, m in module.named_modules() if isinstance(m, tuple(_LAYERS.values()))]
+    inside = [f"{n} ({type(m).__name__})" for n, m in module.named_modules() if is_compressed_layer(m)]
     if inside:
         raise ValueError(
             f"hf_compress: {name}: {type(cfg).__name__} needs the dense module, but {', '.join(inside[:3])} inside it "

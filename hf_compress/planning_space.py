@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compress import compressed_layer_names, within
 from .config import MethodConfig
 from .methods.lowrank import LowRankConfig
-from .registry import _LAYERS
+from .registry import is_compressed_layer
 from .sweep import _is_linear, output_error_fn, perplexity_fn
 
 TWIN_ATTENTION = ("WhisperAttention", "LlamaAttention", "MistralAttention", "Qwen2Attention")
@@ -92,14 +93,13 @@ def find_groups(model: nn.Module) -> dict[str, Group]:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     groups: dict[str, Group] = {}
     attn: dict[str, list[str]] = {}
-    done = [n for n, m in model.named_modules() if isinstance(m, tuple(_LAYERS.values()))]
+    done = compressed_layer_names(model)
     for name, m in model.named_modules():
-        if any(name == d or name.startswith(d + ".") for d in done):
+        if within(name, done):
             continue  # already compressed (its factors are plain linears, but not ours to compress again)
         if m is emb and isinstance(m, nn.Embedding):
             groups[name] = Group(name, "embedding", [name], re.escape(name))
-        elif type(m).__name__ in TWIN_ATTENTION and not any(isinstance(sub, tuple(_LAYERS.values()))
-                                                               for sub in m.modules()):
+        elif type(m).__name__ in TWIN_ATTENTION and not any(map(is_compressed_layer, m.modules())):
             attn.setdefault(_template(name), []).append(name)
     inside = {}
     for key, names in attn.items():
@@ -111,7 +111,7 @@ def find_groups(model: nn.Module) -> dict[str, Group]:
         inside.update(dict.fromkeys(linears))
     by_template: dict[str, list[str]] = {}
     for name, m in model.named_modules():
-        if _is_linear(m) and m is not head and name not in inside and not any(name.startswith(d + ".") for d in done):
+        if _is_linear(m) and m is not head and name not in inside and not within(name, done):
             by_template.setdefault(_template(name), []).append(name)
     for key, names in by_template.items():
         groups[key] = Group(key, "linear", names, _regex(key), names, _regex(key))

@@ -72,6 +72,11 @@ def register_layer(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
+def is_compressed_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of the registered compressed layer types."""
+    return isinstance(module, tuple(_LAYERS.values()))
+
+
 def layer_from_spec(spec: dict[str, Any]) -> nn.Module:
     """Build an empty compressed layer (shapes only) from its saved JSON spec."""
     _load_builtin_methods()

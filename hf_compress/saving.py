@@ -171,11 +171,12 @@ class CompressedSaveMixin:
             self.config.auto_map = auto_map
             super().save_pretrained(tmp, *args, **kwargs)
             (tmp / REMOTE_CODE_FILE).write_text(source)
-            if not (tmp / "README.md").exists() and _own_card(target):
+            own = _own_card(target)
+            if not (tmp / "README.md").exists() and own:
                 from .cards import model_card
 
                 model_card(self).save(tmp / "README.md")
-            elif (tmp / "README.md").exists() and not _own_card(target):
+            elif (tmp / "README.md").exists() and not own:
                 (tmp / "README.md").unlink()  # (transformers wrote one) the folder's own card is kept
             replace_directory(tmp, target)
         finally:

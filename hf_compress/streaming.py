@@ -10,6 +10,7 @@ fits. Methods that need calibration activations (a forward pass of the dense mod
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -76,8 +77,7 @@ def _check_layout(path: Path, header: dict[str, Any], base: int) -> None:
     for start, end, key in spans:
         info = header[key]
         dtype = _DTYPES.get(info["dtype"])
-        width = torch.empty(0, dtype=dtype).element_size() if dtype is not None else None
-        if start != at or (width is not None and end - start != prod(info["shape"]) * width):
+        if start != at or (dtype is not None and end - start != prod(info["shape"]) * dtype.itemsize):
             raise ValueError(f"hf_compress: {path}: the safetensors header is inconsistent at tensor {key!r}; the "
                              "file is damaged: download or save the checkpoint again.")
         at = end
@@ -90,19 +90,20 @@ def _release_freed_memory() -> None:
     """Return the C heap's free pages to the OS (glibc ``malloc_trim``; elsewhere nothing). Layer-sized blocks freed
     during the streamed load otherwise stay resident: glibc raises its mmap threshold after the first large free,
     so later ones come from the heap, and the peak grew by ~0.15x the dense size on SmolLM2."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_TRIM: Any = None
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or ``None`` where there is none."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def checkpoint_files(path: str | Path, hub: dict[str, Any]) -> list[Path] | None:

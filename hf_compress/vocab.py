@@ -141,9 +141,10 @@ def _grow(model: nn.Module, emb: CompressedEmbedding, tokenizer: Any, new_tokens
     partners = _bias_partners(model, tied if isinstance(tied, TiedEmbeddingHead) else head, v_old)
     for bias in partners:
         bias.data = torch.cat([bias.data, bias.data.new_zeros(len(outside))])
-    biases = [*partners, *(getattr(h, "bias", None) for h in (tied, head) if h is not None)]
-    for bias in (b for b in biases if b is not None and inside):  # an overwritten row starts unbiased, as a new one
-        bias.data[[ids[i] for i in inside]] = 0
+    if inside:  # an overwritten row starts unbiased, as a new one
+        for bias in [*partners, *(getattr(h, "bias", None) for h in (tied, head) if h is not None)]:
+            if bias is not None:
+                bias.data[[ids[i] for i in inside]] = 0
     if head is not None:
         with torch.no_grad():
             if inside:
@@ -173,7 +174,7 @@ def _token_ids(ids: Sequence[int] | torch.Tensor, v: int, who: str) -> torch.Ten
     if t.ndim != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"hf_compress.vocab.{who}: ids must be a flat list of integer token ids, got "
                          f"{t.dtype} of shape {list(t.shape)}.")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= v):
+    if int(t.min()) < 0 or int(t.max()) >= v:
         raise ValueError(f"hf_compress.vocab.{who}: ids must lie in [0, {v}) (the table's rows), got "
                          f"{sorted({int(i) for i in t if not 0 <= int(i) < v})[:5]}.")
     return t.long()

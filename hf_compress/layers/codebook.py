@@ -233,10 +233,11 @@ class CodebookLinear(nn.Module):
     def dense_weight(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
         """The decoded ``[out, in]`` weight in ``dtype``, as ``forward`` uses it: rebuilt differentiably while
         codebooks / scales are trained (or in ``"lookup"`` mode), else cached until their contents change."""
-        trainable = self.codebooks.requires_grad or self.scales.requires_grad
-        trainable |= self.offsets is not None and self.offsets.requires_grad
-        if self.mode == "lookup" or (trainable and torch.is_grad_enabled()):
-            if trainable and torch.is_grad_enabled():
+        training = self.codebooks.requires_grad or self.scales.requires_grad
+        training |= self.offsets is not None and self.offsets.requires_grad
+        training &= torch.is_grad_enabled()
+        if self.mode == "lookup" or training:
+            if training:
                 self._fp32_masters()
             self._weight_cache = None
             return self._dequantize(dtype)

@@ -68,14 +68,13 @@ class TTMatrixEmbedding(CompressedEmbedding):
                              f"one factor per hidden factor of {list(shape)} whose product covers V; got weight "
                              f"{list(weight.shape)}, vocab_shape {list(vocab_shape)}.")
         check_tt_shape_ranks(weight.shape[1], shape, [1] * (len(shape) - 1), "TTMatrixEmbedding.from_dense")
-        modes_ = [v * m for v, m in zip(vocab_shape, shape)]
-        check_tt_shape_ranks(math.prod(modes_), modes_, ranks, "TTMatrixEmbedding.from_dense")
+        modes = [v * m for v, m in zip(vocab_shape, shape)]
+        check_tt_shape_ranks(math.prod(modes), modes, ranks, "TTMatrixEmbedding.from_dense")
         v_total, d = math.prod(vocab_shape), weight.shape[1]
         padded = weight.new_zeros(v_total, d)
         padded[: weight.shape[0]] = weight.detach()
         n = len(shape)
         t = padded.reshape(*vocab_shape, *shape).permute(*[p for k in range(n) for p in (k, n + k)])
-        modes = [v * m for v, m in zip(vocab_shape, shape)]
         layer = cls(weight.shape[0], d, vocab_shape, shape, ranks, device=weight.device, dtype=weight.dtype, **kwargs)
         cores = tt_svd_rows(t.reshape(1, -1), modes, ranks=ranks)
         with torch.no_grad():
