@@ -33,15 +33,14 @@ def plot_file(path: Path) -> Path | None:
         return None
     from .report import PAIRED_LATENCY, _budget
 
-    def x_of(rec: dict[str, Any], panel: str, recs: list[dict[str, Any]]) -> float | None:
+    def x_of(rec: dict[str, Any], panel: str, disk: bool = False) -> float | None:
         if panel == "size":  # bytes on disk where every record of the model has them (packed codes are no params)
-            disk = all(isinstance((r.get("size") or {}).get("disk_bytes"), (int, float)) for r in recs)
             return (rec.get("size") or {}).get("disk_bytes" if disk else "params")
         extra = rec.get("extra") or {}
         paired = next((extra[k] for k in PAIRED_LATENCY if isinstance(extra.get(k), (int, float))), None)
         return paired if paired is not None else (rec.get("ratios") or {}).get("forward_s")
 
-    timed = any(x_of(r, "latency", records) is not None for r in records)
+    timed = any(x_of(r, "latency") is not None for r in records)
     panels = ["size", "latency"] if timed else ["size"]  # suites that time nothing get no empty latency panel
     fig, axes = plt.subplots(len(models), len(panels), figsize=(5.5 * len(panels), 4 * len(models)), squeeze=False)
     for row, model in zip(axes, models):
@@ -57,7 +56,7 @@ def plot_file(path: Path) -> Path | None:
         colors = {k: plt.get_cmap("tab20")(i % 20) for i, k in enumerate(sorted(set(key.values())))}
         for ax, panel in zip(row, panels):
             for series in sorted(set(key.values())):
-                pts = [(x_of(r, panel, recs), r["quality"].get(name)) for r in recs if key[id(r)] == series]
+                pts = [(x_of(r, panel, disk), r["quality"].get(name)) for r in recs if key[id(r)] == series]
                 pts = sorted(p for p in pts if p[0] is not None and p[1] is not None)
                 label = series[0] + (f" [{series[1]}]" if len(budgets) > 1 else "") + \
                     (f" run {series[2]}" if len(runs) > 1 and series[2] else "")

@@ -139,12 +139,12 @@ def recount_adapters(path: str) -> None:
     """Give the LoRA rows of a results file recorded before adapters were counted their adapter's parameters:
     rebuilt from each row's model, setting and LoRA rank (random whitening batches: sizes do not depend on them)."""
     from hf_compress.evaluation import random_batches
-    doc = json.loads(Path(path).read_text())
+    doc, dense_of, changed = json.loads(Path(path).read_text()), {}, False
     for rec in doc["records"]:
         s = rec.get("setting") or {}
         if "lora" not in rec["method"] or "adapter_params" in rec["size"] or s.get("objective") != "distill":
             continue
-        dense = zoo.load(rec["model"])[0]
+        dense = dense_of[rec["model"]] = dense_of.get(rec["model"]) or zoo.load(rec["model"])[0]  # loaded once
         model = copy.deepcopy(dense)
         hf_compress.compress(model, plan_for(s["setting"], dense)[0], calibration=random_batches(model, 2),
                              progress=False)
@@ -158,6 +158,9 @@ def recount_adapters(path: str) -> None:
         for k in ("params", "encoder_params"):
             rec["ratios"][k] *= rec["size"][k] / old[k]
         print(f"[adaptwin] {path}: {rec['model']} {rec['method']} {s['setting']}: +{adapter}", flush=True)
+        changed = True
+    if not changed:  # (a second run leaves the file as it is)
+        return
     doc["description"] += (" LoRA rows: size counts one speaker adapter (size.adapter_params; recounted "
                            f"{time.strftime('%Y-%m-%d')} by --recount-adapters from each row's setting).")
     data._write_atomic(Path(path), (json.dumps(doc, indent=2) + "\n").encode())
