@@ -176,6 +176,7 @@ class _Filler:
             return next((c for c in cands if c in reader), None)
 
         self.missing: list[str] = []
+        self.filled: set[str] = set()  # canonical names already read: each tied group is read once
         for canon, names in self.group.items():
             key = next((k for k in map(lookup, names) if k is not None), None)
             if key is None:
@@ -192,6 +193,8 @@ class _Filler:
             if not param.is_meta:
                 continue
             canon = self.alias[name]
+            if canon in self.filled:  # a tie partner listed before its group was filled: read once
+                continue
             tensor = self.reader.get(self.key[canon]).to(param.dtype)
             new = nn.Parameter(tensor, requires_grad=param.requires_grad)
             for other in self.group[canon]:
@@ -203,6 +206,7 @@ class _Filler:
                 current = owner._parameters.get(attr)
                 if current is not None and current.is_meta:
                     owner._parameters[attr] = new
+            self.filled.add(canon)
         for name, key in list(self.buffers.items()):
             if name.startswith(dot) or not prefix:
                 mod_name, _, attr = name.rpartition(".")
