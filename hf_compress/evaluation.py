@@ -117,11 +117,13 @@ def perplexity(model: Any, tokenizer: Any, text: str, max_tokens: int = 16384, w
 
 # ------------------------------------------------------------------- probes of the sweep and planner (CLI)
 def random_batches(model: nn.Module, n: int = 4, seq: int = 32, seed: int = 0) -> list[Any]:
-    """``n`` seeded probe batches: token ids ``[1, seq]``, or (speech) ``{"input_features", "decoder_input_ids"}``."""
+    """``n`` seeded probe batches: token ids ``[1, seq]``, or (speech) ``{"input_features", "decoder_input_ids"}``
+    (features in the model's dtype)."""
     g, cfg = torch.Generator().manual_seed(seed), model.config
     if getattr(cfg, "num_mel_bins", None):
         frames = 2 * cfg.max_source_positions
-        return [{"input_features": torch.randn(1, cfg.num_mel_bins, frames, generator=g),
+        dtype = getattr(model, "dtype", None) if isinstance(getattr(model, "dtype", None), torch.dtype) else None
+        return [{"input_features": torch.randn(1, cfg.num_mel_bins, frames, generator=g).to(dtype),
                  "decoder_input_ids": torch.randint(0, cfg.vocab_size, (1, 4), generator=g)} for _ in range(n)]
     return [torch.randint(0, cfg.vocab_size, (1, seq), generator=g) for _ in range(n)]
 

@@ -66,6 +66,13 @@ def heal_encoder(model: Any, processor: Any, utterances: Sequence[Any], teacher:
     return healed, {**stats, "lora_r": r}
 
 
+def _inputs_for(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device | None) -> dict[str, Any]:
+    """``inputs`` on ``device`` (if given), floating ones (speech features) in ``model``'s dtype."""
+    dtype = getattr(model, "dtype", None)
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() and isinstance(dtype, torch.dtype) else None)
+            for k, v in inputs.items()}
+
+
 class _Distiller(torch.nn.Module):
     """Trainer-facing wrapper: ``forward(input_ids, ...)`` -> ``{"loss"}`` of the student against the frozen teacher.
 
@@ -101,10 +108,9 @@ class _Distiller(torch.nn.Module):
         hidden = self.loss in ("hidden", "both")
         first = next(self.teacher.parameters(), None)  # the teacher stays where the caller put it
         where = first.device if first is not None else None
-        with torch.no_grad():
-            t = self.teacher(**{k: v.to(where) if where is not None else v for k, v in inputs.items()},
-                             output_hidden_states=hidden)
-        s = self.student(**inputs, output_hidden_states=hidden)
+        with torch.no_grad():  # floating inputs (speech features) in each model's own dtype (fp32 teacher, bf16 ...)
+            t = self.teacher(**_inputs_for(self.teacher, inputs, where), output_hidden_states=hidden)
+        s = self.student(**_inputs_for(self.student, inputs, None), output_hidden_states=hidden)
         here = next(self.student.parameters()).device
         if where is not None and where != here:
             if hidden:

@@ -190,3 +190,21 @@ def test_distill_logits_whisper_variable_length_transcripts() -> None:
         after = float(wrapper(**_concat(batches))["loss"])
     assert stats["steps"] == 20 and after < 0.8 * before
 
+
+
+@pytest.mark.parametrize("features", [torch.float32, torch.bfloat16], ids=["fp32-features", "bf16-features"])
+def test_distill_logits_whisper_student_in_another_dtype(features: torch.dtype) -> None:
+    """An fp32 teacher and a bf16 student each get the speech features in their own dtype (either model crashed
+    on the other's dtype: 'Input type ... and bias type ... should be the same')."""
+    from hf_compress.methods.jlcm import CodebookConfig, mark_codebooks_trainable
+
+    teacher = tiny_model(WHISPER)
+    student = hf_compress.compress(copy.deepcopy(teacher).to(torch.bfloat16), CompressionConfig(
+        modules={WHISPER.mlp_pattern: CodebookConfig(bits=2, method="rtn")}), progress=False)
+    mark_codebooks_trainable(student)
+    g = torch.Generator().manual_seed(0)
+    mels, frames = teacher.config.num_mel_bins, 2 * teacher.config.max_source_positions
+    batches = [{"input_features": torch.randn(1, mels, frames, generator=g).to(features),
+                "decoder_input_ids": torch.randint(0, 96, (1, 4), generator=g)} for _ in range(2)]
+    stats = distill_logits(student, teacher, batches, max_steps=2, batch_size=1)
+    assert stats["steps"] == 2 and student.dtype == torch.bfloat16 and teacher.dtype == torch.float32

@@ -177,3 +177,15 @@ def test_params_budget_walks_back_an_overshooting_last_move() -> None:
     assert path[-1]["predicted_quality"] == pytest.approx(1.23)
     tight = _greedy(options, total=1000, q0=1.0, sign=1.0, kind="params", limit=0.78)
     assert tight[-1]["choice"] == {"a": 0, "b": 1}  # nothing can be given back
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_random_probe_batches_follow_a_half_precision_speech_model(dtype: torch.dtype) -> None:
+    """The CLI's probe batches for --budget / sweep: fp32 features crashed a bf16/fp16 Whisper's conv."""
+    whisper = next(a for a in ARCHS if a.name == "whisper")
+    model = tiny_model(whisper).to(dtype)
+    batches = random_batches(model, n=2)
+    assert all(b["input_features"].dtype == dtype for b in batches)
+    fp32 = random_batches(tiny_model(whisper), n=2)
+    assert torch.equal(batches[0]["input_features"], fp32[0]["input_features"].to(dtype))  # same seeded values
+    assert output_error_fn(model, batches)(model) == 0.0
