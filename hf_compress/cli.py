@@ -93,7 +93,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     plan = _load_plan(args)
     config = transformers.AutoConfig.from_pretrained(args.model)
     task = args.task or default_task(config)
-    model = auto_compressed_class(task).from_pretrained(args.model, dtype=_dtype(args.dtype))
+    model = auto_compressed_class(task).from_pretrained(args.model, dtype=_dtype(args.dtype or "float32"))
     if plan is None:
         model = _mixed_plan(model, args)
     else:
@@ -109,6 +109,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                            f"patterns (--pattern defaults to Llama-style {DEFAULT_PATTERN!r}) against "
                            "`[n for n, _ in model.named_modules()]`")
     out = Path(args.out)
+    if args.dtype is None:  # computed in fp32, saved in the checkpoint's own dtype (a bf16 model stays bf16)
+        model.to(_checkpoint_dtype(config))
     model.save_pretrained(out)
     _save_preprocessor(args.model, out)
     n = sum(p.numel() for p in model.parameters())
@@ -171,6 +173,18 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return number
+
+
+def _checkpoint_dtype(config: Any) -> Any:
+    """The floating dtype a checkpoint's config records (``dtype`` / legacy ``torch_dtype``), else float32."""
+    import torch
+
+    for key in ("dtype", "torch_dtype"):
+        value = getattr(config, key, None)
+        value = getattr(torch, value, None) if isinstance(value, str) else value
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+    return torch.float32
 
 
 def _dtype(name: str | None) -> Any:
@@ -315,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per calibration window")
     p.add_argument("--plan-out", help="--budget: also write the plan, table and search path as JSON")
     p.add_argument("--task", help="head: causal-lm, speech-seq2seq, base, masked-lm, sequence-classification")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
-                   help="load dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="load, compress and save in this dtype ('auto': the checkpoint's). Default: compress in "
+                        "float32, save in the checkpoint's dtype (a bf16 model stays bf16)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="measure quality of a saved model")

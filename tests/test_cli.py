@@ -208,3 +208,20 @@ def test_compress_with_budget_out_of_range_fails(dense: Path, tmp_path: Path) ->
     proc = _run("compress", str(dense), "--budget", "1.5", "--out", str(tmp_path / "out"))
     assert proc.returncode != 0
     assert "--budget must be a fraction" in proc.stderr
+
+
+def test_compress_keeps_a_half_precision_checkpoint_half(tmp_path: Path) -> None:
+    """By default compression runs in fp32 and the output is saved in the checkpoint's dtype: a bf16 model saved
+    as fp32 was larger than its dense input. An explicit --dtype is used throughout."""
+    tiny_model(LLAMA).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    args = ["compress", str(tmp_path / "bf16"), "--method", "low_rank", "--pattern", r"self_attn\.(q|o)_proj$",
+            "--rank-ratio", "0.5"]
+    assert cli.main([*args, "--out", str(tmp_path / "default")]) == 0
+    assert cli.main([*args, "--dtype", "float32", "--out", str(tmp_path / "fp32")]) == 0
+    size = {n: (tmp_path / n / "model.safetensors").stat().st_size for n in ("bf16", "default", "fp32")}
+    assert size["default"] < size["bf16"] < size["fp32"]
+    default = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "default")
+    fp32 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp32")
+    assert default.dtype == torch.bfloat16 and fp32.dtype == torch.float32
+    a, b = default.state_dict(), fp32.state_dict()  # the same fp32 factors, rounded once to bf16
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k].to(a[k].dtype)) for k in a)
