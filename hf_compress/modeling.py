@@ -291,7 +291,8 @@ def _low_memory_obstacle(config: PretrainedConfig, plan: Any, calibration: Any, 
         return "calibration activations need a forward pass of the dense model"
     if (getattr(config, "compression_config", None) or {}).get("layers"):
         return "the checkpoint is already compressed"
-    extra = sorted(set(kwargs) - _LOW_MEMORY_KWARGS)
+    by_module = isinstance(kwargs.get("dtype"), dict)
+    extra = sorted(set(kwargs) - _LOW_MEMORY_KWARGS) + ["dtype (per-module dict)"] * by_module
     if extra:
         return f"loading kwargs {extra} need transformers' own loader"
     return ""

@@ -320,3 +320,16 @@ def test_low_memory_refusals(tmp_path: Path) -> None:
                                                                        device_map="auto")
     low = hf_compress.AutoCompressedModelForCausalLM.from_pretrained(tmp_path / "dense", compression_config=plan)
     assert torch.equal(model_output(model, LLAMA.inputs()), model_output(low, LLAMA.inputs()))
+
+
+def test_compress_on_load_honours_a_per_module_dtype_dict(tmp_path: Path) -> None:
+    """``dtype={"": torch.bfloat16}`` (transformers' per-module form) was ignored by the streamed load (fp32 model);
+    it now takes transformers' loader, and ``low_memory=True`` says why it cannot stream."""
+    tiny_model(LLAMA).save_pretrained(tmp_path / "dense")
+    plan = CompressionConfig(modules={LLAMA.attn_pattern: LowRankConfig(rank_ratio=0.5)})
+    model = LLAMA.compressed_auto.from_pretrained(tmp_path / "dense", compression_config=plan,
+                                                  dtype={"": torch.bfloat16})
+    assert model.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with pytest.raises(ValueError, match=r"low_memory=True is not possible here: .*dtype \(per-module dict\)"):
+        LLAMA.compressed_auto.from_pretrained(tmp_path / "dense", compression_config=plan, low_memory=True,
+                                              dtype={"": torch.bfloat16})
