@@ -21,7 +21,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto import modeling_auto
 
 from .offload import compressed_layer_class_names, group_offload_hooks  # noqa: F401  (public here too)
-from .registry import build_compressed_structure, check_loaded_layers, resolve_layer_names
+from .registry import build_compressed_structure, check_loaded_layers, is_compressed_layer, resolve_layer_names
 from .saving import CompressedSaveMixin
 
 PREFIX = "hf_compress_"
@@ -78,14 +78,13 @@ class CompressedModelMixin(CompressedSaveMixin):
         """As transformers' for a dense table; a compressed one grows or shrinks through :mod:`hf_compress.vocab`."""
         from .layers.tt_embedding import CompressedEmbedding
 
-        table = self.get_input_embeddings()
+        table, head = self.get_input_embeddings(), self.get_output_embeddings()
+        size = args[0] if args else kwargs.get("new_num_tokens")
+        multiple = args[1] if len(args) > 1 else kwargs.get("pad_to_multiple_of")
+        size = -(-size // multiple) * multiple if size is not None and multiple else size
+        if size is None or size == table.num_embeddings:  # a no-op, as transformers': the table
+            return table if isinstance(table, CompressedEmbedding) else super().resize_token_embeddings(*args, **kwargs)
         if isinstance(table, CompressedEmbedding):
-            size = args[0] if args else kwargs.get("new_num_tokens")
-            multiple = args[1] if len(args) > 1 else kwargs.get("pad_to_multiple_of")
-            if size is not None and multiple:
-                size = -(-size // multiple) * multiple
-            if size is None or size == table.num_embeddings:  # a no-op, as transformers': the table
-                return table
             kind = type(table)
             ways = [f for f, op in (("hf_compress.vocab.add_tokens(model, tokenizer, new_tokens)", "add_rows"),
                                     ("hf_compress.vocab.keep_tokens / prune_tokens", "keep_rows"))
@@ -93,6 +92,9 @@ class CompressedModelMixin(CompressedSaveMixin):
             how = (f"resize it with {' or '.join(ways)}" if ways else
                    "it cannot be resized: resize the dense model first, then compress it")
             raise TypeError(f"hf_compress: {type(self).__name__}'s token table is a compressed {kind.__name__}; {how}.")
+        if head is not None and is_compressed_layer(head):  # refused before transformers resizes the table
+            raise TypeError(f"hf_compress: {type(self).__name__}'s output head is a compressed {type(head).__name__}, "
+                            "which cannot be resized: resize the dense model first, then compress it.")
         return super().resize_token_embeddings(*args, **kwargs)
 
     @classmethod
@@ -192,8 +194,7 @@ def register_all() -> None:
 
 
 def base_model_type(config: PretrainedConfig) -> str:
-    model_type = config.model_type
-    return model_type[len(PREFIX):] if model_type.startswith(PREFIX) else model_type
+    return config.model_type.removeprefix(PREFIX)
 
 
 def compressed_config_class(config: PretrainedConfig) -> type[PretrainedConfig]:
@@ -293,9 +294,7 @@ def _low_memory_obstacle(config: PretrainedConfig, plan: Any, calibration: Any, 
         return "the checkpoint is already compressed"
     by_module = isinstance(kwargs.get("dtype"), dict)
     extra = sorted(set(kwargs) - _LOW_MEMORY_KWARGS) + ["dtype (per-module dict)"] * by_module
-    if extra:
-        return f"loading kwargs {extra} need transformers' own loader"
-    return ""
+    return f"loading kwargs {extra} need transformers' own loader" if extra else ""
 
 
 class _AutoCompressed:

@@ -350,3 +350,16 @@ def test_calibration_dicts_may_carry_other_model_arguments() -> None:
     batches = [{"input_ids": b, "use_cache": False} for b in calibration_batches(LLAMA)]
     model = hf_compress.compress(tiny_model(LLAMA), WHITENED, calibration=batches, progress=False)
     assert isinstance(model.model.layers[0].mlp.up_proj, hf_compress.LowRankLinear)
+
+
+def test_resize_token_embeddings_with_a_compressed_head_changes_nothing() -> None:
+    """An untied low-rank head cannot be resized: refused before transformers resizes the dense table (which left a
+    100-row table, a 96-row head and vocab_size 96)."""
+    dense = tiny_model(LLAMA)
+    dense.config.tie_word_embeddings = False
+    dense.lm_head.weight = torch.nn.Parameter(dense.lm_head.weight.detach().clone())
+    model = hf_compress.compress(dense, CompressionConfig(modules={"lm_head": LowRankConfig(rank=4)}), progress=False)
+    with pytest.raises(TypeError, match=r"output head is a compressed LowRankLinear.*resize the dense model first"):
+        model.resize_token_embeddings(100)
+    assert model.get_input_embeddings().num_embeddings == model.config.vocab_size == 96
+    assert model.resize_token_embeddings(96) is model.get_input_embeddings()  # no change: no error
