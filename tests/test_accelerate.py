@@ -333,3 +333,27 @@ def test_compress_on_load_honours_a_per_module_dtype_dict(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match=r"low_memory=True is not possible here: .*dtype \(per-module dict\)"):
         LLAMA.compressed_auto.from_pretrained(tmp_path / "dense", compression_config=plan, low_memory=True,
                                               dtype={"": torch.bfloat16})
+
+
+def test_dispatch_with_a_dtype_cast_of_codebook_storage_is_refused(tmp_path: Path) -> None:
+    """accelerate's ``load_checkpoint_and_dispatch(..., dtype=bf16)`` casts the fp16 codebooks to bf16 (rounding
+    them; a later save wrote the rounded values): the forward now says so. The documented way (dispatch without
+    dtype, then ``model.to(dtype)``) keeps the storage and matches ``from_pretrained`` then ``.to(dtype)``."""
+    from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+    ckpt = _saved(LLAMA, {"embed_tokens": CodebookConfig(bits=4, method="rtn"),
+                          LLAMA.mlp_pattern: CodebookConfig(bits=3, method="rtn")}, tmp_path / "ck")
+
+    def dispatched(**kwargs):
+        with init_empty_weights():
+            model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(ckpt))
+        model.tie_weights()
+        return load_checkpoint_and_dispatch(model, str(ckpt), device_map={"": "cpu"},
+                                            preload_module_classes=compressed_layer_class_names(), **kwargs).eval()
+
+    with pytest.raises(ValueError, match=r"float16 codebooks were cast to torch\.bfloat16 .*model\.to\(dtype\)"):
+        model_output(dispatched(dtype=torch.bfloat16), LLAMA.inputs())
+    model = dispatched().to(torch.bfloat16)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt).to(torch.bfloat16)  # (dtype= gives another inv_freq)
+    assert torch.equal(model_output(model, LLAMA.inputs()), model_output(ref, LLAMA.inputs()))
+    assert {p.dtype for n, p in model.named_parameters() if n.endswith(".codebooks")} == {torch.float16}

@@ -97,7 +97,7 @@ class CodebookLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.vector_dim, self.codebook_size = bits, vector_dim, codebook_size
         self.n_groups, self.shared_codebook, self.block_size = n_groups, shared_codebook, block_size
-        self.mode = "cached"
+        self.mode, self.storage_dtype = "cached", dtype or torch.float16
         n_codes = out_features * in_features // vector_dim
         books = 1 if shared_codebook else n_groups
         self.register_buffer("indices", torch.zeros(packed_nbytes(n_codes, bits), dtype=torch.uint8, device=device))
@@ -233,6 +233,13 @@ class CodebookLinear(nn.Module):
     def dense_weight(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
         """The decoded ``[out, in]`` weight in ``dtype``, as ``forward`` uses it: rebuilt differentiably while
         codebooks / scales are trained (or in ``"lookup"`` mode), else cached until their contents change."""
+        if self.codebooks.dtype not in (self.storage_dtype, torch.float32) and not self.codebooks.requires_grad:
+            raise ValueError(
+                f"hf_compress: CodebookLinear({self.in_features}->{self.out_features}): its {self.storage_dtype} "
+                f"codebooks were cast to {self.codebooks.dtype} past the layer (accelerate's load_checkpoint_and_"
+                "dispatch(..., dtype=) casts every floating tensor), rounding the stored values. Load without dtype= "
+                "and call model.to(dtype) after (the layer keeps its storage), or use from_pretrained(dtype=...)."
+            )
         training = self.codebooks.requires_grad or self.scales.requires_grad
         training |= self.offsets is not None and self.offsets.requires_grad
         training &= torch.is_grad_enabled()

@@ -360,6 +360,7 @@ def freeze_codebooks(model: nn.Module, dtype: torch.dtype = torch.float16) -> in
             for p in m.storage():
                 p.data = p.data.to(dtype)
                 p.requires_grad_(False)
+            m.storage_dtype = dtype
             m.clear_cache()
             n += 1
     return n
