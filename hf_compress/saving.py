@@ -27,12 +27,13 @@ def _own_card(folder: Path) -> bool:
 
 
 def generated_card(text: str) -> bool:
-    """Whether a model card's ``text`` is one hf_compress generated: it has the marker line, or (cards written before
-    the marker) the generated template's opening sentence."""
+    """Whether a model card's ``text`` is one hf_compress generated and nobody claimed: it has the marker line.
+    Deleting that line keeps the card (cards written before the marker existed are kept too: delete such a
+    ``README.md`` to have the next save write a fresh one)."""
     from .cards import GENERATED
 
-    return GENERATED in text or ("made with [hf_compress](https://pypi.org/project/hf-compress/)" in text
-                                 and "the compressed layers are rebuilt from" in text)
+    return GENERATED in text
+
 
 def _remote_code(model: Any) -> tuple[str, dict[str, str]]:
     """Source of the ``trust_remote_code`` shim for ``model``'s family, and the ``auto_map`` pointing into it."""

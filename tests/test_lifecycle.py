@@ -526,17 +526,19 @@ def test_damaged_packed_buffers_are_refused_not_decoded(tmp_path: Path) -> None:
         damaged(**LLAMA.inputs())
 
 
-def test_cards_generated_before_the_marker_are_still_rewritten_and_hub_cards_kept_on_save_push(
+def test_a_card_without_the_marker_is_kept_and_hub_cards_kept_on_save_push(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The card says "delete this line to keep your edits": a card whose marker line was deleted, then edited, is
+    kept (it was rewritten because it still had the template's opening sentence)."""
     from hf_compress import saving
     from hf_compress.cards import GENERATED
 
     model, target = _compressed_llama(), tmp_path / "ckpt"
     model.save_pretrained(target)
-    old = (target / "README.md").read_text().replace(GENERATED + "\n", "")  # as an earlier version wrote it
-    (target / "README.md").write_text(old)
+    edited = (target / "README.md").read_text().replace(GENERATED + "\n", "") + "\nMy notes.\n"
+    (target / "README.md").write_text(edited)
     model.save_pretrained(target)
-    assert GENERATED in (target / "README.md").read_text()
+    assert (target / "README.md").read_text() == edited
     monkeypatch.setattr(saving, "_hub_card", lambda repo_id, token: object())  # the repo has its own card
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")), \
             mock.patch("huggingface_hub.HfApi.upload_folder", return_value="url") as upload:
