@@ -7,6 +7,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cli_inputs import (
+    DEFAULT_PATTERN,
+    CLIError,
+    check_seq_len,
+    checkpoint_dtype,
+    dtype_arg,
+    load_plan,
+    positive_int,
+    save_preprocessor,
+    text_windows,
+    tokenizer_of,
+)
+
 EXAMPLES = """examples:
   hf-compress compress HuggingFaceTB/SmolLM2-135M --config plan.json --out smollm2-compressed
   hf-compress compress ./dense-model --method low_rank --rank-ratio 0.5 --pattern 'self_attn\\.(q|k|v|o)_proj$' \\
@@ -20,69 +33,6 @@ EXAMPLES = """examples:
 """
 
 
-DEFAULT_PATTERN = r"self_attn\.(q|k|v|o)_proj$"  # --method's default targets (Llama-style names)
-
-
-class CLIError(Exception):
-    """A user error: printed as ``hf-compress: error: ...`` with exit status 2."""
-
-
-def _load_plan(args: argparse.Namespace) -> Any:
-    import json
-
-    from .config import CompressionConfig, MethodConfig
-
-    given = [flag for flag, value in (("--config", args.config), ("--method", args.method),
-                                      ("--budget", getattr(args, "budget", None))) if value is not None]
-    if len(given) > 1:
-        raise CLIError(f"give one plan, not {' and '.join(given)}: --config plan.json, --method NAME [...], or "
-                       "--budget FRACTION")
-    if args.config:
-        if not Path(args.config).is_file():
-            raise CLIError(f"--config file {args.config} does not exist")
-        try:
-            data = json.loads(Path(args.config).read_text())
-        except json.JSONDecodeError as err:
-            raise CLIError(f"--config {args.config} is not valid JSON: {err}") from err
-        if isinstance(data, dict) and "modules" not in data and isinstance(data.get("config"), dict):
-            data = data["config"]  # a --plan-out / sweep --table file: its plan
-        return CompressionConfig.from_dict(data)
-    if args.method:
-        params: dict[str, Any] = {"type": args.method}
-        if args.rank is not None:
-            params["rank"] = args.rank
-        if args.rank_ratio is not None:
-            params["rank_ratio"] = args.rank_ratio
-        for item in args.param or []:
-            key, _, value = item.partition("=")
-            params[key] = _parse_value(value)
-        return CompressionConfig(modules={args.pattern: MethodConfig.from_dict(params)})
-    if getattr(args, "budget", None) is not None:
-        return None  # planned after loading
-    raise CLIError("give a plan: --config plan.json, --method NAME [...], or --budget FRACTION")
-
-
-def _parse_value(value: str) -> Any:
-    import json
-
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
-
-
-def _save_preprocessor(source: str, out: Path) -> None:
-    """Copy the tokenizer / processor of ``source`` next to the compressed weights, if it has one."""
-    from transformers import AutoProcessor, AutoTokenizer
-
-    for loader in (AutoProcessor, AutoTokenizer):
-        try:
-            loader.from_pretrained(source).save_pretrained(out)
-            return
-        except (OSError, ValueError, TypeError, KeyError):
-            continue
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
     import transformers
 
@@ -90,14 +40,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .config import CalibrationRequiredError
     from .modeling import auto_compressed_class, default_task
 
-    plan = _load_plan(args)
+    plan = load_plan(args)
     config = transformers.AutoConfig.from_pretrained(args.model)
     task = args.task or default_task(config)
-    model = auto_compressed_class(task).from_pretrained(args.model, dtype=_dtype(args.dtype or "float32"))
+    model = auto_compressed_class(task).from_pretrained(args.model, dtype=dtype_arg(args.dtype or "float32"))
     if plan is None:
         model = _mixed_plan(model, args)
     else:
-        calibration = _text_windows(model, args)
+        calibration = text_windows(model, args)
         try:
             compress(model, plan, calibration=calibration)
         except CalibrationRequiredError as err:
@@ -110,9 +60,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
                            "`[n for n, _ in model.named_modules()]`")
     out = Path(args.out)
     if args.dtype is None:  # computed in fp32, saved in the checkpoint's own dtype (a bf16 model stays bf16)
-        model.to(_checkpoint_dtype(config))
+        model.to(checkpoint_dtype(config))
     model.save_pretrained(out)
-    _save_preprocessor(args.model, out)
+    save_preprocessor(args.model, out)
     n = sum(p.numel() for p in model.parameters())
     print(f"saved {type(model).__name__} ({n:,} parameters) to {out}")
     return 0
@@ -129,7 +79,7 @@ def _mixed_plan(model: Any, args: argparse.Namespace) -> Any:
     if not 0.0 < args.budget < 1.0:
         raise CLIError(f"--budget must be a fraction of the dense model's bytes to keep in (0, 1), got {args.budget}")
     eval_fn = None
-    batches = _text_windows(model, args)
+    batches = text_windows(model, args)
     if batches is not None:
         if len(batches) < 2:
             raise CLIError(f"--calib-text {args.calib_text} is too short: need at least 2 windows of {args.seq_len} "
@@ -148,51 +98,6 @@ def _mixed_plan(model: Any, args: argparse.Namespace) -> Any:
     return result.model
 
 
-def _text_windows(model: Any, args: argparse.Namespace) -> list[Any] | None:
-    """``--calib-text`` as ``[1, --seq-len]`` token windows (at most ``--n-batches``), or None without it."""
-    if not args.calib_text:
-        return None
-    import transformers
-
-    from . import sweep as sw
-
-    if getattr(model.config, "num_mel_bins", None):
-        raise CLIError("--calib-text is token text; a speech model calibrates on audio: leave --calib-text out "
-                       "(random audio features) or compress from Python with real audio batches")
-    if not Path(args.calib_text).is_file():
-        raise CLIError(f"--calib-text file {args.calib_text} does not exist")
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError) as err:
-        raise CLIError(f"--calib-text needs a tokenizer in {args.model}: {err}") from err
-    return sw.text_batches(tok, Path(args.calib_text).read_text(), args.n_batches, args.seq_len)
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
-def _checkpoint_dtype(config: Any) -> Any:
-    """The floating dtype a checkpoint's config records (``dtype`` / legacy ``torch_dtype``), else float32."""
-    import torch
-
-    for key in ("dtype", "torch_dtype"):
-        value = getattr(config, key, None)
-        value = getattr(torch, value, None) if isinstance(value, str) else value
-        if isinstance(value, torch.dtype) and value.is_floating_point:
-            return value
-    return torch.float32
-
-
-def _dtype(name: str | None) -> Any:
-    import torch
-
-    return None if name in (None, "auto") else getattr(torch, name)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     import transformers
 
@@ -200,10 +105,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = transformers.AutoConfig.from_pretrained(args.model)
     model = auto_compressed_class(default_task(config)).from_pretrained(args.model)
+    if args.metric == "ppl" and default_task(config) != "causal-lm":
+        raise CLIError(f"--metric ppl scores a causal language model; {type(model).__name__} is not one (use "
+                       "--metric encoder or --metric wer)")
+    if args.text and args.metric != "ppl":
+        raise CLIError(f"--text is the perplexity text: it does not apply to --metric {args.metric}")
     if args.metric == "ppl" and args.text:  # the benchmarks' sliding-window metric, no repository needed
         from .evaluation import PPL_BUDGETS, perplexity
 
-        tok = transformers.AutoTokenizer.from_pretrained(args.model)
+        tok = tokenizer_of(args.model, "--metric ppl --text")
         positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions",
                                                                                           None)
         settings = dict(PPL_BUDGETS[args.budget])
@@ -273,15 +183,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     model = auto_compressed_class(args.task or default_task(config)).from_pretrained(args.model).eval()
     tok = None
     if args.text or args.metric == "ppl":
-        try:
-            tok = transformers.AutoTokenizer.from_pretrained(args.model)
-        except (OSError, ValueError) as err:
-            raise CLIError(f"--text/--metric ppl need a tokenizer in {args.model}: {err}") from err
+        tok = tokenizer_of(args.model, "--text/--metric ppl")
+        check_seq_len(model, args.seq_len)
     if args.metric == "ppl" and not args.text:
         raise CLIError("--metric ppl needs --text FILE (evaluation text)")
     probe = (sw.text_batches(tok, Path(args.text).read_text(), args.n_batches, args.seq_len) if args.text
              else sw.random_batches(model, args.n_batches, args.seq_len, seed=1))
-    calib = _text_windows(model, args) or sw.random_batches(model, args.n_batches, args.seq_len, seed=2)
+    calib = text_windows(model, args) or sw.random_batches(model, args.n_batches, args.seq_len, seed=2)
     eval_fn = sw.perplexity_fn(probe) if args.metric == "ppl" else sw.output_error_fn(model, probe)
     budget = {"params": args.budget} if args.budget is not None else {"quality": args.quality_budget}
     result = sw.sweep(model, args.patterns, args.ratios, calibration=calib, eval_fn=eval_fn, budget=budget,
@@ -325,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-text", help="text file for calibration: plans whose methods read activations (whitened, "
                                         "asvd, jlcm, gptq ...) and --budget (also its held-out perplexity; "
                                         "default there: random inputs scored by output error)")
-    p.add_argument("--n-batches", type=_positive_int, default=8, help="calibration windows")
-    p.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per calibration window")
+    p.add_argument("--n-batches", type=positive_int, default=8, help="calibration windows")
+    p.add_argument("--seq-len", type=positive_int, default=64, help="tokens per calibration window")
     p.add_argument("--plan-out", help="--budget: also write the plan, table and search path as JSON")
     p.add_argument("--task", help="head: causal-lm, speech-seq2seq, base, masked-lm, sequence-classification")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
@@ -365,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output: relative output error vs dense (no tokenizer needed); ppl: perplexity of --text")
     p.add_argument("--text", help="evaluation text file (probe inputs)")
     p.add_argument("--calib-text", help="calibration text file for whitened/asvd (default: random inputs)")
-    p.add_argument("--n-batches", type=_positive_int, default=4)
-    p.add_argument("--seq-len", type=_positive_int, default=64)
+    p.add_argument("--n-batches", type=positive_int, default=4)
+    p.add_argument("--seq-len", type=positive_int, default=64)
     p.add_argument("--group-by", default="pattern", choices=["pattern", "module"])
     p.add_argument("--task", help="head: causal-lm, speech-seq2seq, base, ...")
     p.add_argument("--out", required=True, help="where to write the chosen CompressionConfig JSON")

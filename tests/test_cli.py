@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -225,3 +226,44 @@ def test_compress_keeps_a_half_precision_checkpoint_half(tmp_path: Path) -> None
     assert default.dtype == torch.bfloat16 and fp32.dtype == torch.float32
     a, b = default.state_dict(), fp32.state_dict()  # the same fp32 factors, rounded once to bf16
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k].to(a[k].dtype)) for k in a)
+
+
+def _word_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(folder)
+
+
+def test_inputs_the_command_cannot_use_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A folder without tokenizer files (transformers 5 builds an empty tokenizer from it: 'the text has 0 tokens'),
+    windows longer than the position table (IndexError), options the chosen plan ignores, perplexity of a model
+    without an LM head (AttributeError)."""
+    m, out, text = tmp_path / "m", tmp_path / "out", tmp_path / "t.txt"
+    tiny_model(LLAMA).save_pretrained(m)
+    text.write_text("w1 w2 w3 " * 200)
+    low_rank = ["compress", str(m), "--method", "low_rank", "--rank-ratio", "0.5"]
+    failures = [
+        ([*low_rank, "--param", "method=whitened", "--calib-text", str(text), "--out", str(out)],
+         r"--calib-text needs a tokenizer in .*m, which has no tokenizer files"),
+        (["compress", str(m), "--config", str(text), "--rank", "2", "--out", str(out)],
+         r"--rank set\(s\) the --method plan; with --config it would be ignored"),
+        ([*low_rank, "--plan-out", str(tmp_path / "p.json"), "--out", str(out)],
+         r"--plan-out only work\(s\) with --budget"),
+    ]
+    for args, message in failures:
+        assert cli.main(args) == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert cli.main([*low_rank, "--out", str(out)]) == 0
+    assert not (out / "tokenizer.json").exists() and not (out / "tokenizer_config.json").exists()  # none to copy
+    _word_tokenizer(m)
+    args = [*low_rank, "--param", "method=whitened", "--calib-text", str(text), "--seq-len", "128", "--out", str(out)]
+    assert cli.main(args) == 2
+    assert "--seq-len 128 is longer than CompressedLlamaForCausalLM's 64 positions" in capsys.readouterr().err
+    assert cli.main([*args[:-4], "--seq-len", "64", "--out", str(out)]) == 0 and (out / "tokenizer.json").exists()
+    bert = tmp_path / "bert"
+    tiny_model(next(a for a in ARCHS if a.name == "bert")).save_pretrained(bert)
+    assert cli.main(["eval", str(bert), "--metric", "ppl", "--text", str(text)]) == 2
+    assert "--metric ppl scores a causal language model" in capsys.readouterr().err
