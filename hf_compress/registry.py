@@ -44,9 +44,18 @@ _LAYERS: dict[str, type[nn.Module]] = {}
 def register_method(
     name: str, config_class: type, compress: CompressFn, prepare: Callable[..., dict[str, Any]] | None = None
 ) -> None:
-    """Register a compression method under ``name`` (the ``"method"`` key in JSON configs)."""
+    """Register a compression method under ``name``: the ``"type"`` key of its entries in JSON plans (and in saved
+    checkpoints' ``compression_config``), which ``config_class.to_dict()`` writes from ``config_class.registry_name``
+    (set to ``name`` here when the class leaves it empty)."""
     if name in _METHODS and _METHODS[name].config_class is not config_class:
         raise ValueError(f"hf_compress: a different method is already registered as {name!r}.")
+    own = getattr(config_class, "registry_name", None)
+    if own and own != name:
+        raise ValueError(f"hf_compress: register_method({name!r}, {config_class.__name__}, ...): the config class's "
+                         f"registry_name is {own!r}; they must match (it is the plan's JSON \"type\"): register it "
+                         f"as {own!r} or set registry_name = {name!r}.")
+    if not own:
+        config_class.registry_name = name
     _METHODS[name] = Method(name, config_class, compress, prepare)
 
 

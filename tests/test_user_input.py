@@ -363,3 +363,35 @@ def test_resize_token_embeddings_with_a_compressed_head_changes_nothing() -> Non
         model.resize_token_embeddings(100)
     assert model.get_input_embeddings().num_embeddings == model.config.vocab_size == 96
     assert model.resize_token_embeddings(96) is model.get_input_embeddings()  # no change: no error
+
+
+def test_a_registered_custom_method_round_trips_through_a_saved_checkpoint(tmp_path: Path) -> None:
+    """``register_method(name, Config, fn)`` with a config class that sets no ``registry_name``: the plan's JSON
+    ``"type"`` was written empty and the checkpoint did not reload ('unknown compression method'). A name that
+    contradicts the class's ``registry_name`` is refused."""
+    import dataclasses
+
+    from hf_compress.layers.lowrank import LowRankLinear
+    from hf_compress.registry import _METHODS
+
+    @dataclasses.dataclass
+    class HalfRankConfig(hf_compress.MethodConfig):
+        keep: float = 0.5
+
+    def compress_half(module, cfg, ctx):
+        return LowRankLinear.from_dense(module, max(1, int(cfg.keep * min(module.weight.shape))))
+
+    try:
+        hf_compress.register_method("test_half_rank", HalfRankConfig, compress_half)
+        assert HalfRankConfig.registry_name == "test_half_rank"
+        model = hf_compress.compress(tiny_model(LLAMA), CompressionConfig(modules={"q_proj": HalfRankConfig()}),
+                                     progress=False)
+        model.save_pretrained(tmp_path / "m")
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+        assert isinstance(again.model.layers[0].self_attn.q_proj, LowRankLinear)
+        with torch.no_grad():
+            assert torch.equal(again(**LLAMA.inputs()).logits, model(**LLAMA.inputs()).logits)
+        with pytest.raises(ValueError, match=r"registry_name is 'test_half_rank'; they must match"):
+            hf_compress.register_method("other_name", HalfRankConfig, compress_half)
+    finally:
+        _METHODS.pop("test_half_rank", None)
