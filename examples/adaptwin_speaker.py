@@ -143,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.distill and args.cache_encoder:
+        parser.error("--cache-encoder trains decoder adapters on cached encoder outputs; --distill trains encoder "
+                     "adapters against the dense encoder: give one")
+    needs_distill = [flag for flag, on in (("--heal-voices", args.heal_voices), ("--pack", args.pack),
+                                           ("--warps", args.warps != [1.0])) if on]
+    if needs_distill and not args.distill:
+        parser.error(f"{', '.join(needs_distill)} need(s) --distill (they shape the encoder distillation's inputs)")
     out = Path(args.out)
 
     model, processor = load(args.model)
@@ -152,8 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     hf_compress.compress(model, CompressionConfig(modules={ENC_ATTN: twin}), progress=False)
     data = speakers(args.model, args.voices, args.n_train, args.n_test)
     if args.heal_voices:
-        if not args.distill:
-            parser.error("--heal-voices needs --distill (the heal matches the dense encoder)")
         heal = heal_set(args.model, args.heal_voices, next(iter(data.values()))["train"], args.n_train)
         model, stats = heal_encoder(model, processor, heal, teacher, r=4, max_seconds=args.heal_seconds,
                                     max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,

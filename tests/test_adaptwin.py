@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -395,3 +396,13 @@ def test_example_script_runs_on_tiny_whisper(tmp_path: Path, extra: list[str]) -
     assert "adapters: ['spk0', 'spk1']" in proc.stdout
     assert ("healed on ['a', 'b']" in proc.stdout) == ("--heal-voices" in extra)
     assert (tmp_path / "adapters" / "spk1" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [(["--distill", "--cache-encoder"], "give one"),
+                                            (["--pack", "2", "--warps", "0.9"], r"--pack, --warps need\(s\) --distill"),
+                                            (["--heal-voices", "a"], r"--heal-voices need\(s\) --distill")])
+def test_example_script_refuses_option_clashes_before_any_work(tmp_path: Path, extra: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, str(EXAMPLE), "--model", "tiny-random", "--out", str(tmp_path), *extra],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr[-2000:]
+    assert not any(tmp_path.iterdir())  # nothing compressed or saved
