@@ -95,6 +95,9 @@ def test_empty_and_odd_id_tensors(name: str) -> None:
         out = layer(ids)
         assert out.shape == (*ids.shape, 8)
         assert torch.allclose(out, table[ids.long()], atol=1e-5)
+    for bad in (torch.tensor([0, v]), torch.tensor([[-1, 0]])):  # a clear error, as nn.Embedding's IndexError
+        with pytest.raises(IndexError, match=rf"token id out of range \[0, {v}\) for {type(layer).__name__}"):
+            layer(bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -88,7 +88,10 @@ class CompressedEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids [...]`` -> ``[..., d]``."""
         flat = input_ids.reshape(-1)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+        # checked on the CPU only (as nn.Embedding, elsewhere the gather asserts on the device): a host read of the
+        # ids would synchronize every GPU forward and break torch.compile graphs
+        if flat.device.type == "cpu" and not torch.compiler.is_compiling() and flat.numel() and bool(
+                ((flat < 0) | (flat >= self.num_embeddings)).any()):
             raise IndexError(
                 f"hf_compress: token id out of range [0, {self.num_embeddings}) for {type(self).__name__}."
             )
