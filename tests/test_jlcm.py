@@ -345,11 +345,15 @@ def test_block_disk_bytes_and_reload(bits: int, d: int, block: int, tmp_path: Pa
     assert torch.equal(again(x), layer(x))
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.02], ids=["unit", "llm-scale"])
 @pytest.mark.parametrize("block", [None, 32])
-def test_kmeans_never_worse_than_rtn_on_weight_error(block: int | None) -> None:
-    """k-means starts at the RTN grid and Lloyd steps are monotone: its weight error is at most RTN's."""
+def test_kmeans_never_worse_than_rtn_on_weight_error(block: int | None, scale: float) -> None:
+    """k-means starts at the RTN grid and Lloyd steps are monotone: its weight error is at most RTN's, at any weight
+    scale (block k-means weights each vector by its block scale²; at LLM scale their sums per cluster are < 1, and
+    dividing by max(sum, 1) shrank the centroids toward 0: worse than RTN)."""
     w, _ = _correlated_layer(2)
     w[3, 5] = 12.0  # an outlier stretches the uniform grid
+    w = w * scale
     err = {}
     for method in ("rtn", "kmeans"):
         layer, _ = codebook_from_dense(w, None, CodebookConfig(bits=3, group_size=8, method=method, block_size=block))
@@ -390,3 +394,14 @@ def test_bad_block_size_rejected() -> None:
         CodebookConfig(block_size=0)
     with pytest.raises(ValueError, match=r"block_size 24 must divide in_features 64"):
         codebook_from_dense(torch.randn(8, 64), None, CodebookConfig(bits=2, method="rtn", block_size=24))
+
+
+def test_weighted_kmeans_does_not_depend_on_the_weights_scale() -> None:
+    from hf_compress.methods.codebook_fit import kmeans_codebooks
+
+    g = torch.Generator().manual_seed(0)
+    points, h = torch.rand(8, 16, 1, generator=g), torch.rand(8, 16, 1, generator=g) + 0.5
+    book = torch.zeros(8, dtype=torch.long)
+    ref = kmeans_codebooks(points, book, 1, 4, 5, 0, h)
+    for factor in (1e-2, 1e-4, 1e3):
+        assert torch.allclose(kmeans_codebooks(points, book, 1, 4, 5, 0, h * factor), ref, atol=1e-6)

@@ -64,7 +64,9 @@ def kmeans_codebooks(points: torch.Tensor, row_book: torch.Tensor, books: int, k
         hw = torch.ones_like(points) if h is None else h.expand_as(points).float()
         sums = torch.zeros(books * k, d).index_add_(0, flat, (hw * points).reshape(-1, d))
         counts = torch.zeros(books * k, d).index_add_(0, flat, hw.reshape(-1, d))
-        centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers.reshape(-1, d)).view(books, k, d)
+        # (counts are summed weights: with h = scale² ~1e-2 they sit far below 1, so only guard the empty clusters)
+        safe = counts.clamp_min(torch.finfo(counts.dtype).tiny)
+        centers = torch.where(counts > 0, sums / safe, centers.reshape(-1, d)).view(books, k, d)
     return centers
 
 
