@@ -153,7 +153,7 @@ def test_cli_sweep_writes_plan(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("extra", "match"), [
     ([], "exactly one of --budget"),
-    (["--budget", "0.9", "--metric", "ppl"], "need a tokenizer"),
+    (["--budget", "0.9", "--metric", "ppl"], "needs a tokenizer in"),
     (["--budget", "0.9", "--patterns", "zzz"], "matches no linear layer"),
 ])
 def test_cli_sweep_errors(tmp_path: Path, extra: list[str], match: str) -> None:
