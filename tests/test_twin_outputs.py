@@ -50,3 +50,21 @@ def test_attention_with_qk_norms_is_refused_with_the_reason() -> None:
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     with pytest.raises(TypeError, match=r"q_norm/k_norm.*LowRankConfig"):
         _compress(transformers.Qwen3ForCausalLM(cfg), ProductTwinConfig(rank_ratio=0.5), r"self_attn$")
+
+
+@pytest.mark.parametrize("kv_len", [3, 5])
+def test_twin_attention_paths_agree_on_a_causal_continuation_without_mask(kv_len: int) -> None:
+    """Causal, no mask, 3 queries over ``kv_len`` keys (a continuation with a cache): both paths put query i at
+    position kv_len - 3 + i (the SDPA path used the first 3 keys only, the eager path bottom-right alignment)."""
+    from hf_compress.layers.twin_attention import TwinAttention
+
+    torch.manual_seed(0)
+    layer = TwinAttention(embed_dim=8, num_heads=2, num_kv_heads=2, qk_rank=4, vo_rank=4, scaling=0.5,
+                          is_causal=True, family="llama", out_name="o_proj").eval()
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, kv_len, 4), torch.randn(1, 2, kv_len, 4)
+    keep = torch.ones(3, kv_len, dtype=torch.bool).tril(kv_len - 3)
+    reference = torch.softmax((q @ k.transpose(2, 3)).masked_fill(~keep, float("-inf")), -1) @ v
+    fast, _ = layer._attend(q, k, v, None, False)
+    eager, weights = layer._attend(q, k, v, None, True)
+    assert torch.allclose(fast, reference, atol=1e-6) and torch.allclose(eager, reference, atol=1e-6)
+    assert torch.equal(weights[..., ~keep], torch.zeros_like(weights[..., ~keep]))

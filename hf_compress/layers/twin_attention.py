@@ -139,15 +139,17 @@ class TwinAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         q_len, kv_len = query.shape[2], key.shape[2]
         causal = self.is_causal and mask is None and q_len > 1
+        # causal without a mask: query i sits at position kv_len - q_len + i (the last query sees every key; SDPA's
+        # is_causal aligns top-left, so a longer key sequence gets the explicit mask)
+        keep = (torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+                if causal and (output_attentions or kv_len != q_len) else None)
         if not output_attentions:
-            if causal and kv_len > q_len:  # as HF sdpa: a causal prefill without a mask attends to the first keys
-                key, value = key[:, :, :q_len], value[:, :, :q_len]
-            out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=p,
-                                                             is_causal=causal, scale=1.0)
+            out = nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask if keep is None else keep, dropout_p=p,
+                is_causal=causal and keep is None, scale=1.0)
             return out, None
         scores = query @ key.transpose(2, 3)
-        if causal:
-            keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
+        if keep is not None:
             scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
         if mask is not None:
             scores = (scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool
