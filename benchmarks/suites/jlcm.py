@@ -6,7 +6,8 @@ Every compressed setting quantizes *all* linear layers of the transformer blocks
 stay dense) with the same storage layout for the three methods (``CodebookConfig.layout``: balanced row groups of
 ``--group-size`` similar neurons, one fp16 codebook per group, packed indices, and with ``--block-size B`` an fp16
 scale and offset per (row, block of B input columns)), so the methods cost exactly the same bytes. With blocks,
-``rtn`` is exactly asymmetric round-to-nearest with groups of B (uniform codebook on each block's [min, max]).
+``rtn`` is asymmetric round-to-nearest with groups of B (uniform codebook on each block's [min, max]; min and scale
+in fp16).
 The input covariances ``XᵀX/n`` of every layer are collected once per model from the dense model on the
 calibration text (disjoint from the evaluation text) and reused across bit widths. The ``--schedule`` runs the
 most important settings first (each model is loaded and calibrated once and kept), saving after every setting.

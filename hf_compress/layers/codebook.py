@@ -9,8 +9,8 @@ Layout (``G`` row groups, ``K`` codewords of ``d`` weights each, ``b`` index bit
 * with ``block_size = B > 0`` (blocks of ``B`` input columns, like "g128" quantization) every (sorted row, block)
   instead gets an fp16 scale and offset, ``scales, offsets [out, in/B]``:
   ``W_sorted[r, j·d:(j+1)·d] = scales[r, jd//B] · codebooks[book(r), codes[r, j]] + offsets[r, jd//B]`` (the
-  codebooks then live in the normalized ``[0, 1]`` range of a block; a uniform codebook is exactly asymmetric
-  round-to-nearest with groups of ``B``);
+  codebooks then live in the normalized ``[0, 1]`` range of a block; a uniform codebook is asymmetric
+  round-to-nearest with groups of ``B``, up to the fp16 rounding of each block's minimum and scale);
 * ``codes [out, in/d]`` are packed into ``ceil(out·in/d·b / 8)`` bytes (``indices``, uint8), ``perm`` into
   ``ceil(out·ceil(log2 out) / 8)`` bytes; both are persistent buffers, so safetensors stores them as is.
 

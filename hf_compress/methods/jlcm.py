@@ -34,8 +34,9 @@ Per linear layer ``W [out, in]`` (``d`` weights per index, ``K = codebook_size``
    * **proximal mapping update**: every weight vector moves to
      ``I ← argmin_k  s⟨∂L/∂Ŵ, C_k − c⟩ + s² Σ_c h_c (C_k − c)_c²`` (``c`` its current codeword, ``h = diag Σ``),
      i.e. the nearest codeword (``h``-weighted) to the proximal gradient step ``c − ∂L/∂Ŵ / (2 s h)``. The
-     quadratic proximity term makes the score of a codeword *grow* with its distance from the current one (it is
-     the exact change of ``L`` when that weight alone moves), whereas the straight-through gradient of the
+     quadratic proximity term makes the score of a codeword *grow* with its distance from the current one (with
+     ``vector_dim = 1`` it is the exact change of ``L`` when that weight alone moves; with vectors it leaves out
+     ``Σ``'s terms between a vector's coordinates), whereas the straight-through gradient of the
      one-hot mapping, ``s⟨∂L/∂Ŵ, C_k⟩`` (``mapping_update="ste"``, kept for ablation), is linear in the codeword
      and always favours the farthest codeword along the gradient. Moves interact through ``Σ``, so only the
      fraction ``f`` with the best predicted change is applied (a trust region): a step that lowers ``L`` is
