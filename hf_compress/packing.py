@@ -1,4 +1,5 @@
-"""Vectorized bit packing of small unsigned integers into ``uint8`` bytes (any width 1..16 bits).
+"""Vectorized bit packing of unsigned integers into ``uint8`` bytes (any width 1..31 bits: codes up to 16, row
+indices of tables with more than 65,536 rows up to 31).
 
 Value ``i`` occupies bits ``[i·bits, (i+1)·bits)`` of the little-endian bit stream (least significant bit
 first), so ``n`` values take exactly ``ceil(n·bits / 8)`` bytes. Both directions are pure torch, no Python loop
@@ -15,8 +16,8 @@ _BYTE_WEIGHTS = 1 << torch.arange(8, dtype=torch.int32)  # [8]: bit j of a byte 
 
 
 def _check_bits(bits: int) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
-        raise ValueError(f"hf_compress: bit width must be an int in 1..16, got {bits!r}.")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 31:  # (int32 arithmetic below)
+        raise ValueError(f"hf_compress: bit width must be an int in 1..31, got {bits!r}.")
 
 
 def packed_nbytes(n: int, bits: int) -> int:
@@ -28,7 +29,7 @@ def packed_nbytes(n: int, bits: int) -> int:
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer ``values`` (any shape, each in ``[0, 2**bits)``) into ``uint8 [ceil(numel·bits/8)]``.
 
-    Raises a ``ValueError`` for out-of-range values or widths outside 1..16.
+    Raises a ``ValueError`` for out-of-range values or widths outside 1..31.
     """
     _check_bits(bits)
     if values.is_floating_point() or values.is_complex():

@@ -100,7 +100,7 @@ def test_lookup_mode_matches_cached_and_cache_follows_codebook_edits() -> None:
 
 
 # ---- packing ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("bits", [*range(1, 9), 12, 16, 17, 18, 24, 31])
 @pytest.mark.parametrize("seed", range(6))
 def test_pack_unpack_round_trip(bits: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed * 31 + bits)
@@ -116,8 +116,9 @@ def test_pack_unpack_round_trip(bits: int, seed: int) -> None:
 def test_pack_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match=r"values must lie in \[0, 8\) for 3 bits"):
         pack_bits(torch.tensor([8]), 3)
-    with pytest.raises(ValueError, match=r"bit width must be an int in 1\.\.16"):
-        pack_bits(torch.tensor([1]), 0)
+    for bits in (0, 32):
+        with pytest.raises(ValueError, match=r"bit width must be an int in 1\.\.31"):
+            pack_bits(torch.tensor([1]), bits)
     with pytest.raises(ValueError, match="need 2 bytes, got 1"):
         unpack_bits(torch.zeros(1, dtype=torch.uint8), 4, 3)
 
@@ -405,3 +406,18 @@ def test_weighted_kmeans_does_not_depend_on_the_weights_scale() -> None:
     ref = kmeans_codebooks(points, book, 1, 4, 5, 0, h)
     for factor in (1e-2, 1e-4, 1e3):
         assert torch.allclose(kmeans_codebooks(points, book, 1, 4, 5, 0, h * factor), ref, atol=1e-6)
+
+
+def test_codebook_layer_with_more_rows_than_16_bit_indices_round_trips(tmp_path: Path) -> None:
+    """Row permutations of tables with > 65,536 rows need 17+ bits per index (Gemma-3's 262k, Qwen's 151k, Llama-3's
+    128k vocabularies): packing refused them ('bit width must be an int in 1..16, got 17')."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(70_000, 8, generator=g)
+    layer, _ = codebook_from_dense(w, None, CodebookConfig(bits=4, method="rtn"))
+    assert perm_bits(70_000) == 17 and layer.perm.numel() == -(-70_000 * 17 // 8)
+    assert torch.equal(torch.sort(layer.permutation()).values, torch.arange(70_000))
+    assert float((layer.weight.float() - w).pow(2).mean() / w.pow(2).mean()) < 0.05
+    save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, tmp_path / "l.safetensors")
+    again = CodebookLinear.from_spec(layer.spec())
+    again.load_state_dict(load_file(tmp_path / "l.safetensors"))
+    assert torch.equal(again.weight, layer.weight)
