@@ -280,23 +280,6 @@ def auto_compressed_class(task: str) -> type[_AutoCompressed]:
     raise ValueError(f"hf_compress: unknown task {task!r}; choose from {sorted(TASKS)}.")
 
 
-_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
-_LOW_MEMORY_KWARGS = {"dtype", *_HUB_KWARGS}  # what the streamed load (hf_compress.streaming) understands
-
-
-def _low_memory_obstacle(config: PretrainedConfig, plan: Any, calibration: Any, kwargs: dict[str, Any]) -> str:
-    """Why compress-on-load must materialize the dense model first ("" if it need not)."""
-    if plan is None:
-        return "no compression_config was given"
-    if calibration is not None:
-        return "calibration activations need a forward pass of the dense model"
-    if (getattr(config, "compression_config", None) or {}).get("layers"):
-        return "the checkpoint is already compressed"
-    by_module = isinstance(kwargs.get("dtype"), dict)
-    extra = sorted(set(kwargs) - _LOW_MEMORY_KWARGS) + ["dtype (per-module dict)"] * by_module
-    return f"loading kwargs {extra} need transformers' own loader" if extra else ""
-
-
 class _AutoCompressed:
     """``from_pretrained(dense_or_compressed, compression_config=...)``: load, then compress on load."""
 
@@ -324,14 +307,17 @@ class _AutoCompressed:
         ``PreTrainedModel.from_pretrained``.
         """
         from .compress import compress
+        from .streaming import HUB_KWARGS, LOADER_KWARGS, low_memory_obstacle
 
         config = kwargs.pop("config", None)
-        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-        if config is None:
+        hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        if config is None:  # as transformers' Auto classes: config attributes given as kwargs (num_labels ...) set it
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+            for key in [k for k in kwargs if k not in LOADER_KWARGS and k not in hub and hasattr(config, k)]:
+                setattr(config, key, kwargs.pop(key))
         config = to_compressed_config(config)
         model_class = cls._model_class(config)
-        why_not = _low_memory_obstacle(config, compression_config, calibration, kwargs)
+        why_not = low_memory_obstacle(config, compression_config, calibration, kwargs)
         if low_memory and why_not:
             raise ValueError(f"hf_compress: low_memory=True is not possible here: {why_not}.")
         if low_memory is not False and not why_not:
@@ -346,11 +332,12 @@ class _AutoCompressed:
                 raise ValueError("hf_compress: low_memory=True needs a safetensors checkpoint whose tensor names "
                                  "cover the model; pass low_memory=False.")
         model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+        model, info = model if isinstance(model, tuple) else (model, None)  # output_loading_info=True
         model.config.compression_config = dict(model.config.compression_config or {})
         model.config.compression_config.setdefault("base_model", str(pretrained_model_name_or_path))
         if compression_config is not None:
             compress(model, compression_config, calibration=calibration)
-        return model
+        return model if info is None else (model, info)
 
     @classmethod
     def from_config(cls, config: PretrainedConfig, compression_config: Any = None, **kwargs: Any) -> PreTrainedModel:

@@ -220,6 +220,28 @@ class _Filler:
                 self.buffers.pop(name)
 
 
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
+_LOW_MEMORY_KWARGS = {"dtype", *HUB_KWARGS}  # what the streamed load understands
+# from_pretrained kwargs that are loading options, never config attributes (the others set the config when named so)
+LOADER_KWARGS = {"dtype", "torch_dtype", "device_map", "quantization_config", "attn_implementation", "max_memory",
+                 "offload_folder", "offload_state_dict", "low_cpu_mem_usage", "output_loading_info", "state_dict",
+                 "use_safetensors", "weights_only", "key_mapping", "tp_plan", "tp_size", "device_mesh",
+                 "variant", "gguf_file", "adapter_name", "adapter_kwargs", "generation_config"}
+
+
+def low_memory_obstacle(config: Any, plan: Any, calibration: Any, kwargs: dict[str, Any]) -> str:
+    """Why compress-on-load must materialize the dense model first ("" if it need not)."""
+    if plan is None:
+        return "no compression_config was given"
+    if calibration is not None:
+        return "calibration activations need a forward pass of the dense model"
+    if (getattr(config, "compression_config", None) or {}).get("layers"):
+        return "the checkpoint is already compressed"
+    by_module = isinstance(kwargs.get("dtype"), dict)
+    extra = sorted(set(kwargs) - _LOW_MEMORY_KWARGS) + ["dtype (per-module dict)"] * by_module
+    return f"loading kwargs {extra} need transformers' own loader" if extra else ""
+
+
 def load_compressed_low_memory(
     model_class: type, path: str | Path, config: Any, plan: Any, dtype: Any = None,
     hub: dict[str, Any] | None = None, progress: bool = True,

@@ -189,3 +189,28 @@ def test_whisper_generate_keeps_a_user_decoder_prompt() -> None:
     prompt = {"decoder_input_ids": torch.tensor([[5, 7]]), "max_new_tokens": 2}
     out, dense_out = (m.generate(feats, **prompt) for m in (model, tiny_model(arch)))
     assert out.shape == dense_out.shape  # generate's Whisper branch: no start token put in front of the prompt
+
+
+def test_auto_compressed_factories_take_config_kwargs_and_output_loading_info(tmp_path: Path) -> None:
+    """As transformers' Auto classes: config attributes given to from_pretrained (num_labels, use_cache) set the
+    config (they reached the model constructor: TypeError), and output_loading_info=True returns (model, info)
+    (AttributeError on the tuple)."""
+    bert = next(a for a in ARCHS if a.name == "bert")
+    tiny_model(bert).save_pretrained(tmp_path / "bert")
+    plan = CompressionConfig(modules={bert.attn_pattern: LowRankConfig(rank_ratio=0.5)})
+    clf = hf_compress.AutoCompressedModelForSequenceClassification.from_pretrained(
+        tmp_path / "bert", compression_config=plan, num_labels=3)
+    assert clf.config.num_labels == 3 and clf.classifier.out_features == 3
+    clf.save_pretrained(tmp_path / "clf")
+    again = hf_compress.AutoCompressedModelForSequenceClassification.from_pretrained(tmp_path / "clf",
+                                                                                    id2label={0: "a", 1: "b", 2: "c"})
+    assert again.config.id2label[2] == "c"
+    llama = next(a for a in ARCHS if a.name == "llama")
+    tiny_model(llama).save_pretrained(tmp_path / "llama")
+    plan = CompressionConfig(modules={llama.attn_pattern: LowRankConfig(rank_ratio=0.5)})
+    lm = hf_compress.AutoCompressedModelForCausalLM.from_pretrained(tmp_path / "llama", compression_config=plan,
+                                                                   use_cache=False)
+    assert lm.config.use_cache is False
+    lm, info = hf_compress.AutoCompressedModelForCausalLM.from_pretrained(
+        tmp_path / "llama", compression_config=plan, output_loading_info=True)
+    assert isinstance(lm, torch.nn.Module) and not info["missing_keys"] and lm.config.compression_config["layers"]
