@@ -94,12 +94,14 @@ def model_card(model: Any, repo_id: str | None = None, figures: dict[str, Any] |
         f"| `{_cell(p)}` | {m.get('type')} | {_settings(m)} |" for p, m in (cc.get("modules") or {}).items()
     ) or "| — | — | — |"
     counts = Counter(spec.get("type") for spec in layers.values())
+    shown = base_model if base_is_hub else Path(str(base_model)).name if base_model else None  # no absolute paths
     fig_text = "".join(f"\n- {k}: {v}" for k, v in (figures or {}).items())
     return ModelCard.from_template(
         data,
         template_str=TEMPLATE,
-        title=f"{repo_id or base_model or type(model).__name__} (compressed with hf_compress)",
-        base_model_link=f"[{base_model}](https://huggingface.co/{base_model})" if base_is_hub else f"`{base_model}`",
+        title=f"{repo_id or shown or type(model).__name__} (compressed with hf_compress)",
+        base_model_link=(f"[{base_model}](https://huggingface.co/{base_model})" if base_is_hub  # a local folder:
+                         else f"a local checkpoint (`{shown}`)" if shown else "a model"),
         plan_rows=rows,
         layer_summary=", ".join(f"{n} × {t}" for t, n in counts.items()) or "none",
         n_params=f"{sum(p.numel() for p in model.parameters()):,}",

@@ -155,6 +155,8 @@ class CompressedSaveMixin:
             self.save_pretrained(save_directory, *args, **kwargs)
             if kwargs.get("is_main_process", True):  # one upload, from the process that wrote the files
                 mine = _own_card(Path(save_directory)) and _hub_card(repo_id, kwargs.get("token")) is None
+                if mine:  # the generated card names the repo it is pushed to
+                    _write_card(self, Path(save_directory), repo_id)
                 written = [p.name for p in Path(save_directory).iterdir()  # not the folder's other files, nor a
                            if _OWNED.match(p.name) or (p.name == "README.md" and mine)]  # card over the repo's own
                 upload_folder(save_directory, repo_id, token=kwargs.get("token"), allow_patterns=written, **push)
@@ -197,12 +199,23 @@ class CompressedSaveMixin:
             kept = _hub_card(repo_id, token)
             if kept is not None:  # the repo's own card stays (as transformers keeps it); tags are still added
                 kept.save(Path(tmp) / "README.md")
+            else:  # the generated card names the repo it is pushed to
+                _write_card(self, Path(tmp), repo_id)
             if tags:  # the Hub reads tags from the model card's metadata
                 card = ModelCard.load(Path(tmp) / "README.md")
                 card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *([tags] if isinstance(tags, str)
                                                                                  else tags)]))
                 card.save(Path(tmp) / "README.md")
             return upload_folder(tmp, repo_id, private=private, token=token, commit_message=commit_message, **kwargs)
+
+
+def _write_card(model: Any, folder: Path, repo_id: str) -> None:
+    """(Re)write ``folder``'s generated card for ``repo_id`` (atomically: a temporary file renamed over it)."""
+    from .cards import model_card
+
+    tmp = folder / ".README.md.tmp"
+    model_card(model, repo_id=repo_id).save(tmp)
+    os.replace(tmp, folder / "README.md")
 
 
 def _hub_card(repo_id: str, token: str | None) -> Any:

@@ -544,3 +544,29 @@ def test_a_card_without_the_marker_is_kept_and_hub_cards_kept_on_save_push(
             mock.patch("huggingface_hub.HfApi.upload_folder", return_value="url") as upload:
         model.save_pretrained(target, push_to_hub=True, repo_id="me/tiny")
     assert "README.md" not in upload.call_args.kwargs["allow_patterns"]
+
+
+@pytest.mark.parametrize("how", ["push_to_hub", "save_pretrained"])
+def test_pushed_card_names_the_repo_and_no_local_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      how: str) -> None:
+    """The generated card uploaded by a push loads from the repo id (it said "path/to/this/model") and shows no
+    absolute local path of the base checkpoint in its title or text."""
+    from hf_compress import saving
+
+    dense = tiny_model(LLAMA)
+    dense.save_pretrained(tmp_path / "deep" / "local-base")
+    model = hf_compress.AutoCompressedModelForCausalLM.from_pretrained(
+        tmp_path / "deep" / "local-base", compression_config=CompressionConfig(modules={ATTN: LowRankConfig(rank=8)}))
+    monkeypatch.setattr(saving, "_hub_card", lambda repo_id, token: None)  # no card on the Hub yet
+    cards: list[str] = []
+    upload = mock.Mock(side_effect=lambda **kw: cards.append((Path(kw["folder_path"]) / "README.md").read_text()))
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", upload):
+        if how == "push_to_hub":
+            model.push_to_hub("me/tiny")
+        else:
+            model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="me/tiny")
+    (card,) = cards
+    assert 'from_pretrained("me/tiny"' in card and "path/to/this/model" not in card
+    assert "# me/tiny (compressed with hf_compress)" in card and "a local checkpoint (`local-base`)" in card
+    assert str(tmp_path) not in card
