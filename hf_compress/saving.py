@@ -172,6 +172,11 @@ class CompressedSaveMixin:
         try:
             source, auto_map = _remote_code(self)
             self.config.auto_map = auto_map
+            cc = getattr(self.config, "compression_config", None) or {}
+            if cc.get("layers"):  # the layers as they are now (e.g. codebooks trained in fp32 reload in fp32)
+                from .compress import compressed_layer_specs
+
+                self.config.compression_config = {**cc, "layers": compressed_layer_specs(self)}
             super().save_pretrained(tmp, *args, **kwargs)
             (tmp / REMOTE_CODE_FILE).write_text(source)
             own = _own_card(target)

@@ -421,3 +421,32 @@ def test_codebook_layer_with_more_rows_than_16_bit_indices_round_trips(tmp_path:
     again = CodebookLinear.from_spec(layer.spec())
     again.load_state_dict(load_file(tmp_path / "l.safetensors"))
     assert torch.equal(again.weight, layer.weight)
+
+
+@pytest.mark.parametrize("table", [False, True], ids=["linears", "linears+table"])
+def test_codebooks_saved_while_training_reload_as_saved(table: bool, tmp_path: Path) -> None:
+    """A checkpoint saved with fp32 master codebooks (a Trainer save_steps checkpoint, before freeze_codebooks)
+    reloads them in fp32: they were cast to fp16 on load (logits off by ~2 %). After freeze_codebooks the save is
+    fp16 storage again."""
+    import transformers
+
+    arch = ARCHS[0]
+    modules = {arch.mlp_pattern: CodebookConfig(bits=2, method="rtn"),
+               **({"embed_tokens": CodebookConfig(bits=4, method="rtn")} if table else {})}
+    model = hf_compress.compress(tiny_model(arch), CompressionConfig(modules=modules), progress=False)
+    mark_codebooks_trainable(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    model.save_pretrained(tmp_path / "training")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "training")
+    layers = [m for m in again.modules() if isinstance(m, CodebookLinear)]
+    assert layers and all(m.codebooks.dtype == torch.float32 and not m.codebooks.requires_grad for m in layers)
+    model.eval()
+    assert torch.equal(_out(again, {"input_ids": ids}), _out(model, {"input_ids": ids}))
+    freeze_codebooks(model)
+    model.save_pretrained(tmp_path / "frozen")
+    frozen = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "frozen")
+    assert all(m.codebooks.dtype == torch.float16 for m in frozen.modules() if isinstance(m, CodebookLinear))
+    assert torch.equal(_out(frozen, {"input_ids": ids}), _out(model, {"input_ids": ids}))

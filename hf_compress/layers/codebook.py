@@ -271,12 +271,18 @@ class CodebookLinear(nn.Module):
         return {"type": self.layer_type, "in_features": self.in_features, "out_features": self.out_features,
                 "bits": self.bits, "vector_dim": self.vector_dim, "codebook_size": self.codebook_size,
                 "n_groups": self.n_groups, "shared_codebook": self.shared_codebook, "bias": self.bias is not None,
-                "block_size": self.block_size}
+                "block_size": self.block_size,  # storage other than fp16 (fp32 masters trained, saved as they are):
+                **({} if self.codebooks.dtype == torch.float16 else {"storage_dtype": str(self.codebooks.dtype)[6:]})}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> CodebookLinear:
+        dtype = getattr(torch, spec.get("storage_dtype", "float16"), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"hf_compress: codebook layer spec has storage_dtype {spec['storage_dtype']!r}, not a "
+                             "torch floating dtype; re-save the compressed model.")
         return cls(spec["in_features"], spec["out_features"], spec["bits"], spec["vector_dim"], spec["codebook_size"],
-                   spec["n_groups"], spec["shared_codebook"], spec["bias"], block_size=spec.get("block_size", 0))
+                   spec["n_groups"], spec["shared_codebook"], spec["bias"], dtype=dtype,
+                   block_size=spec.get("block_size", 0))
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self.clear_cache()
