@@ -94,7 +94,8 @@ def model_card(model: Any, repo_id: str | None = None, figures: dict[str, Any] |
         f"| `{_cell(p)}` | {m.get('type')} | {_settings(m)} |" for p, m in (cc.get("modules") or {}).items()
     ) or "| — | — | — |"
     counts = Counter(spec.get("type") for spec in layers.values())
-    shown = base_model if base_is_hub else Path(str(base_model)).name if base_model else None  # no absolute paths
+    shown = (base_model if base_is_hub else (Path(str(base_model)).name or Path(str(base_model)).resolve().name)
+             if base_model else None)  # a local folder: its name, no absolute path
     fig_text = "".join(f"\n- {k}: {v}" for k, v in (figures or {}).items())
     return ModelCard.from_template(
         data,

@@ -86,6 +86,7 @@ def _mixed_plan(model: Any, args: argparse.Namespace) -> Any:
                            "tokens")
         fit, held = batches[: -max(1, len(batches) // 4)], batches[-max(1, len(batches) // 4):]
     else:
+        check_seq_len(model, args.seq_len)
         fit = sw.random_batches(model, args.n_batches, args.seq_len, seed=1)
         held = sw.random_batches(model, max(1, args.n_batches // 4), args.seq_len, seed=2)
         eval_fn = sw.output_error_fn(model, held)
@@ -157,11 +158,18 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .saving import upload_folder
+    from .saving import _own_card, _write_card, upload_folder
 
     folder = Path(args.model)
     if not (folder / "config.json").is_file():
         raise CLIError(f"{folder} is not a saved model folder (no config.json); run `hf-compress compress` first")
+    if _own_card(folder):  # the generated card names the repo pushed to (it said "path/to/this/model")
+        import transformers
+
+        from .modeling import auto_compressed_class, default_task
+
+        config = transformers.AutoConfig.from_pretrained(folder)
+        _write_card(auto_compressed_class(default_task(config)).from_pretrained(folder), folder, args.repo_id)
     # without --private the Hub's default applies (an organisation may make new repos private)
     result = upload_folder(folder, args.repo_id, private=True if args.private else None, token=args.token)
     print(f"pushed {folder} to {args.repo_id}: {result}")
@@ -182,9 +190,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = transformers.AutoConfig.from_pretrained(args.model)
     model = auto_compressed_class(args.task or default_task(config)).from_pretrained(args.model).eval()
     tok = None
+    check_seq_len(model, args.seq_len)
     if args.text or args.metric == "ppl":
         tok = tokenizer_of(args.model, "--text/--metric ppl")
-        check_seq_len(model, args.seq_len)
     if args.metric == "ppl" and not args.text:
         raise CLIError("--metric ppl needs --text FILE (evaluation text)")
     probe = (sw.text_batches(tok, Path(args.text).read_text(), args.n_batches, args.seq_len) if args.text

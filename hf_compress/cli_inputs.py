@@ -67,13 +67,13 @@ def parse_value(value: str) -> Any:
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
-                    "spiece.model", "sentencepiece.bpe.model")
+                    "spiece.model", "sentencepiece.bpe.model", "*.model", "*.spm", "*.tiktoken")
 
 
 def has_tokenizer(source: str) -> bool:
     """Whether ``source`` has tokenizer files (a Hub id: assumed; transformers 5 builds an empty tokenizer from a
     folder without any instead of raising)."""
-    return not Path(source).is_dir() or any((Path(source) / name).is_file() for name in _TOKENIZER_FILES)
+    return not Path(source).is_dir() or any(p.is_file() for name in _TOKENIZER_FILES for p in Path(source).glob(name))
 
 
 def tokenizer_of(source: str, why: str, processor: bool = False) -> Any:
@@ -90,12 +90,18 @@ def tokenizer_of(source: str, why: str, processor: bool = False) -> Any:
 
 
 def check_seq_len(model: Any, seq_len: int, flag: str = "--seq-len") -> None:
-    """Refuse windows longer than the model's position table (an IndexError deep in the forward otherwise)."""
-    cfg = model.config
-    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if isinstance(positions, int) and seq_len > positions:
-        raise CLIError(f"{flag} {seq_len} is longer than {type(model).__name__}'s {positions} positions; pass "
-                       f"{flag} {positions} or less")
+    """Refuse token windows longer than a learned position table (GPT-2's ``wpe``, BERT's ``position_embeddings``):
+    an IndexError deep in the forward otherwise. Rotary models (Llama ...) run longer windows; speech models read
+    features."""
+    from torch import nn
+
+    if getattr(model.config, "num_mel_bins", None):
+        return
+    tables = [m.num_embeddings for n, m in model.named_modules()
+              if isinstance(m, nn.Embedding) and (n.endswith("wpe") or "position_embeddings" in n)]
+    if tables and seq_len > min(tables):
+        raise CLIError(f"{flag} {seq_len} is longer than {type(model).__name__}'s {min(tables)} learned positions; "
+                       f"pass {flag} {min(tables)} or less")
 
 
 def save_preprocessor(source: str, out: Path) -> None:

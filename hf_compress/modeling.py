@@ -82,7 +82,7 @@ class CompressedModelMixin(CompressedSaveMixin):
         size = args[0] if args else kwargs.get("new_num_tokens")
         multiple = args[1] if len(args) > 1 else kwargs.get("pad_to_multiple_of")
         size = -(-size // multiple) * multiple if size is not None and multiple else size
-        if size is None or size == table.num_embeddings:  # a no-op, as transformers': the table
+        if size is None or size == getattr(table, "num_embeddings", None):  # a no-op, as transformers': the table
             return table if isinstance(table, CompressedEmbedding) else super().resize_token_embeddings(*args, **kwargs)
         if isinstance(table, CompressedEmbedding):
             kind = type(table)

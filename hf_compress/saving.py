@@ -173,10 +173,12 @@ class CompressedSaveMixin:
             source, auto_map = _remote_code(self)
             self.config.auto_map = auto_map
             cc = getattr(self.config, "compression_config", None) or {}
-            if cc.get("layers"):  # the layers as they are now (e.g. codebooks trained in fp32 reload in fp32)
-                from .compress import compressed_layer_specs
+            if cc.get("layers"):  # the recorded layers' specs as they are now (codebooks trained in fp32 reload so)
+                from .registry import is_compressed_layer, resolve_layer_names
 
-                self.config.compression_config = {**cc, "layers": compressed_layer_specs(self)}
+                now = {n: m.spec() for n, here in resolve_layer_names(self, cc["layers"]).items()
+                       if is_compressed_layer(m := self.get_submodule(here))}
+                self.config.compression_config = {**cc, "layers": {**cc["layers"], **now}}
             super().save_pretrained(tmp, *args, **kwargs)
             (tmp / REMOTE_CODE_FILE).write_text(source)
             own = _own_card(target)

@@ -131,6 +131,8 @@ def test_push_uploads_folder(dense: Path, tmp_path: Path) -> None:
         assert cli.main(["push", str(out), "me/tiny"]) == 0
     assert upload.call_args.kwargs["folder_path"] == str(out)
     assert upload.call_args.kwargs["repo_id"] == "me/tiny"
+    card = (out / "README.md").read_text()  # the generated card, rewritten for the repo pushed to
+    assert 'from_pretrained("me/tiny"' in card and "path/to/this/model" not in card
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")) as create, \
             mock.patch("huggingface_hub.HfApi.upload_folder", return_value="url"):
         assert cli.main(["push", str(out), "me/tiny"]) == 0
@@ -258,11 +260,20 @@ def test_inputs_the_command_cannot_use_are_refused(tmp_path: Path, capsys: pytes
         assert re.search(message, capsys.readouterr().err)
     assert cli.main([*low_rank, "--out", str(out)]) == 0
     assert not (out / "tokenizer.json").exists() and not (out / "tokenizer_config.json").exists()  # none to copy
-    _word_tokenizer(m)
+    _word_tokenizer(m)  # Llama (rotary) runs windows past max_position_embeddings: allowed
     args = [*low_rank, "--param", "method=whitened", "--calib-text", str(text), "--seq-len", "128", "--out", str(out)]
-    assert cli.main(args) == 2
-    assert "--seq-len 128 is longer than CompressedLlamaForCausalLM's 64 positions" in capsys.readouterr().err
-    assert cli.main([*args[:-4], "--seq-len", "64", "--out", str(out)]) == 0 and (out / "tokenizer.json").exists()
+    assert cli.main(args) == 0 and (out / "tokenizer.json").exists()
+    gpt2 = tmp_path / "gpt2"  # a learned position table (64 rows) is not: each command's windows are checked
+    tiny_model(next(a for a in ARCHS if a.name == "gpt2")).save_pretrained(gpt2)
+    _word_tokenizer(gpt2)
+    for cmd in (["compress", str(gpt2), "--method", "low_rank", "--pattern", r"attn\.c_proj$", "--rank-ratio", "0.5",
+                 "--param", "method=whitened", "--calib-text", str(text), "--out", str(out)],
+                ["compress", str(gpt2), "--budget", "0.8", "--n-batches", "2", "--out", str(out)],
+                ["sweep", str(gpt2), "--patterns", r"attn\.c_proj$", "--ratios", "0.5", "--budget", "0.95",
+                 "--n-batches", "2", "--out", str(tmp_path / "plan.json")]):
+        assert cli.main([*cmd, "--seq-len", "128"]) == 2, cmd
+        err = capsys.readouterr().err
+        assert "--seq-len 128 is longer than CompressedGPT2LMHeadModel's 64 learned positions" in err
     bert = tmp_path / "bert"
     tiny_model(next(a for a in ARCHS if a.name == "bert")).save_pretrained(bert)
     assert cli.main(["eval", str(bert), "--metric", "ppl", "--text", str(text)]) == 2

@@ -450,3 +450,24 @@ def test_codebooks_saved_while_training_reload_as_saved(table: bool, tmp_path: P
     frozen = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "frozen")
     assert all(m.codebooks.dtype == torch.float16 for m in frozen.modules() if isinstance(m, CodebookLinear))
     assert torch.equal(_out(frozen, {"input_ids": ids}), _out(model, {"input_ids": ids}))
+
+
+def test_scales_trained_alone_reload_as_saved(tmp_path: Path) -> None:
+    """The saved storage dtype is the widest of codebooks, scales and offsets (fp32 scales reloaded as fp16)."""
+    import transformers
+
+    arch = ARCHS[0]
+    model = hf_compress.compress(tiny_model(arch), CompressionConfig(
+        modules={arch.mlp_pattern: CodebookConfig(bits=2, method="rtn")}), progress=False)
+    layer = next(m for m in model.modules() if isinstance(m, CodebookLinear))
+    layer.scales.requires_grad_(True)
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids).logits.sum().backward()  # the training forward makes the trainable scales fp32 masters
+    with torch.no_grad():
+        layer.scales.mul_(1.0001)
+    assert layer.scales.dtype == torch.float32 and layer.codebooks.dtype == torch.float16
+    model.save_pretrained(tmp_path / "m")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    loaded = next(m for m in again.modules() if isinstance(m, CodebookLinear))
+    assert loaded.scales.dtype == torch.float32 and torch.equal(loaded.scales, layer.scales)
+    assert torch.equal(_out(again.eval(), {"input_ids": ids}), _out(model.eval(), {"input_ids": ids}))

@@ -271,8 +271,13 @@ class CodebookLinear(nn.Module):
         return {"type": self.layer_type, "in_features": self.in_features, "out_features": self.out_features,
                 "bits": self.bits, "vector_dim": self.vector_dim, "codebook_size": self.codebook_size,
                 "n_groups": self.n_groups, "shared_codebook": self.shared_codebook, "bias": self.bias is not None,
-                "block_size": self.block_size,  # storage other than fp16 (fp32 masters trained, saved as they are):
-                **({} if self.codebooks.dtype == torch.float16 else {"storage_dtype": str(self.codebooks.dtype)[6:]})}
+                "block_size": self.block_size, **self._storage_dtype_spec()}
+
+    def _storage_dtype_spec(self) -> dict[str, str]:
+        """``{"storage_dtype": ...}`` when any storage tensor is not fp16 (fp32 masters trained, saved as they are:
+        the widest one, so a reload holds every saved value), else ``{}``."""
+        widest = max((p.dtype for p in self.storage()), key=lambda t: torch.finfo(t).bits)
+        return {} if all(p.dtype == torch.float16 for p in self.storage()) else {"storage_dtype": str(widest)[6:]}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> CodebookLinear:

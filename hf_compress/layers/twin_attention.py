@@ -142,7 +142,7 @@ class TwinAttention(nn.Module):
         # causal without a mask: query i sits at position kv_len - q_len + i (the last query sees every key; SDPA's
         # is_causal aligns top-left, so a longer key sequence gets the explicit mask)
         keep = (torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-                if causal and (output_attentions or kv_len != q_len) else None)
+                if causal and (output_attentions or kv_len > q_len) else None)
         if not output_attentions:
             out = nn.functional.scaled_dot_product_attention(
                 query, key, value, attn_mask=mask if keep is None else keep, dropout_p=p,
