@@ -16,7 +16,7 @@ TEMPLATE = """---
 {{ card_data }}
 ---
 
-<!-- hf_compress: generated card, rewritten by each save; delete this line to keep your edits -->
+""" + GENERATED + """
 
 # {{ title }}
 
