@@ -122,7 +122,8 @@ def random_batches(model: nn.Module, n: int = 4, seq: int = 32, seed: int = 0) -
     g, cfg = torch.Generator().manual_seed(seed), model.config
     if getattr(cfg, "num_mel_bins", None):
         frames = 2 * cfg.max_source_positions
-        dtype = getattr(model, "dtype", None) if isinstance(getattr(model, "dtype", None), torch.dtype) else None
+        dtype = getattr(model, "dtype", None)
+        dtype = dtype if isinstance(dtype, torch.dtype) else None
         return [{"input_features": torch.randn(1, cfg.num_mel_bins, frames, generator=g).to(dtype),
                  "decoder_input_ids": torch.randint(0, cfg.vocab_size, (1, 4), generator=g)} for _ in range(n)]
     return [torch.randint(0, cfg.vocab_size, (1, seq), generator=g) for _ in range(n)]
