@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,23 @@ def _task_of(model: Any) -> tuple[str, str]:
             if cls.__name__ in mapping.values() and task != "base":
                 return task, auto_name
     return "base", "AutoModel"
+
+
+def portable_base_model(name_or_path: str | os.PathLike[str] | None) -> str | None:
+    """What a compressed model records as its base (``compression_config["base_model"]``, saved and pushed with
+    it): a Hub id as given; a local folder only by its name, or by its repo id when it is a ``huggingface_hub``
+    cache snapshot (``models--org--name/snapshots/<sha>``); never a local absolute path."""
+    if not name_or_path:
+        return None
+    text = str(name_or_path)
+    path = Path(text)
+    if not (path.exists() or path.is_absolute() or text.startswith((".", "~"))):
+        return text  # a Hub id
+    parts = path.expanduser().resolve().parts
+    for part in reversed(parts):
+        if part.startswith("models--") and len(part) > len("models--"):  # repo ids cannot contain "--"
+            return part[len("models--"):].replace("--", "/")
+    return parts[-1] if len(parts) > 1 else None
 
 
 def model_card(model: Any, repo_id: str | None = None, figures: dict[str, Any] | None = None) -> ModelCard:

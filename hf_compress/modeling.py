@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto import modeling_auto
 
+from .cards import portable_base_model
 from .offload import compressed_layer_class_names, group_offload_hooks  # noqa: F401  (public here too)
 from .registry import build_compressed_structure, check_loaded_layers, is_compressed_layer, resolve_layer_names
 from .saving import CompressedSaveMixin
@@ -242,7 +243,7 @@ def adopt_compressed_class(model: nn.Module) -> None:
         if getattr(module, "config", None) is dense_config:
             module.config = model.config
     model.config.compression_config = dict(model.config.compression_config or {})
-    model.config.compression_config.setdefault("base_model", model.config.name_or_path or None)
+    model.config.compression_config.setdefault("base_model", portable_base_model(model.config.name_or_path))
     model.__class__ = target  # the subclass adds no instance state, so this is a plain re-typing
     _register_output_capture(model)
 
@@ -317,6 +318,7 @@ class _AutoCompressed:
                 setattr(config, key, kwargs.pop(key))
         config = to_compressed_config(config)
         model_class = cls._model_class(config)
+        base = portable_base_model(pretrained_model_name_or_path)
         why_not = low_memory_obstacle(config, compression_config, calibration, kwargs)
         if low_memory and why_not:
             raise ValueError(f"hf_compress: low_memory=True is not possible here: {why_not}.")
@@ -326,7 +328,7 @@ class _AutoCompressed:
             model = load_compressed_low_memory(model_class, pretrained_model_name_or_path, config, compression_config,
                                                dtype=kwargs.get("dtype"), hub=hub)
             if model is not None:
-                model.config.compression_config.setdefault("base_model", str(pretrained_model_name_or_path))
+                model.config.compression_config.setdefault("base_model", base)
                 return model
             if low_memory:
                 raise ValueError("hf_compress: low_memory=True needs a safetensors checkpoint whose tensor names "
@@ -334,7 +336,7 @@ class _AutoCompressed:
         model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
         model, info = model if isinstance(model, tuple) else (model, None)  # output_loading_info=True
         model.config.compression_config = dict(model.config.compression_config or {})
-        model.config.compression_config.setdefault("base_model", str(pretrained_model_name_or_path))
+        model.config.compression_config.setdefault("base_model", base)
         if compression_config is not None:
             compress(model, compression_config, calibration=calibration)
         return model if info is None else (model, info)

@@ -379,6 +379,27 @@ def test_model_card_links_hub_ids_but_not_local_folders(tmp_path: Path, monkeypa
     assert "base_model_relation" not in model_card(model).data.to_dict()  # low rank is not "quantized"
 
 
+def test_base_model_is_recorded_without_local_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hf_compress.cards import portable_base_model
+
+    snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "work" / "dense").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    for given, recorded in (("HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M"), ("gpt2", "gpt2"),
+                            (str(tmp_path / "work" / "dense"), "dense"), ("dense", "dense"), ("./dense/", "dense"),
+                            (str(snapshot), "HuggingFaceTB/SmolLM2-135M"), (Path("/"), None), (None, None)):
+        assert portable_base_model(given) == recorded, given
+    dense = tiny_model(ARCHS[0])
+    dense.save_pretrained(tmp_path / "work" / "dense")
+    plan = CompressionConfig(modules={"q_proj": LowRankConfig(rank=2)})
+    model = hf_compress.AutoCompressedModelForCausalLM.from_pretrained(str(tmp_path / "work" / "dense"),
+                                                                       compression_config=plan)
+    model.save_pretrained(tmp_path / "out")
+    assert str(tmp_path) not in (tmp_path / "out" / "config.json").read_text()  # no absolute path is saved
+    assert model.config.compression_config["base_model"] == "dense"
+
+
 def test_a_plain_save_replaces_an_earlier_variant_save(tmp_path: Path) -> None:
     model = _compressed_llama()
     model.save_pretrained(tmp_path, variant="v1", max_shard_size="20KB")
