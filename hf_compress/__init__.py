@@ -1,8 +1,9 @@
 """hf_compress: compress pretrained transformers models while they stay ordinary Hugging Face models.
 
-Importing the package registers the compressed config/model classes with transformers' Auto classes.
-Method configs and layers are also package attributes (``hf_compress.TTEmbeddingConfig`` etc.); ``sweep``,
-``plan``, ``vocab`` and ``lora`` are imported on first access.
+Importing the package registers the compressed config/model classes with transformers' Auto classes and lets
+PEFT's LoRA wrap compressed layers (:func:`hf_compress.lora.enable_peft_dispatch`). Method configs and layers are
+also package attributes (``hf_compress.TTEmbeddingConfig`` etc.); ``sweep``, ``plan`` and ``vocab`` are imported
+on first access.
 """
 
 from importlib import import_module
@@ -11,6 +12,7 @@ from typing import Any
 from .compress import compress
 from .config import BudgetError, CalibrationRequiredError, CompressionConfig, MethodConfig
 from .layers import LowRankLinear
+from .lora import enable_peft_dispatch
 from .methods import LowRankConfig
 from .modeling import (
     SUPPORTED_MODEL_TYPES,
@@ -21,6 +23,8 @@ from .modeling import (
     AutoCompressedModelForSpeechSeq2Seq,
 )
 from .registry import available_methods, register_layer, register_method
+
+enable_peft_dispatch()  # LoraConfig targets that are compressed layers need no per-config registration
 
 __version__ = "0.1.0"
 

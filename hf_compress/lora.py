@@ -1,22 +1,21 @@
 """PEFT LoRA on compressed modules: token tables (TT, TT-matrix, adaptive-rank, subspace, codebook) and linears
 (low-rank, Tucker, codebook).
 
-PEFT's LoRA wraps ``nn.Linear`` / ``nn.Embedding``; hf_compress's layers are other modules, so ``get_peft_model``
-refuses them ("Target module ... is not supported"), e.g. PEFT's default ``q_proj`` / ``v_proj`` targets once
-attention is low-rank. :func:`register_compressed_lora` registers, through PEFT's custom-module API,
-:class:`LoraCompressedEmbedding` for every :class:`~hf_compress.layers.tt_embedding.CompressedEmbedding` and
-:class:`LoraCompressedLinear` for ``LowRankLinear``, ``TuckerLinear`` and ``CodebookLinear`` (an adapter beside
-the compressed linear, as QLoRA puts one beside a quantized linear; the factors or codes stay frozen)::
+PEFT's LoRA wraps ``nn.Linear`` / ``nn.Embedding``; hf_compress's layers are other modules, which PEFT refuses
+("Target module ... is not supported"), e.g. PEFT's default ``q_proj`` / ``v_proj`` targets once attention is
+low-rank. Through PEFT's custom-module API, :class:`LoraCompressedEmbedding` wraps every
+:class:`~hf_compress.layers.tt_embedding.CompressedEmbedding` and :class:`LoraCompressedLinear` wraps
+``LowRankLinear``, ``TuckerLinear`` and ``CodebookLinear`` (an adapter beside the compressed linear, as QLoRA puts
+one beside a quantized linear; the factors or codes stay frozen). ``import hf_compress`` installs that mapping
+for every ``LoraConfig`` that meets a compressed layer (:func:`enable_peft_dispatch`: PEFT's
+``LoraModel._create_new_module`` registers it on the config just before it would refuse the layer; nothing else
+changes), so ``get_peft_model``, ``PeftModel.from_pretrained``, ``AutoPeftModelFor*``, ``model.load_adapter``
+and ``from_pretrained(adapter_dir)`` work as on a dense model (adapter_config.json does not record the mapping).
+:func:`register_compressed_lora` does the same explicitly on one config::
 
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from hf_compress.lora import register_compressed_lora
+    from peft import LoraConfig, get_peft_model
 
-    config = register_compressed_lora(LoraConfig(r=8, target_modules=["q_proj", "v_proj", "embed_tokens"]))
-    model = get_peft_model(model, config)
-    ...
-    # adapter_config.json does not record the registration: register again when loading
-    config = register_compressed_lora(LoraConfig.from_pretrained(adapter_dir))
-    model = PeftModel.from_pretrained(base, adapter_dir, config=config)
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj", "embed_tokens"]))
 
 A linear's adapter adds ``scaling · B A x`` to the compressed layer's output. A table's adapter adds
 ``scaling · (A[:, ids])ᵀ Bᵀ`` (``A [r, V]``, ``B [d, r]``, times the table's ``embed_scale``) to the
@@ -125,6 +124,11 @@ class LoraCompressedEmbedding(_CompressedBase, _LoraEmbedding):
         return out if output_fn is None else output_fn(out)
 
 
+_COMPRESSED_LORA = {CompressedEmbedding: LoraCompressedEmbedding, LowRankLinear: LoraCompressedLinear,
+                    TuckerLinear: LoraCompressedLinear, CodebookLinear: LoraCompressedLinear}
+_DISPATCH_MARK = "_hf_compress_dispatch"
+
+
 def register_compressed_lora(config: Any) -> Any:
     """Let the ``peft.LoraConfig`` ``config`` target compressed token tables and linears; returns ``config``."""
     from peft import LoraConfig
@@ -133,6 +137,34 @@ def register_compressed_lora(config: Any) -> Any:
         raise TypeError(
             f"hf_compress: register_compressed_lora takes a peft.LoraConfig, got {type(config).__name__}."
         )
-    config._register_custom_module({CompressedEmbedding: LoraCompressedEmbedding, LowRankLinear: LoraCompressedLinear,
-                                    TuckerLinear: LoraCompressedLinear, CodebookLinear: LoraCompressedLinear})
+    config._register_custom_module(dict(_COMPRESSED_LORA))
     return config
+
+
+def enable_peft_dispatch() -> bool:
+    """Let every ``peft.LoraConfig`` wrap compressed layers (called by ``import hf_compress``; idempotent).
+
+    Wraps PEFT's ``LoraModel._create_new_module``: when its target is a compressed layer that the config's own
+    custom modules do not cover, :func:`register_compressed_lora` is applied to that config first. Layers PEFT
+    supports, and configs that already map the layer type (yours or ours), are dispatched unchanged. Returns
+    ``False`` (nothing installed; call :func:`register_compressed_lora` yourself) if this PEFT lacks the hook."""
+    from peft.tuners.lora.model import LoraModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    original = LoraModel.__dict__.get("_create_new_module")
+    if not isinstance(original, staticmethod):
+        return False
+    if getattr(original.__func__, _DISPATCH_MARK, False):
+        return True
+    create = original.__func__
+
+    def _create_new_module(lora_config: Any, adapter_name: str, target: torch.nn.Module, **kwargs: Any) -> Any:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        mapped = tuple(getattr(lora_config, "_custom_modules", None) or ())
+        if isinstance(base, tuple(_COMPRESSED_LORA)) and not (mapped and isinstance(base, mapped)):
+            lora_config._register_custom_module({k: v for k, v in _COMPRESSED_LORA.items() if k not in mapped})
+        return create(lora_config, adapter_name, target, **kwargs)
+
+    setattr(_create_new_module, _DISPATCH_MARK, True)
+    LoraModel._create_new_module = staticmethod(_create_new_module)
+    return True

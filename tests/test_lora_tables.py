@@ -11,7 +11,7 @@ import torch
 from conftest import ARCHS, EMBED, Arch, model_output, tiny_model
 
 import hf_compress
-from hf_compress import CompressionConfig, LowRankConfig
+from hf_compress import CompressionConfig, LowRankConfig, LowRankLinear
 from hf_compress.layers.tt_embedding import CompressedEmbedding
 from hf_compress.lora import LoraCompressedEmbedding, LoraCompressedLinear, register_compressed_lora
 from hf_compress.methods.jlcm import CodebookConfig
@@ -57,11 +57,7 @@ def test_lora_on_a_compressed_table_trains_saves_and_reloads(arch: Arch, table: 
     frozen = {n: p.detach().clone() for n, p in model.get_input_embeddings().named_parameters()}
 
     target = "embed_tokens" if arch.name == "whisper" else EMBED[arch.name]
-    peft.get_peft_model(tiny_model(arch), peft.LoraConfig(r=4, target_modules=[target]))  # dense: fine
-    with pytest.raises(ValueError, match="not supported"):  # plain PEFT refuses the compressed table
-        peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=[target]))
-    config = register_compressed_lora(peft.LoraConfig(r=4, lora_alpha=8, target_modules=[target]))
-    pm = peft.get_peft_model(model, config)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=[target]))  # as if dense
     wrapped = pm.get_base_model().get_input_embeddings()
     assert isinstance(wrapped, LoraCompressedEmbedding)
     assert isinstance(wrapped.get_base_layer(), CompressedEmbedding)
@@ -77,7 +73,7 @@ def test_lora_on_a_compressed_table_trains_saves_and_reloads(arch: Arch, table: 
     pm.save_pretrained(tmp_path / "adapter")
 
     base = arch.compressed_auto.from_pretrained(base_dir)
-    config = register_compressed_lora(peft.LoraConfig.from_pretrained(tmp_path / "adapter"))
+    config = register_compressed_lora(peft.LoraConfig.from_pretrained(tmp_path / "adapter"))  # explicit: the same
     loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", config=config).eval()
     assert torch.equal(model_output(loaded, inputs), tuned)
     with pytest.raises(ValueError, match="cannot be merged"):
@@ -96,17 +92,15 @@ LINEAR_CASES = [(ARCHS[0], k) for k in LINEARS] + [(a, "low_rank") for a in ARCH
 @pytest.mark.parametrize(("arch", "kind"), LINEAR_CASES, ids=[f"{a.name}-{k}" for a, k in LINEAR_CASES])
 def test_default_lora_targets_on_compressed_attention(arch: Arch, kind: str, tmp_path: Path) -> None:
     """PEFT's default targets (q_proj/v_proj, c_attn, query/value) are compressed modules once attention is
-    compressed: plain PEFT refuses them, register_compressed_lora puts an adapter beside each (QLoRA-style)."""
+    compressed: a plain LoraConfig puts an adapter beside each (QLoRA-style) since import hf_compress installs the
+    mapping, and every loading path (PeftModel, the model's own load_adapter) finds it again."""
     model = hf_compress.compress(tiny_model(arch), CompressionConfig(modules={arch.attn_pattern: LINEARS[kind]()}),
                                  progress=False)
     model.save_pretrained(tmp_path / "base")
     inputs = arch.inputs()
     before = model_output(model, inputs)
     targets = ["q_proj", "v_proj"] if arch.name == "whisper" else None  # PEFT has no default for Whisper
-    with pytest.raises(ValueError, match="not supported"):
-        peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets))
-    pm = peft.get_peft_model(model, register_compressed_lora(peft.LoraConfig(r=4, lora_alpha=8,
-                                                                             target_modules=targets)))
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     wrapped = [m for m in pm.modules() if isinstance(m, LoraCompressedLinear)]
     assert wrapped and all(m.in_features == m.get_base_layer().in_features for m in wrapped)
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
@@ -117,12 +111,36 @@ def test_default_lora_targets_on_compressed_attention(arch: Arch, kind: str, tmp
     tuned = model_output(pm, inputs)
     assert not torch.allclose(tuned, before)
     pm.save_pretrained(tmp_path / "adapter")
-    base = arch.compressed_auto.from_pretrained(tmp_path / "base")
-    config = register_compressed_lora(peft.LoraConfig.from_pretrained(tmp_path / "adapter"))
-    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", config=config).eval()
+    loaded = peft.PeftModel.from_pretrained(arch.compressed_auto.from_pretrained(tmp_path / "base"),
+                                            tmp_path / "adapter").eval()
     assert torch.equal(model_output(loaded, inputs), tuned)
+    own = arch.compressed_auto.from_pretrained(tmp_path / "base")
+    own.load_adapter(str(tmp_path / "adapter"))  # transformers' PEFT integration
+    assert torch.equal(model_output(own.eval(), inputs), tuned)
     with pytest.raises(ValueError, match="cannot be merged"):
         loaded.merge_and_unload()
+
+
+def test_peft_dispatch_is_installed_once_and_keeps_a_users_own_mapping() -> None:
+    """enable_peft_dispatch wraps PEFT's module factory once; a config that already maps a compressed type to the
+    user's own LoRA layer keeps it, and the other compressed types are added beside it."""
+    from peft.tuners.lora.model import LoraModel
+
+    from hf_compress.lora import enable_peft_dispatch
+
+    factory = LoraModel.__dict__["_create_new_module"]
+    assert enable_peft_dispatch() and LoraModel.__dict__["_create_new_module"] is factory  # idempotent
+
+    class MyLora(LoraCompressedLinear):
+        pass
+
+    model = hf_compress.compress(tiny_model(ARCHS[0]), CompressionConfig(
+        modules={"q_proj": LowRankConfig(rank=2), "v_proj": CodebookConfig(bits=3, method="kmeans")}), progress=False)
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    config._register_custom_module({LowRankLinear: MyLora})
+    pm = peft.get_peft_model(model, config)
+    layer = pm.base_model.model.model.layers[0].self_attn
+    assert type(layer.q_proj) is MyLora and type(layer.v_proj) is LoraCompressedLinear
 
 
 @pytest.mark.parametrize("kind", sorted(LINEARS))
