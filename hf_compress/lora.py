@@ -22,9 +22,8 @@ A linear's adapter adds ``scaling · B A x`` to the compressed layer's output. A
 compressed lookup, exactly what PEFT's ``lora.Embedding`` adds to a dense table; the compressed factors stay frozen
 and compressed. As with a dense tied table, a tied head does not see the adapter. No adapter can be merged into
 compressed factors or codes (that would recompress the layer): ``merge`` raises; keep it unmerged, or merge it into
-the dense model and compress again. PEFT merges module by module, so ``merge_and_unload`` may have merged the
-adapters of modules before a compressed one when it raises: reload the model then. DoRA is refused (its weight norm
-would rebuild the dense weight on every forward).
+the dense model and compress again (with the dispatch installed, ``merge_and_unload`` and ``merge_adapter`` refuse
+before merging any module). DoRA is refused (its weight norm would rebuild the dense weight on every forward).
 """
 
 from __future__ import annotations
@@ -167,4 +166,20 @@ def enable_peft_dispatch() -> bool:
 
     setattr(_create_new_module, _DISPATCH_MARK, True)
     LoraModel._create_new_module = staticmethod(_create_new_module)
+    check = LoraModel.__dict__.get("_check_merge_allowed")
+    if callable(check):  # merge_and_unload / merge_adapter refuse before merging anything, not half way
+
+        def _check_merge_allowed(self: Any) -> None:
+            check(self)
+            kinds = sorted({type(m.get_base_layer()).__name__ for m in self.model.modules()
+                            if isinstance(m, _CompressedBase)})
+            if kinds:
+                raise ValueError(
+                    f"hf_compress: LoRA adapters on compressed layers ({', '.join(kinds)}) cannot be merged into "
+                    "their compressed factors or codes (that would recompress the layers); nothing was merged. Keep "
+                    "the adapters unmerged (PeftModel inference works as is), or merge into the dense model and "
+                    "compress again."
+                )
+
+        LoraModel._check_merge_allowed = _check_merge_allowed
     return True

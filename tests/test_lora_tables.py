@@ -143,6 +143,21 @@ def test_peft_dispatch_is_installed_once_and_keeps_a_users_own_mapping() -> None
     assert type(layer.q_proj) is MyLora and type(layer.v_proj) is LoraCompressedLinear
 
 
+def test_a_refused_merge_merges_nothing() -> None:
+    """merge_and_unload refuses up front: a dense layer's adapter met before the compressed one stays unmerged."""
+    model = hf_compress.compress(tiny_model(ARCHS[0]), CompressionConfig(
+        modules={r"layers\.1\.self_attn\.q_proj$": LowRankConfig(rank=2)}), progress=False)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "k_proj"],
+                                                    init_lora_weights=False)).eval()
+    inputs = ARCHS[0].inputs()
+    before = model_output(pm, inputs)
+    for merge in (pm.merge_and_unload, pm.merge_adapter):
+        with pytest.raises(ValueError, match="nothing was merged"):
+            merge()
+    assert not any(getattr(m, "merged", False) for m in pm.modules())
+    assert torch.equal(model_output(pm, inputs), before)
+
+
 @pytest.mark.parametrize("kind", sorted(LINEARS))
 def test_linear_adapters_take_the_model_dtype_and_refuse_weight_rewriting_inits(kind: str) -> None:
     model = _compressed_attention(kind).to(torch.bfloat16)  # a bias-free CodebookLinear: only fp16 storage
