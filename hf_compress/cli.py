@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -152,27 +153,33 @@ def cmd_card(args: argparse.Namespace) -> int:
     model = auto_compressed_class(default_task(config)).from_pretrained(args.model)
     card = model_card(model, repo_id=args.repo_id)
     out = Path(args.out) if args.out else Path(args.model) / "README.md"
-    card.save(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    card.save(tmp)
+    os.replace(tmp, out)  # atomic: an interrupted write leaves the old card
     print(f"wrote {out}")
     return 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .saving import _own_card, _write_card, upload_folder
+    from .saving import _hub_card, _own_card, _write_card, create_hub_repo, upload_folder
 
     folder = Path(args.model)
     if not (folder / "config.json").is_file():
         raise CLIError(f"{folder} is not a saved model folder (no config.json); run `hf-compress compress` first")
-    if _own_card(folder):  # the generated card names the repo pushed to (it said "path/to/this/model")
+    # without --private the Hub's default applies (an organisation may make new repos private)
+    repo_id = create_hub_repo(args.repo_id, private=True if args.private else None, token=args.token)
+    generated = _own_card(folder)  # no card, or hf_compress's (a card you wrote in the folder is uploaded as is)
+    hub_kept = generated and _hub_card(repo_id, args.token) is not None  # a card written on the Hub is kept
+    if generated and not hub_kept:  # the generated card names the repo pushed to (it said "path/to/this/model")
         import transformers
 
         from .modeling import auto_compressed_class, default_task
 
         config = transformers.AutoConfig.from_pretrained(folder)
-        _write_card(auto_compressed_class(default_task(config)).from_pretrained(folder), folder, args.repo_id)
-    # without --private the Hub's default applies (an organisation may make new repos private)
-    result = upload_folder(folder, args.repo_id, private=True if args.private else None, token=args.token)
-    print(f"pushed {folder} to {args.repo_id}: {result}")
+        _write_card(auto_compressed_class(default_task(config)).from_pretrained(folder), folder, repo_id)
+    keep_hub_card = {"ignore_patterns": ["README.md"]} if hub_kept else {}
+    result = upload_folder(folder, repo_id, token=args.token, **keep_hub_card)
+    print(f"pushed {folder} to {repo_id}: {result}")
     return 0
 
 

@@ -138,13 +138,26 @@ def compress(
                 _undo_adopt(model, *was)
             else:  # the replaced modules stay (their dense weights are gone): recorded, so a save reloads as is
                 _record(model, config)
+                forget_checkpoint(model)
                 err.add_note(f"hf_compress: compress() stopped at {name}; {len(done)} module(s) before it are already "
                              f"compressed ({', '.join(done[:3])}{', ...' if len(done) > 3 else ''}) and recorded in "
                              "config.compression_config. Fix the plan and compress the dense model again.")
             raise
 
     _record(model, config)
+    if done:
+        forget_checkpoint(model)
     return model
+
+
+def forget_checkpoint(model: nn.Module) -> None:
+    """The model changed in memory: no checkpoint reproduces it until it is saved, so ``model.name_or_path`` (what
+    PEFT records as an adapter's ``base_model_name_or_path``) is cleared, as for a model built from a config, and
+    ``save_pretrained`` / ``push_to_hub`` set it to where the model went. Otherwise an adapter trained on the
+    compressed model would name the dense checkpoint, and ``AutoPeftModelFor*`` would silently put it on the dense
+    model. ``config._name_or_path`` (where tokenizers are found) is kept."""
+    if "name_or_path" in vars(model):
+        model.name_or_path = ""
 
 
 def _compress_one(model: nn.Module, name: str, cfg: MethodConfig, stages: dict[str, list[str]], sequential: set[str],

@@ -151,15 +151,20 @@ class CompressedSaveMixin:
         shim and a model card; atomic: an interrupted save leaves any previous checkpoint intact."""
         if kwargs.pop("push_to_hub", False):
             repo_id = kwargs.pop("repo_id", None) or Path(save_directory).name
-            push = {k: kwargs.pop(k) for k in ("private", "commit_message", "create_pr", "revision") if k in kwargs}
+            private = kwargs.pop("private", None)
+            push = {k: kwargs.pop(k) for k in ("commit_message", "commit_description", "create_pr", "revision")
+                    if k in kwargs}
             self.save_pretrained(save_directory, *args, **kwargs)
             if kwargs.get("is_main_process", True):  # one upload, from the process that wrote the files
-                mine = _own_card(Path(save_directory)) and _hub_card(repo_id, kwargs.get("token")) is None
+                token = kwargs.get("token")
+                repo_id = create_hub_repo(repo_id, private, token)  # "name" -> "user/name", as the Hub names it
+                mine = _own_card(Path(save_directory)) and _hub_card(repo_id, token) is None
                 if mine:  # the generated card names the repo it is pushed to
                     _write_card(self, Path(save_directory), repo_id)
                 written = [p.name for p in Path(save_directory).iterdir()  # not the folder's other files, nor a
                            if _OWNED.match(p.name) or (p.name == "README.md" and mine)]  # card over the repo's own
-                upload_folder(save_directory, repo_id, token=kwargs.get("token"), allow_patterns=written, **push)
+                upload_folder(save_directory, repo_id, token=token, allow_patterns=written, **push)
+                self.name_or_path = repo_id
             return
         if kwargs.pop("safe_serialization", None) is False:  # transformers 5 ignores the argument too
             warnings.warn("hf_compress: safe_serialization=False is ignored: checkpoints are safetensors only.",
@@ -173,6 +178,10 @@ class CompressedSaveMixin:
             source, auto_map = _remote_code(self)
             self.config.auto_map = auto_map
             cc = getattr(self.config, "compression_config", None) or {}
+            if cc.get("base_model"):  # (checkpoints saved before it was recorded portably held a local path)
+                from .cards import portable_base_model
+
+                cc = self.config.compression_config = {**cc, "base_model": portable_base_model(cc["base_model"])}
             if cc.get("layers"):  # the recorded layers' specs as they are now (codebooks trained in fp32 reload so)
                 from .registry import is_compressed_layer, resolve_layer_names
 
@@ -189,6 +198,7 @@ class CompressedSaveMixin:
             elif (tmp / "README.md").exists() and not own:
                 (tmp / "README.md").unlink()  # (transformers wrote one) the folder's own card is kept
             replace_directory(tmp, target)
+            self.name_or_path = str(save_directory)  # what now reproduces this model (PEFT records it for adapters)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -201,6 +211,7 @@ class CompressedSaveMixin:
         from huggingface_hub import ModelCard
 
         tags = kwargs.pop("tags", None)
+        repo_id = create_hub_repo(repo_id, private, token)  # "name" -> "user/name", as the Hub names it
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, max_shard_size=kwargs.pop("max_shard_size", "5GB"))
             kept = _hub_card(repo_id, token)
@@ -213,7 +224,9 @@ class CompressedSaveMixin:
                 card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *([tags] if isinstance(tags, str)
                                                                                  else tags)]))
                 card.save(Path(tmp) / "README.md")
-            return upload_folder(tmp, repo_id, private=private, token=token, commit_message=commit_message, **kwargs)
+            result = upload_folder(tmp, repo_id, token=token, commit_message=commit_message, **kwargs)
+        self.name_or_path = repo_id  # what now reproduces this model (PEFT records it for adapters)
+        return result
 
 
 def _write_card(model: Any, folder: Path, repo_id: str) -> None:
@@ -236,14 +249,20 @@ def _hub_card(repo_id: str, token: str | None) -> Any:
     return None if generated_card(card.content) else card
 
 
-def upload_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = None, token: str | None = None,
+def create_hub_repo(repo_id: str, private: bool | None = None, token: str | None = None) -> str:
+    """Create ``repo_id`` on the Hub if needed; returns its full id (a bare name gets the user's namespace)."""
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
+
+
+def upload_folder(folder: str | os.PathLike, repo_id: str, token: str | None = None,
                   commit_message: str | None = None, **kwargs: Any) -> Any:
-    """Create ``repo_id`` (and the branch ``revision``, as transformers does) if needed and upload ``folder`` (a
-    saved compressed model) to it."""
+    """Upload ``folder`` (a saved compressed model) to the existing repo ``repo_id`` (see :func:`create_hub_repo`),
+    creating the branch ``revision`` first if needed, as transformers does."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     revision = kwargs.get("revision")
     if revision is not None and not str(revision).startswith("refs/pr"):
         api.create_branch(repo_id, branch=revision, exist_ok=True)

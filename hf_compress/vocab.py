@@ -55,7 +55,7 @@ def _dense_head(model: nn.Module, emb: CompressedEmbedding) -> nn.Module | None:
 
 def _refresh(model: nn.Module, vocab_size: int) -> None:
     """Write the new vocabulary size and the compressed-layer specs into ``model.config``."""
-    from .compress import compressed_layer_specs
+    from .compress import compressed_layer_specs, forget_checkpoint
 
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -65,6 +65,7 @@ def _refresh(model: nn.Module, vocab_size: int) -> None:
             c.vocab_size = vocab_size
     if getattr(cfg, "compression_config", None) is not None:
         cfg.compression_config = {**cfg.compression_config, "layers": compressed_layer_specs(model)}
+    forget_checkpoint(model)  # renumbered tokens: the checkpoint it came from no longer matches it
 
 
 def add_tokens(model: nn.Module, tokenizer: Any, new_tokens: Sequence[Any],

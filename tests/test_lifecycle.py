@@ -591,3 +591,77 @@ def test_pushed_card_names_the_repo_and_no_local_path(tmp_path: Path, monkeypatc
     assert 'from_pretrained("me/tiny"' in card and "path/to/this/model" not in card
     assert "# me/tiny (compressed with hf_compress)" in card and "a local checkpoint (`local-base`)" in card
     assert str(tmp_path) not in card
+
+
+@pytest.mark.parametrize("how", ["push_to_hub", "save_pretrained", "cli"])
+def test_a_bare_repo_name_is_resolved_before_the_card_and_a_hub_card_is_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """push("tiny") goes to "me/tiny" (the Hub's name for it): the repo's own card is looked up there and kept (the
+    CLI too), a generated card names "me/tiny", and the model then names the repo (PEFT records it for adapters)."""
+    from hf_compress import cli, saving
+
+    model = _compressed_llama()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    asked: list[str] = []
+    cards: list[str] = []
+    hub_card = mock.Mock(save=lambda path: Path(path).write_text("the user's card"))
+    upload = mock.Mock(side_effect=lambda **kw: cards.append((Path(kw["folder_path"]) / "README.md").read_text()))
+    for hub_has_card in (True, False):
+        asked.clear()
+        cards.clear()
+        monkeypatch.setattr(saving, "_hub_card", lambda repo_id, token, has=hub_has_card: (
+            asked.append(repo_id) or (hub_card if has else None)))
+        with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")), \
+                mock.patch("huggingface_hub.HfApi.upload_folder", upload):
+            if how == "push_to_hub":
+                model.push_to_hub("tiny", commit_description="why")
+            elif how == "save_pretrained":
+                model.save_pretrained(folder, push_to_hub=True, commit_description="why")
+            else:
+                assert cli.main(["push", str(folder), "tiny"]) == 0
+        kwargs = upload.call_args.kwargs
+        assert asked == ["me/tiny"] and kwargs["repo_id"] == "me/tiny"
+        if how != "cli":
+            assert kwargs["commit_description"] == "why" and model.name_or_path == "me/tiny"
+        if how == "push_to_hub":  # a temporary folder holding the repo's own card or one for me/tiny
+            assert (cards[0] == "the user's card") is hub_has_card
+        else:  # the folder's generated card is left out, or rewritten for me/tiny
+            uploaded_card = ("README.md" in kwargs["allow_patterns"] if "allow_patterns" in kwargs
+                             else "README.md" not in kwargs.get("ignore_patterns", []))
+            assert uploaded_card is not hub_has_card
+        assert hub_has_card or 'from_pretrained("me/tiny"' in cards[0]
+
+
+def test_a_checkpoint_holding_a_local_base_path_saves_it_portably(tmp_path: Path) -> None:
+    """Checkpoints saved before base_model was recorded portably held the absolute local path: a save drops it."""
+    model = _compressed_llama()
+    model.config.compression_config = {**model.config.compression_config, "base_model": "/home/alice/models/base"}
+    model.save_pretrained(tmp_path / "out")
+    text = (tmp_path / "out" / "config.json").read_text()
+    assert "/home/alice" not in text and json.loads(text)["compression_config"]["base_model"] == "base"
+
+
+def test_the_model_names_no_checkpoint_until_saved(tmp_path: Path) -> None:
+    """After compress-on-load, in-place compression or a vocabulary edit no checkpoint reproduces the model: its
+    name_or_path (PEFT's adapter base) is cleared, and a save sets it to the saved folder."""
+    import peft
+
+    tiny_model(LLAMA).save_pretrained(tmp_path / "dense")
+    model = hf_compress.AutoCompressedModelForCausalLM.from_pretrained(
+        tmp_path / "dense", compression_config=CompressionConfig(modules={ATTN: LowRankConfig(rank=8)}))
+    assert model.name_or_path == "" and model.config.name_or_path == str(tmp_path / "dense")  # tokenizers: kept
+    unsaved = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert unsaved.peft_config["default"].base_model_name_or_path is None  # not the dense checkpoint
+    model = unsaved.unload()
+    model.save_pretrained(tmp_path / "c")
+    assert model.name_or_path == str(tmp_path / "c")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM",
+                                                    init_lora_weights=False)).eval()
+    pm.save_pretrained(tmp_path / "adapter")
+    again = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    assert isinstance(again.get_base_model().model.layers[0].self_attn.q_proj.base_layer, LowRankLinear)
+    inputs = LLAMA.inputs()
+    assert torch.equal(again(**inputs).logits, pm(**inputs).logits)
+    assert hf_compress.compress(tiny_model(LLAMA), CompressionConfig(modules={ATTN: LowRankConfig(rank=8)}),
+                                progress=False).name_or_path == ""

@@ -137,6 +137,9 @@ def test_bert_masked_lm_add_and_prune_then_reload(head: str, tmp_path: Path) -> 
     again = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, want)
+    assert again.name_or_path == str(tmp_path)
+    prune_tokens(again, None, [8])  # renumbered: the folder no longer holds this model (PEFT's adapter base)
+    assert again.name_or_path == ""
 
 
 def _whisper_with_prompt_ids() -> torch.nn.Module:
