@@ -69,14 +69,6 @@ class _CompressedBase:
                 f"{type(self.get_base_layer()).__name__} does not store densely; use the default init "
                 "(init_lora_weights=True or 'gaussian'), or initialize on the dense model and compress it after."
             )
-        targets = getattr(config, "target_modules", None)
-        inner = [n for n, _ in self.get_base_layer().named_children()]
-        both = sorted(set(inner) & set(targets)) if isinstance(targets, (list, set, tuple)) else []
-        if both:
-            raise ValueError(
-                f"hf_compress: target_modules names both this compressed {type(self.get_base_layer()).__name__} and "
-                f"its factors {both}; target one or the other (the outer layer, e.g. 'q_proj', or its factors)."
-            )
         if getattr(config, "use_dora", False):
             raise ValueError(
                 f"hf_compress: DoRA on the compressed {type(self.get_base_layer()).__name__} would rebuild its whole "
@@ -86,11 +78,12 @@ class _CompressedBase:
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        if not _merging(self, adapter_names):
+            return  # none of this layer's adapters is being merged
         raise ValueError(
             f"hf_compress: the LoRA adapter on the compressed {type(self.get_base_layer()).__name__} cannot be "
             "merged into its compressed factors or codes (that would recompress the layer). Keep the adapters "
-            "unmerged (PeftModel inference works as is), or merge into the dense model and compress again. PEFT "
-            "merges module by module: adapters before this one may already be merged, so reload the model."
+            "unmerged (PeftModel inference works as is), or merge into the dense model and compress again."
         )
 
     def unmerge(self) -> None:
@@ -160,26 +153,64 @@ def enable_peft_dispatch() -> bool:
     def _create_new_module(lora_config: Any, adapter_name: str, target: torch.nn.Module, **kwargs: Any) -> Any:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         mapped = tuple(getattr(lora_config, "_custom_modules", None) or ())
-        if isinstance(base, tuple(_COMPRESSED_LORA)) and not (mapped and isinstance(base, mapped)):
-            lora_config._register_custom_module({k: v for k, v in _COMPRESSED_LORA.items() if k not in mapped})
+        if isinstance(base, tuple(_COMPRESSED_LORA)):
+            _check_not_nested(lora_config, base, kwargs.get("target_name"))
+            if not (mapped and isinstance(base, mapped)):
+                lora_config._register_custom_module({k: v for k, v in _COMPRESSED_LORA.items() if k not in mapped})
         return create(lora_config, adapter_name, target, **kwargs)
 
     setattr(_create_new_module, _DISPATCH_MARK, True)
     LoraModel._create_new_module = staticmethod(_create_new_module)
-    check = LoraModel.__dict__.get("_check_merge_allowed")
-    if callable(check):  # merge_and_unload / merge_adapter refuse before merging anything, not half way
-
-        def _check_merge_allowed(self: Any) -> None:
-            check(self)
-            kinds = sorted({type(m.get_base_layer()).__name__ for m in self.model.modules()
-                            if isinstance(m, _CompressedBase)})
-            if kinds:
-                raise ValueError(
-                    f"hf_compress: LoRA adapters on compressed layers ({', '.join(kinds)}) cannot be merged into "
-                    "their compressed factors or codes (that would recompress the layers); nothing was merged. Keep "
-                    "the adapters unmerged (PeftModel inference works as is), or merge into the dense model and "
-                    "compress again."
-                )
-
-        LoraModel._check_merge_allowed = _check_merge_allowed
+    for name in ("merge_and_unload", "merge_adapter"):  # refuse before merging anything, not half way
+        setattr(LoraModel, name, _refusing_compressed_merges(getattr(LoraModel, name)))
     return True
+
+
+def _check_not_nested(config: Any, layer: torch.nn.Module, key: str | None) -> None:
+    """Refuse an adapter on compressed ``layer`` (module ``key``) that would nest LoRA inside LoRA: its factors
+    already carry adapters, or ``config`` also targets them (by name, full name or regex)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+
+    kind = type(layer).__name__
+    wrapped = [n for n, m in layer.named_modules() if n and isinstance(m, BaseTunerLayer)]
+    if wrapped:
+        raise ValueError(
+            f"hf_compress: {key or kind}: the factors {wrapped} of this compressed {kind} already carry LoRA "
+            "adapters; an adapter on the layer itself would nest LoRA inside LoRA, which does not reload. Give every "
+            "adapter of a model the same kind of target: the compressed layers (e.g. 'q_proj') or their factors.")
+    both = [n for n, _ in layer.named_children() if key and check_target_module_exists(config, f"{key}.{n}")]
+    if both:
+        raise ValueError(
+            f"hf_compress: target_modules names both the compressed {kind} {key} and its factors {both}; target "
+            "one or the other (the outer layer, e.g. 'q_proj', or its factors).")
+
+
+def _merging(layer: Any, adapter_names: list[str] | None) -> list[str]:
+    """The adapters of compressed ``layer`` that a merge of ``adapter_names`` (default: the active ones) would
+    merge."""
+    held = {*layer.lora_A, *layer.lora_embedding_A}
+    return [n for n in (layer.active_adapters if adapter_names is None else adapter_names) if n in held]
+
+
+def _refusing_compressed_merges(merge: Any) -> Any:
+    """``merge`` (``LoraModel.merge_and_unload`` / ``merge_adapter``), refusing up front when an adapter it would
+    merge sits on a compressed layer (PEFT merges module by module: a refusal half way leaves some merged)."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(merge)
+
+    @functools.wraps(merge)
+    def refusing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        names = signature.bind(self, *args, **kwargs).arguments.get("adapter_names")
+        kinds = sorted({type(m.get_base_layer()).__name__ for m in self.model.modules()
+                        if isinstance(m, _CompressedBase) and _merging(m, names)})
+        if kinds:
+            raise ValueError(
+                f"hf_compress: LoRA adapters on compressed layers ({', '.join(kinds)}) cannot be merged into their "
+                "compressed factors or codes (that would recompress the layers); nothing was merged. Keep them "
+                "unmerged (PeftModel inference works as is), merge only adapters on dense layers (adapter_names=), "
+                "or merge into the dense model and compress again.")
+        return merge(self, *args, **kwargs)
+
+    return refusing

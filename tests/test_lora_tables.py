@@ -158,6 +158,43 @@ def test_a_refused_merge_merges_nothing() -> None:
     assert torch.equal(model_output(pm, inputs), before)
 
 
+def test_merging_only_dense_adapters_is_allowed() -> None:
+    """A merge refuses only adapters that sit on compressed layers: merging a dense-only adapter, or merging after
+    the compressed layers' adapter was deleted, works as in PEFT."""
+    plan = CompressionConfig(modules={r"layers\.0\.self_attn\.q_proj$": LowRankConfig(rank=2)})
+    inputs = ARCHS[0].inputs()
+    for drop_compressed in (False, True):
+        model = hf_compress.compress(tiny_model(ARCHS[0]), plan, progress=False)
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False),
+                                 adapter_name="dense")
+        pm.add_adapter("comp", peft.LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[0]))
+        with pytest.raises(ValueError, match="nothing was merged"):
+            pm.merge_and_unload(adapter_names=["dense", "comp"])
+        pm.eval()
+        want = model_output(pm, inputs)  # the active adapter: "dense"
+        if drop_compressed:
+            pm.delete_adapter("comp")
+        merged = pm.merge_and_unload(**({} if drop_compressed else {"adapter_names": ["dense"]}))
+        assert isinstance(merged.model.layers[0].self_attn.q_proj, LowRankLinear)
+        assert torch.allclose(model_output(merged, inputs), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "down"], ["model.layers.0.self_attn.q_proj",
+                                                          "model.layers.0.self_attn.q_proj.down"],
+                                     r".*layers\.0\.self_attn\.q_proj(\.down)?"])
+def test_lora_inside_lora_is_refused(targets: list[str] | str) -> None:
+    """An adapter on a compressed layer and on its factors (one config, by name, full name or regex; or a second
+    adapter over factors that already carry one) would nest LoRA inside LoRA, which does not reload."""
+    plan = CompressionConfig(modules={r"layers\.0\.self_attn\.q_proj$": LowRankConfig(rank=2)})
+    model = hf_compress.compress(tiny_model(ARCHS[0]), plan, progress=False)
+    with pytest.raises(ValueError, match=r"names both the compressed LowRankLinear .*q_proj and its factors"):
+        peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=targets))
+    model = hf_compress.compress(tiny_model(ARCHS[0]), plan, progress=False)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["down", "up"]), adapter_name="factors")
+    with pytest.raises(ValueError, match="already carry LoRA adapters"):
+        pm.add_adapter("outer", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+
+
 @pytest.mark.parametrize("kind", sorted(LINEARS))
 def test_linear_adapters_take_the_model_dtype_and_refuse_weight_rewriting_inits(kind: str) -> None:
     model = _compressed_attention(kind).to(torch.bfloat16)  # a bias-free CodebookLinear: only fp16 storage
@@ -268,15 +305,6 @@ def test_codebook_storage_made_trainable_by_peft_trains_in_fp32() -> None:
         opt.zero_grad()
     assert all(p.dtype == torch.float32 for p in storage)
     assert all((p.detach() - b.float()).abs().max() > 1e-5 for p, b in zip(storage, before, strict=True))
-
-
-def test_a_target_list_naming_a_compressed_linear_and_its_factors_is_a_clear_error() -> None:
-    arch = ARCHS[0]
-    model = hf_compress.compress(tiny_model(arch), CompressionConfig(modules={"q_proj": LowRankConfig(rank=4)}),
-                                 progress=False)
-    config = register_compressed_lora(peft.LoraConfig(r=2, target_modules=["q_proj", "down", "up"]))
-    with pytest.raises(ValueError, match=r"names both this compressed LowRankLinear and its factors \['down', 'up'\]"):
-        peft.get_peft_model(model, config)
 
 
 def test_a_copy_of_the_tied_head_alone_reads_the_models_table_and_a_model_copy_its_own() -> None:
