@@ -335,3 +335,16 @@ def test_compressing_a_frozen_model_keeps_it_frozen(table: str) -> None:
     assert not [n for n, p in model.named_parameters() if p.requires_grad]
     unfrozen = hf_compress.compress(tiny_model(arch), CompressionConfig(modules=plan), progress=False)
     assert any(p.requires_grad for p in unfrozen.parameters())  # a trainable module stays trainable
+
+
+def test_codebooks_and_lora_adapters_train_together() -> None:
+    """mark_codebooks_trainable on a PeftModel leaves the LoRA adapters trainable (it froze them)."""
+    from hf_compress.methods.jlcm import mark_codebooks_trainable
+
+    model = hf_compress.compress(tiny_model(ARCHS[0]), CompressionConfig(
+        modules={"v_proj": CodebookConfig(bits=3, method="kmeans")}), progress=False)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    names = mark_codebooks_trainable(pm)
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert any(".lora_A." in n for n in trainable) and any(n.endswith("codebooks") for n in trainable)
+    assert not any(".lora_" in n for n in names)  # the adapters were not touched, only kept

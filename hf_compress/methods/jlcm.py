@@ -334,11 +334,15 @@ def compress_jlcm(module: nn.Module, config: CodebookConfig, ctx: CompressionCon
 def mark_codebooks_trainable(model: nn.Module, scales: bool = True, norms: bool = True,
                              biases: bool = True, master_dtype: torch.dtype | None = torch.float32) -> list[str]:
     """Freeze everything but codebooks (+ scales/offsets, LayerNorm/RMSNorm weights, biases); indices are buffers
-    and stay fixed. The fp16 codebooks/scales/offsets are cast to ``master_dtype`` (fp32 master weights: Adam on
-    fp16 parameters underflows its second moment and turns them into NaN); call :func:`freeze_codebooks` after
-    training to return them to fp16 storage. Returns the trainable parameter names."""
+    and stay fixed. PEFT adapter weights (``lora_*``, e.g. on a ``PeftModel``) keep their ``requires_grad``, so
+    codebooks and LoRA adapters can train together. The fp16 codebooks/scales/offsets are cast to ``master_dtype``
+    (fp32 master weights: Adam on fp16 parameters underflows its second moment and turns them into NaN); call
+    :func:`freeze_codebooks` after training to return them to fp16 storage. Returns the trainable parameter names
+    (adapters not included)."""
     names = []
     for name, p in model.named_parameters():
+        if ".lora_" in f".{name}":
+            continue  # a PEFT adapter: left as PEFT set it
         leaf = name.rsplit(".", 1)[-1]
         owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         keep = leaf == "codebooks" or (scales and leaf in ("scales", "offsets") and isinstance(owner, CodebookLinear))
