@@ -107,6 +107,10 @@ def _forward(model: nn.Module, batch: Any) -> None:
     ``attention_mask`` / ``decoder_attention_mask`` are what :func:`token_rows` filters hooked inputs with."""
     _MASKS[:] = [m for k in ("attention_mask", "decoder_attention_mask")
                  if isinstance(batch, Mapping) and isinstance(m := batch.get(k), torch.Tensor) and m.ndim == 2]
+    dtype = getattr(model, "dtype", None)
+    if isinstance(batch, Mapping) and isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        batch = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # fp32 speech
+                 for k, v in batch.items()}  # features for a bf16 model (its first conv refused them)
     try:
         model(**batch) if isinstance(batch, Mapping) else model(batch)
     except _StopForward:

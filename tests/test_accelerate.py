@@ -357,3 +357,17 @@ def test_dispatch_with_a_dtype_cast_of_codebook_storage_is_refused(tmp_path: Pat
     ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt).to(torch.bfloat16)  # (dtype= gives another inv_freq)
     assert torch.equal(model_output(model, LLAMA.inputs()), model_output(ref, LLAMA.inputs()))
     assert {p.dtype for n, p in model.named_parameters() if n.endswith(".codebooks")} == {torch.float16}
+
+
+def test_fp32_speech_calibration_features_feed_a_bf16_model(tmp_path: Path) -> None:
+    """A processor's fp32 input_features calibrate a Whisper loaded in bf16 (its first conv refused them)."""
+    from conftest import calibration_batches
+
+    whisper = next(a for a in ARCHS if a.name == "whisper")
+    tiny_model(whisper).save_pretrained(tmp_path / "dense")
+    batches = calibration_batches(whisper)
+    assert batches[0]["input_features"].dtype == torch.float32
+    plan = CompressionConfig(modules={whisper.attn_pattern: LowRankConfig(method="whitened", rank_ratio=0.5)})
+    model = whisper.compressed_auto.from_pretrained(tmp_path / "dense", compression_config=plan,
+                                                    calibration=batches, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.config.compression_config["layers"]
