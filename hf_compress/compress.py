@@ -153,11 +153,13 @@ def compress(
 def forget_checkpoint(model: nn.Module) -> None:
     """The model changed in memory: no checkpoint reproduces it until it is saved, so ``model.name_or_path`` (what
     PEFT records as an adapter's ``base_model_name_or_path``) is cleared, as for a model built from a config, and
-    ``save_pretrained`` / ``push_to_hub`` set it to where the model went. Otherwise an adapter trained on the
-    compressed model would name the dense checkpoint, and ``AutoPeftModelFor*`` would silently put it on the dense
-    model. ``config._name_or_path`` (where tokenizers are found) is kept."""
-    if "name_or_path" in vars(model):
-        model.name_or_path = ""
+    ``save_pretrained`` / a push to the main branch set it to where the model went. Otherwise an adapter trained on
+    the compressed model would name the dense checkpoint, and ``AutoPeftModelFor*`` would silently put it on the
+    dense model. ``config._name_or_path`` (where pipelines find the tokenizer; PEFT's adapter card reads it) is
+    kept."""
+    for module in model.modules():  # inner models too (model.model of a task model)
+        if "name_or_path" in vars(module):
+            module.name_or_path = ""
 
 
 def _compress_one(model: nn.Module, name: str, cfg: MethodConfig, stages: dict[str, list[str]], sequential: set[str],

@@ -161,8 +161,11 @@ def enable_peft_dispatch() -> bool:
 
     setattr(_create_new_module, _DISPATCH_MARK, True)
     LoraModel._create_new_module = staticmethod(_create_new_module)
-    for name in ("merge_and_unload", "merge_adapter"):  # refuse before merging anything, not half way
-        setattr(LoraModel, name, _refusing_compressed_merges(getattr(LoraModel, name)))
+    from peft.tuners.mixed.model import MixedModel
+
+    for tuner in (LoraModel, MixedModel):  # refuse before merging anything, not half way (also PeftMixedModel)
+        for name in ("merge_and_unload", "merge_adapter"):
+            setattr(tuner, name, _refusing_compressed_merges(getattr(tuner, name)))
     return True
 
 
@@ -188,6 +191,8 @@ def _check_not_nested(config: Any, layer: torch.nn.Module, key: str | None) -> N
 def _merging(layer: Any, adapter_names: list[str] | None) -> list[str]:
     """The adapters of compressed ``layer`` that a merge of ``adapter_names`` (default: the active ones) would
     merge."""
+    if isinstance(adapter_names, str):  # as PEFT's own check: a string would be read letter by letter
+        raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
     held = {*layer.lora_A, *layer.lora_embedding_A}
     return [n for n in (layer.active_adapters if adapter_names is None else adapter_names) if n in held]
 

@@ -154,6 +154,7 @@ class CompressedSaveMixin:
             private = kwargs.pop("private", None)
             push = {k: kwargs.pop(k) for k in ("commit_message", "commit_description", "create_pr", "revision")
                     if k in kwargs}
+            before = getattr(self, "name_or_path", None)
             self.save_pretrained(save_directory, *args, **kwargs)
             if kwargs.get("is_main_process", True):  # one upload, from the process that wrote the files
                 token = kwargs.get("token")
@@ -163,8 +164,12 @@ class CompressedSaveMixin:
                     _write_card(self, Path(save_directory), repo_id)
                 written = [p.name for p in Path(save_directory).iterdir()  # not the folder's other files, nor a
                            if _OWNED.match(p.name) or (p.name == "README.md" and mine)]  # card over the repo's own
-                upload_folder(save_directory, repo_id, token=token, allow_patterns=written, **push)
-                self.name_or_path = repo_id
+                try:
+                    upload_folder(save_directory, repo_id, token=token, allow_patterns=written, **push)
+                except BaseException:
+                    self.name_or_path = before
+                    raise
+                _name_pushed(self, repo_id, push)
             return
         if kwargs.pop("safe_serialization", None) is False:  # transformers 5 ignores the argument too
             warnings.warn("hf_compress: safe_serialization=False is ignored: checkpoints are safetensors only.",
@@ -212,6 +217,7 @@ class CompressedSaveMixin:
 
         tags = kwargs.pop("tags", None)
         repo_id = create_hub_repo(repo_id, private, token)  # "name" -> "user/name", as the Hub names it
+        before = getattr(self, "name_or_path", None)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, max_shard_size=kwargs.pop("max_shard_size", "5GB"))
             kept = _hub_card(repo_id, token)
@@ -224,9 +230,17 @@ class CompressedSaveMixin:
                 card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *([tags] if isinstance(tags, str)
                                                                                  else tags)]))
                 card.save(Path(tmp) / "README.md")
+            self.name_or_path = before  # (not the temporary folder)
             result = upload_folder(tmp, repo_id, token=token, commit_message=commit_message, **kwargs)
-        self.name_or_path = repo_id  # what now reproduces this model (PEFT records it for adapters)
+        _name_pushed(self, repo_id, kwargs)
         return result
+
+
+def _name_pushed(model: Any, repo_id: str, push: dict[str, Any]) -> None:
+    """After a push, ``repo_id`` reproduces ``model`` (its ``name_or_path``, which PEFT records as an adapter's
+    base) only if the push went to the main branch; a PR or another branch leaves the name as it was."""
+    if not push.get("create_pr") and push.get("revision") in (None, "main"):
+        model.name_or_path = repo_id
 
 
 def _write_card(model: Any, folder: Path, repo_id: str) -> None:

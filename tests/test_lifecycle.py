@@ -385,6 +385,7 @@ def test_base_model_is_recorded_without_local_paths(tmp_path: Path, monkeypatch:
     snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
     (tmp_path / "work" / "dense").mkdir(parents=True)
+    (tmp_path / "work" / "HuggingFaceTB" / "SmolLM2-135M").mkdir(parents=True)  # a clone named like the repo
     monkeypatch.chdir(tmp_path / "work")
     for given, recorded in (("HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M"), ("gpt2", "gpt2"),
                             (str(tmp_path / "work" / "dense"), "dense"), ("dense", "dense"), ("./dense/", "dense"),
@@ -663,5 +664,21 @@ def test_the_model_names_no_checkpoint_until_saved(tmp_path: Path) -> None:
     assert isinstance(again.get_base_model().model.layers[0].self_attn.q_proj.base_layer, LowRankLinear)
     inputs = LLAMA.inputs()
     assert torch.equal(again(**inputs).logits, pm(**inputs).logits)
-    assert hf_compress.compress(tiny_model(LLAMA), CompressionConfig(modules={ATTN: LowRankConfig(rank=8)}),
-                                progress=False).name_or_path == ""
+    model = hf_compress.compress(tiny_model(LLAMA), CompressionConfig(modules={ATTN: LowRankConfig(rank=8)}),
+                                 progress=False)
+    assert model.name_or_path == model.model.name_or_path == ""  # the inner model too
+    model.save_pretrained(tmp_path / "c2")
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=OSError("offline")), \
+            pytest.raises(OSError, match="offline"):
+        model.push_to_hub("tiny")
+    assert model.name_or_path == str(tmp_path / "c2")  # not the push's deleted temporary folder
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")), \
+            mock.patch("huggingface_hub.HfApi.create_branch"), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", return_value="url"):
+        model.push_to_hub("tiny", create_pr=True)  # main does not hold this model
+        assert model.name_or_path == str(tmp_path / "c2")
+        model.save_pretrained(tmp_path / "c3", push_to_hub=True, repo_id="tiny", revision="dev")
+        assert model.name_or_path == str(tmp_path / "c3")
+        model.push_to_hub("tiny")
+        assert model.name_or_path == "me/tiny"

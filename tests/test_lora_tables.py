@@ -156,6 +156,14 @@ def test_a_refused_merge_merges_nothing() -> None:
             merge()
     assert not any(getattr(m, "merged", False) for m in pm.modules())
     assert torch.equal(model_output(pm, inputs), before)
+    model = hf_compress.compress(tiny_model(ARCHS[0]), CompressionConfig(  # PEFT's mixed models too
+        modules={r"layers\.1\.self_attn\.q_proj$": LowRankConfig(rank=2)}), progress=False)
+    mixed = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+                                mixed=True).eval()
+    before = model_output(mixed, inputs)
+    with pytest.raises(ValueError, match="nothing was merged"):
+        mixed.merge_and_unload()
+    assert torch.equal(model_output(mixed, inputs), before)
 
 
 def test_merging_only_dense_adapters_is_allowed() -> None:
@@ -170,6 +178,8 @@ def test_merging_only_dense_adapters_is_allowed() -> None:
         pm.add_adapter("comp", peft.LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[0]))
         with pytest.raises(ValueError, match="nothing was merged"):
             pm.merge_and_unload(adapter_names=["dense", "comp"])
+        with pytest.raises(TypeError, match="list of strings"):  # not read letter by letter (and passed)
+            pm.merge_and_unload(adapter_names="comp")
         pm.eval()
         want = model_output(pm, inputs)  # the active adapter: "dense"
         if drop_compressed:
