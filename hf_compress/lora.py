@@ -161,11 +161,14 @@ def enable_peft_dispatch() -> bool:
 
     setattr(_create_new_module, _DISPATCH_MARK, True)
     LoraModel._create_new_module = staticmethod(_create_new_module)
-    from peft.tuners.mixed.model import MixedModel
-
+    try:
+        from peft.tuners.mixed.model import MixedModel
+    except ImportError:  # (a PEFT without mixed models)
+        MixedModel = None
     for tuner in (LoraModel, MixedModel):  # refuse before merging anything, not half way (also PeftMixedModel)
         for name in ("merge_and_unload", "merge_adapter"):
-            setattr(tuner, name, _refusing_compressed_merges(getattr(tuner, name)))
+            if tuner is not None and callable(getattr(tuner, name, None)):
+                setattr(tuner, name, _refusing_compressed_merges(getattr(tuner, name)))
     return True
 
 
