@@ -82,8 +82,8 @@ def portable_base_model(name_or_path: str | os.PathLike[str] | None) -> str | No
         return None
     text = str(name_or_path)
     path = Path(text)
-    if not (path.is_absolute() or text.startswith((".", "~"))) and text.count("/") <= 1:
-        return text  # a Hub id (or a relative folder shaped like one, e.g. a clone of the repo: nothing private)
+    if not (path.exists() or path.is_absolute() or text.startswith((".", "~"))):
+        return text  # a Hub id
     parts = path.expanduser().resolve().parts
     for part in reversed(parts):
         if part.startswith("models--") and len(part) > len("models--"):  # repo ids cannot contain "--"

@@ -154,8 +154,7 @@ class CompressedSaveMixin:
             private = kwargs.pop("private", None)
             push = {k: kwargs.pop(k) for k in ("commit_message", "commit_description", "create_pr", "revision")
                     if k in kwargs}
-            before = getattr(self, "name_or_path", None)
-            self.save_pretrained(save_directory, *args, **kwargs)
+            self.save_pretrained(save_directory, *args, **kwargs)  # (names save_directory: it holds the model)
             if kwargs.get("is_main_process", True):  # one upload, from the process that wrote the files
                 token = kwargs.get("token")
                 repo_id = create_hub_repo(repo_id, private, token)  # "name" -> "user/name", as the Hub names it
@@ -164,11 +163,7 @@ class CompressedSaveMixin:
                     _write_card(self, Path(save_directory), repo_id)
                 written = [p.name for p in Path(save_directory).iterdir()  # not the folder's other files, nor a
                            if _OWNED.match(p.name) or (p.name == "README.md" and mine)]  # card over the repo's own
-                try:
-                    upload_folder(save_directory, repo_id, token=token, allow_patterns=written, **push)
-                except BaseException:
-                    self.name_or_path = before
-                    raise
+                upload_folder(save_directory, repo_id, token=token, allow_patterns=written, **push)
                 _name_pushed(self, repo_id, push)
             return
         if kwargs.pop("safe_serialization", None) is False:  # transformers 5 ignores the argument too
@@ -219,7 +214,10 @@ class CompressedSaveMixin:
         repo_id = create_hub_repo(repo_id, private, token)  # "name" -> "user/name", as the Hub names it
         before = getattr(self, "name_or_path", None)
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, max_shard_size=kwargs.pop("max_shard_size", "5GB"))
+            try:
+                self.save_pretrained(tmp, max_shard_size=kwargs.pop("max_shard_size", "5GB"))
+            finally:
+                self.name_or_path = before  # not the temporary folder, whatever happens next
             kept = _hub_card(repo_id, token)
             if kept is not None:  # the repo's own card stays (as transformers keeps it); tags are still added
                 kept.save(Path(tmp) / "README.md")
@@ -230,7 +228,6 @@ class CompressedSaveMixin:
                 card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *([tags] if isinstance(tags, str)
                                                                                  else tags)]))
                 card.save(Path(tmp) / "README.md")
-            self.name_or_path = before  # (not the temporary folder)
             result = upload_folder(tmp, repo_id, token=token, commit_message=commit_message, **kwargs)
         _name_pushed(self, repo_id, kwargs)
         return result

@@ -385,11 +385,12 @@ def test_base_model_is_recorded_without_local_paths(tmp_path: Path, monkeypatch:
     snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
     (tmp_path / "work" / "dense").mkdir(parents=True)
-    (tmp_path / "work" / "HuggingFaceTB" / "SmolLM2-135M").mkdir(parents=True)  # a clone named like the repo
+    (tmp_path / "work" / "out" / "checkpoint-500").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "work")
     for given, recorded in (("HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M"), ("gpt2", "gpt2"),
                             (str(tmp_path / "work" / "dense"), "dense"), ("dense", "dense"), ("./dense/", "dense"),
-                            (str(snapshot), "HuggingFaceTB/SmolLM2-135M"), (Path("/"), None), (None, None)):
+                            (str(snapshot), "HuggingFaceTB/SmolLM2-135M"), (Path("/"), None), (None, None),
+                            ("out/checkpoint-500", "checkpoint-500")):  # a local folder, though shaped like an id
         assert portable_base_model(given) == recorded, given
     dense = tiny_model(ARCHS[0])
     dense.save_pretrained(tmp_path / "work" / "dense")
@@ -674,10 +675,19 @@ def test_the_model_names_no_checkpoint_until_saved(tmp_path: Path) -> None:
         model.push_to_hub("tiny")
     assert model.name_or_path == str(tmp_path / "c2")  # not the push's deleted temporary folder
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")), \
+            pytest.raises(TypeError):
+        model.push_to_hub("tiny", tags=5)  # failing after the temporary save, before the upload
+    assert model.name_or_path == str(tmp_path / "c2")
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=OSError("offline")), \
+            pytest.raises(OSError, match="offline"):
+        model.save_pretrained(tmp_path / "c4", push_to_hub=True)
+    assert model.name_or_path == str(tmp_path / "c4")  # saved there, whatever the upload did
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tiny")), \
             mock.patch("huggingface_hub.HfApi.create_branch"), \
             mock.patch("huggingface_hub.HfApi.upload_folder", return_value="url"):
         model.push_to_hub("tiny", create_pr=True)  # main does not hold this model
-        assert model.name_or_path == str(tmp_path / "c2")
+        assert model.name_or_path == str(tmp_path / "c4")
         model.save_pretrained(tmp_path / "c3", push_to_hub=True, repo_id="tiny", revision="dev")
         assert model.name_or_path == str(tmp_path / "c3")
         model.push_to_hub("tiny")

@@ -353,8 +353,12 @@ def test_codebooks_and_lora_adapters_train_together() -> None:
 
     model = hf_compress.compress(tiny_model(ARCHS[0]), CompressionConfig(
         modules={"v_proj": CodebookConfig(bits=3, method="kmeans")}), progress=False)
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    names = mark_codebooks_trainable(pm)
+    model.model.lora_gate = torch.nn.Linear(4, 4)  # a user's module named like an adapter: frozen as any other
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                    modules_to_save=["lm_head"]))
+    names = mark_codebooks_trainable(pm, biases=False)
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
     assert any(".lora_A." in n for n in trainable) and any(n.endswith("codebooks") for n in trainable)
-    assert not any(".lora_" in n for n in names)  # the adapters were not touched, only kept
+    assert any("modules_to_save.default" in n for n in trainable)  # PEFT's trainable head copy stays trainable
+    assert not any(".lora_A." in n or "modules_to_save" in n for n in names)  # kept, not touched
+    assert not any("lora_gate" in n for n in trainable)

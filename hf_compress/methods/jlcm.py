@@ -334,15 +334,17 @@ def compress_jlcm(module: nn.Module, config: CodebookConfig, ctx: CompressionCon
 def mark_codebooks_trainable(model: nn.Module, scales: bool = True, norms: bool = True,
                              biases: bool = True, master_dtype: torch.dtype | None = torch.float32) -> list[str]:
     """Freeze everything but codebooks (+ scales/offsets, LayerNorm/RMSNorm weights, biases); indices are buffers
-    and stay fixed. PEFT adapter weights (``lora_*``, e.g. on a ``PeftModel``) keep their ``requires_grad``, so
-    codebooks and LoRA adapters can train together. The fp16 codebooks/scales/offsets are cast to ``master_dtype``
+    and stay fixed. On a ``PeftModel`` (call it after ``get_peft_model``, which freezes the base model), PEFT's
+    adapter weights and ``modules_to_save`` copies keep their ``requires_grad``, so codebooks and adapters train
+    together. The fp16 codebooks/scales/offsets are cast to ``master_dtype``
     (fp32 master weights: Adam on fp16 parameters underflows its second moment and turns them into NaN); call
     :func:`freeze_codebooks` after training to return them to fp16 storage. Returns the trainable parameter names
     (adapters not included)."""
     names = []
+    peft_owned = _peft_owned_parameters(model)
     for name, p in model.named_parameters():
-        if ".lora_" in f".{name}":
-            continue  # a PEFT adapter: left as PEFT set it
+        if id(p) in peft_owned:
+            continue  # an adapter, or a modules_to_save copy or original: left as PEFT set it
         leaf = name.rsplit(".", 1)[-1]
         owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         keep = leaf == "codebooks" or (scales and leaf in ("scales", "offsets") and isinstance(owner, CodebookLinear))
@@ -354,6 +356,20 @@ def mark_codebooks_trainable(model: nn.Module, scales: bool = True, norms: bool 
             if master_dtype is not None and leaf in CodebookLinear.STORAGE and isinstance(owner, CodebookLinear):
                 p.data = p.data.to(master_dtype)
     return names
+
+
+def _peft_owned_parameters(model: nn.Module) -> set[int]:
+    """``id`` of every parameter PEFT manages in ``model``: its tuner layers' adapter weights (``lora_A`` ...) and
+    its ``modules_to_save`` wrappers' copies and originals (the modules PEFT names in ``adapter_layer_names``)."""
+    owned: set[int] = set()
+    for module in model.modules():
+        names = getattr(module, "adapter_layer_names", None)
+        if isinstance(names, tuple) and (hasattr(module, "get_base_layer") or hasattr(module, "original_module")):
+            for attr in (*names, "original_module"):
+                sub = getattr(module, attr, None)
+                if isinstance(sub, nn.Module):
+                    owned.update(id(p) for p in sub.parameters())
+    return owned
 
 
 def freeze_codebooks(model: nn.Module, dtype: torch.dtype = torch.float16) -> int:
