@@ -471,3 +471,27 @@ def test_scales_trained_alone_reload_as_saved(tmp_path: Path) -> None:
     loaded = next(m for m in again.modules() if isinstance(m, CodebookLinear))
     assert loaded.scales.dtype == torch.float32 and torch.equal(loaded.scales, layer.scales)
     assert torch.equal(_out(again.eval(), {"input_ids": ids}), _out(model.eval(), {"input_ids": ids}))
+
+
+def test_a_trained_then_frozen_model_casts_and_lookup_follows_the_permutation() -> None:
+    """freeze_codebooks drops the fp32 grads a training loop leaves (a later model.to(bf16) failed on them); the
+    lookup decode follows an in-place write to the row permutation (its cached inverse was kept)."""
+    llama = ARCHS[0]
+    model = hf_compress.compress(tiny_model(llama), CompressionConfig(
+        modules={"mlp.gate_proj": CodebookConfig(bits=3, method="rtn", block_size=16)}), progress=False)
+    mark_codebooks_trainable(model)
+    ids = llama.inputs()["input_ids"]
+    model(ids, labels=ids).loss.backward()  # a manual loop: grads left on the parameters after the step
+    freeze_codebooks(model)
+    model.to(torch.bfloat16)
+    assert model(ids).logits.dtype == torch.bfloat16
+    layer = model.model.layers[0].mlp.gate_proj.float()
+    layer.mode = "lookup"
+    x = torch.randn(2, layer.in_features)
+    with torch.no_grad():
+        layer(x)
+        perm = layer.permutation().flip(0)
+        layer.perm.copy_(pack_bits(perm, perm_bits(layer.out_features)))
+        after = layer(x)
+        layer.clear_cache()
+        assert torch.equal(after, layer(x))

@@ -158,7 +158,7 @@ class CodebookLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """Unpacked indices ``[out, in/d]`` (sorted row order; cached, int16/int32)."""
-        key = content_key(self.indices)
+        key = (content_key(self.indices), content_key(self.perm))  # (the cache holds perm's inverse too)
         if self._codes_cache is None or self._codes_cache[0] != key or not reusable(self._codes_cache[1]):
             n = self.out_features * self.in_features // self.vector_dim
             small = torch.int16 if self.bits <= 15 else torch.int32
@@ -210,7 +210,7 @@ class CodebookLinear(nn.Module):
             if p.dtype != old.dtype and p.is_floating_point():  # the stored values (and grads), moved only
                 p.grad = None
                 p.data = old.to(p.device)
-                if grad is not None:
+                if grad is not None and grad.dtype == p.dtype:  # (a grad of another dtype cannot be put back)
                     p.grad = grad.to(p.device)
         self.clear_cache()
         return self

@@ -374,13 +374,15 @@ def _peft_owned_parameters(model: nn.Module) -> set[int]:
 
 def freeze_codebooks(model: nn.Module, dtype: torch.dtype = torch.float16) -> int:
     """After fine-tuning: every CodebookLinear's codebooks/scales/offsets back to ``dtype`` storage (fp16, what
-    :func:`layer_bits` counts), ``requires_grad`` off and decode caches cleared. Returns the layers touched."""
+    :func:`layer_bits` counts), ``requires_grad`` off, their gradients and the decode caches dropped. Returns the
+    layers touched."""
     n = 0
     for m in model.modules():
         if isinstance(m, CodebookLinear):
             for p in m.storage():
                 p.data = p.data.to(dtype)
                 p.requires_grad_(False)
+                p.grad = None  # (an fp32 grad on fp16 storage made a later model.to(dtype) fail)
             m.storage_dtype = dtype
             m.clear_cache()
             n += 1
