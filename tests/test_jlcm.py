@@ -495,3 +495,24 @@ def test_a_trained_then_frozen_model_casts_and_lookup_follows_the_permutation() 
         after = layer(x)
         layer.clear_cache()
         assert torch.equal(after, layer(x))
+
+
+def test_fp32_masters_in_a_state_dict_load_unrounded() -> None:
+    """Storage trained without mark_codebooks_trainable becomes fp32 on the first training forward; a Trainer
+    checkpoint of it loads into a fresh (fp16) model as fp32, unrounded (it was rounded to fp16, and a resumed Adam
+    then failed on fp16 moments next to fp32 parameters)."""
+    llama = ARCHS[0]
+    plan = CompressionConfig(modules={"mlp.gate_proj": CodebookConfig(bits=3, method="kmeans")})
+    trained = hf_compress.compress(tiny_model(llama), plan, progress=False)
+    layer = trained.model.layers[0].mlp.gate_proj
+    layer.codebooks.requires_grad_(True)
+    ids = llama.inputs()["input_ids"]
+    trained(ids, labels=ids).loss.backward()  # promoted to fp32 masters
+    with torch.no_grad():
+        layer.codebooks.add_(1e-4)  # a value fp16 cannot hold
+    assert layer.codebooks.dtype == torch.float32
+    fresh = hf_compress.compress(tiny_model(llama), plan, progress=False)
+    assert fresh.model.layers[0].mlp.gate_proj.codebooks.dtype == torch.float16
+    fresh.load_state_dict(trained.state_dict())
+    loaded = fresh.model.layers[0].mlp.gate_proj.codebooks
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, layer.codebooks)

@@ -289,9 +289,14 @@ class CodebookLinear(nn.Module):
                    spec["n_groups"], spec["shared_codebook"], spec["bias"], dtype=dtype,
                    block_size=spec.get("block_size", 0))
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         self.clear_cache()
-        super()._load_from_state_dict(*args, **kwargs)
+        for name in self.STORAGE:  # fp32 masters saved while training (a Trainer checkpoint) load as fp32, unrounded
+            p, incoming = getattr(self, name), state_dict.get(prefix + name)
+            if (p is not None and isinstance(incoming, torch.Tensor) and incoming.dtype == torch.float32
+                    and p.dtype in (torch.float16, torch.bfloat16)):
+                p.data = p.data.float()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
