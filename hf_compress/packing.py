@@ -26,6 +26,9 @@ def packed_nbytes(n: int, bits: int) -> int:
     return math.ceil(n * bits / 8)
 
 
+_CHUNK = 1 << 22  # values packed / unpacked at a time (a multiple of 8: each whole chunk fills whole bytes)
+
+
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer ``values`` (any shape, each in ``[0, 2**bits)``) into ``uint8 [ceil(numel·bits/8)]``.
 
@@ -40,6 +43,8 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
             f"hf_compress: pack_bits: values must lie in [0, {1 << bits}) for {bits} bits; got range "
             f"[{int(flat.min())}, {int(flat.max())}]."
         )
+    if flat.numel() > _CHUNK:  # bounded memory: whole chunks of 8·k values pack to whole bytes, concatenated
+        return torch.cat([pack_bits(flat[i:i + _CHUNK], bits) for i in range(0, flat.numel(), _CHUNK)])
     flat = flat.to(torch.int32)
     shifts = torch.arange(bits, dtype=torch.int32, device=flat.device)
     stream = ((flat[:, None] >> shifts) & 1).reshape(-1).to(torch.uint8)  # [n·bits] bits, LSB first
@@ -60,6 +65,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype = to
         raise ValueError(
             f"hf_compress: unpack_bits: {n} values of {bits} bits need {need} bytes, got {packed.numel()}."
         )
+    if n > _CHUNK:  # bounded memory: chunk i's values start at byte i·bits/8 (chunks are multiples of 8 values)
+        return torch.cat([unpack_bits(packed[i * bits // 8:], bits, min(_CHUNK, n - i), dtype)
+                          for i in range(0, n, _CHUNK)])
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     stream = ((packed[:need, None] >> shifts) & 1).reshape(-1)[: n * bits]  # [n·bits]
     weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device))

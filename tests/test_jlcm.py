@@ -516,3 +516,29 @@ def test_fp32_masters_in_a_state_dict_load_unrounded() -> None:
     fresh.load_state_dict(trained.state_dict())
     loaded = fresh.model.layers[0].mlp.gate_proj.codebooks
     assert loaded.dtype == torch.float32 and torch.equal(loaded, layer.codebooks)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8, 13, 31])
+def test_packing_in_chunks_gives_the_same_bytes(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large tensors pack / unpack a chunk at a time (Gemma-3's table: 167M codes took over 10 GB at once)."""
+    from hf_compress import packing
+
+    values = torch.randint(0, 1 << bits, (10_007,), generator=torch.Generator().manual_seed(bits))
+    whole = pack_bits(values, bits)
+    monkeypatch.setattr(packing, "_CHUNK", 8 * 37)
+    assert torch.equal(pack_bits(values, bits), whole)
+    assert torch.equal(unpack_bits(whole, bits, values.numel()), values)
+
+
+def test_row_grouping_of_a_tall_table_in_many_groups_skips_the_kmeans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rows × groups above the limit: the principal-direction chunks are the groups (the balanced k-means held a
+    [rows, groups] distance matrix: 17 GB for Gemma-3's table at 8 bits); below it, the k-means refines them."""
+    from hf_compress.methods import codebook_fit
+
+    w = torch.randn(512, 64, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 2, 512)[:, None]
+    refined = codebook_fit.similar_row_groups(w, 16)
+    monkeypatch.setattr(codebook_fit, "_REFINE_LIMIT", 512 * 16 - 1)
+    chunks = codebook_fit.similar_row_groups(w, 16)
+    assert sorted(chunks.tolist()) == list(range(512)) and not torch.equal(chunks, refined)
+    monkeypatch.setattr(codebook_fit, "_balanced_assign", lambda *a: pytest.fail("k-means ran above the limit"))
+    assert torch.equal(codebook_fit.similar_row_groups(w, 16), chunks)

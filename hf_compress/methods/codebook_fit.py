@@ -73,14 +73,22 @@ def kmeans_codebooks(points: torch.Tensor, row_book: torch.Tensor, books: int, k
 _QUANTILES = torch.tensor([0.02, 0.1, 0.25, 0.5, 0.75, 0.9, 0.98])
 
 
+_ROW_CHUNK = 4096  # rows of the [rows, groups] distances reduced at a time (no masked copy of the whole matrix)
+_REFINE_LIMIT = 1 << 31  # rows × groups above which the balanced k-means is skipped (its distances: 8 GiB fp32)
+
+
 def _balanced_assign(dist: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
-    """Rows ``[n]`` → groups, each row as close as possible to its center, group g taking exactly ``caps[g]``."""
+    """Rows ``[n]`` → groups, each row as close as possible to its center, group g taking exactly ``caps[g]``
+    (``dist [n, groups]``, read a chunk of rows at a time)."""
     labels = torch.full((dist.shape[0],), -1, dtype=torch.long)
     caps = caps.clone()
     while (labels < 0).any():
         un = (labels < 0).nonzero().squeeze(1)
-        dd = dist[un].masked_fill((caps == 0)[None, :], float("inf"))
-        best, choice = dd.min(1)
+        closed = (caps == 0)[None, :]
+        best, choice = torch.empty(un.numel(), dtype=dist.dtype), torch.empty(un.numel(), dtype=torch.long)
+        for s in range(0, un.numel(), _ROW_CHUNK):
+            best[s:s + _ROW_CHUNK], choice[s:s + _ROW_CHUNK] = dist[un[s:s + _ROW_CHUNK]].masked_fill(
+                closed, float("inf")).min(1)
         order = torch.argsort(best, stable=True)
         order = order[torch.argsort(choice[order], stable=True)]
         ch = choice[order]
@@ -93,14 +101,17 @@ def _balanced_assign(dist: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
 
 
 def similar_row_groups(weight: torch.Tensor, n_groups: int, iters: int = 8) -> torch.Tensor:
-    """``perm [out]``: rows in ``n_groups`` contiguous balanced groups (balanced k-means on row quantiles)."""
+    """``perm [out]``: rows in ``n_groups`` contiguous balanced groups (balanced k-means on row quantiles, started
+    from chunks along the features' leading principal direction). When ``out × n_groups`` exceeds 2³¹ (a tall
+    table in many small groups, e.g. Gemma-3's 262k-token table at the default group size), the k-means is skipped
+    and those chunks are the groups: its ``[out, n_groups]`` distances would not fit in memory."""
     feats = torch.quantile(weight.float(), _QUANTILES.to(weight.device), dim=1).T  # [out, 7]
     feats = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-12)
     caps = group_sizes(weight.shape[0], n_groups)
     # init: chunks along the leading principal direction
     first = torch.linalg.svd(feats, full_matrices=False)[2][0]
     labels = torch.repeat_interleave(torch.arange(n_groups), caps)[torch.argsort(torch.argsort(feats @ first))]
-    for _ in range(iters):
+    for _ in range(iters if weight.shape[0] * n_groups <= _REFINE_LIMIT else 0):
         centers = torch.zeros(n_groups, feats.shape[1]).index_add_(0, labels, feats) / caps[:, None]
         new = _balanced_assign(torch.cdist(feats, centers), caps)
         if torch.equal(new, labels):
