@@ -96,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         expected = peft_model(input_ids=ids).logits
         adapter_ok = torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-5)
         merged = peft_model.merge_and_unload()  # LoRA folded into the factors: still a compressed model
+        merged_logits = merged(input_ids=ids).logits  # equal to the adapter's up to fp32 rounding of the fold
+        merged_ok = torch.allclose(merged_logits, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
         merged.save_pretrained(out / "merged")
         merged_again = transformers.AutoModelForCausalLM.from_pretrained(out / "merged").eval()
-        merged_ok = torch.allclose(merged_again(input_ids=ids).logits, expected, atol=1e-4)
+        merged_ok &= torch.equal(merged_again(input_ids=ids).logits, merged_logits)  # the reload: exact
     n_merged = sum(p.numel() for p in merged_again.parameters())
     print(f"held-out loss: {before:.4f} before, {after:.4f} after {args.steps} LoRA steps")
     print(f"adapter reload matches: {adapter_ok}; merged model {n_merged:,} parameters (base {n_base:,}), "
