@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -146,6 +145,7 @@ def cmd_card(args: argparse.Namespace) -> int:
 
     from .cards import model_card
     from .modeling import auto_compressed_class, default_task
+    from .saving import save_card
 
     config = transformers.AutoConfig.from_pretrained(args.model)
     if not getattr(config, "compression_config", None):
@@ -153,9 +153,7 @@ def cmd_card(args: argparse.Namespace) -> int:
     model = auto_compressed_class(default_task(config)).from_pretrained(args.model)
     card = model_card(model, repo_id=args.repo_id)
     out = Path(args.out) if args.out else Path(args.model) / "README.md"
-    tmp = out.with_name(f".{out.name}.tmp")
-    card.save(tmp)
-    os.replace(tmp, out)  # atomic: an interrupted write leaves the old card
+    save_card(card, out)
     print(f"wrote {out}")
     return 0
 

@@ -240,13 +240,19 @@ def _name_pushed(model: Any, repo_id: str, push: dict[str, Any]) -> None:
         model.name_or_path = repo_id
 
 
-def _write_card(model: Any, folder: Path, repo_id: str) -> None:
-    """(Re)write ``folder``'s generated card for ``repo_id`` (atomically: a temporary file renamed over it)."""
+def _write_card(model: Any, folder: Path, repo_id: str | None) -> None:
+    """(Re)write ``folder``'s generated card for ``repo_id``."""
     from .cards import model_card
 
-    tmp = folder / ".README.md.tmp"
-    model_card(model, repo_id=repo_id).save(tmp)
-    os.replace(tmp, folder / "README.md")
+    save_card(model_card(model, repo_id=repo_id), folder / "README.md")
+
+
+def save_card(card: Any, path: Path) -> None:
+    """Write the ``huggingface_hub.ModelCard`` ``card`` to ``path`` atomically (a temporary file renamed over it:
+    an interrupted write leaves the old card)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    card.save(tmp)
+    os.replace(tmp, path)
 
 
 def _hub_card(repo_id: str, token: str | None) -> Any:
