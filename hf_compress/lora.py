@@ -137,9 +137,12 @@ def enable_peft_dispatch() -> bool:
     """Let every ``peft.LoraConfig`` wrap compressed layers (called by ``import hf_compress``; idempotent).
 
     Wraps PEFT's ``LoraModel._create_new_module``: when its target is a compressed layer that the config's own
-    custom modules do not cover, :func:`register_compressed_lora` is applied to that config first. Layers PEFT
-    supports, and configs that already map the layer type (yours or ours), are dispatched unchanged. Returns
-    ``False`` (nothing installed; call :func:`register_compressed_lora` yourself) if this PEFT lacks the hook."""
+    custom modules do not cover, hf_compress's mapping (:func:`register_compressed_lora`'s) is registered on that
+    config first, for the compressed types the config does not map yet. Layers PEFT supports, and configs that
+    already map the layer type (yours or ours), are dispatched unchanged. Also wraps ``merge_and_unload`` /
+    ``merge_adapter`` (LoRA and mixed models) to refuse, before merging anything, adapters on compressed layers.
+    Returns ``False`` (nothing installed; call :func:`register_compressed_lora` yourself) if this PEFT lacks the
+    hook."""
     from peft.tuners.lora.model import LoraModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -155,7 +158,7 @@ def enable_peft_dispatch() -> bool:
         mapped = tuple(getattr(lora_config, "_custom_modules", None) or ())
         if isinstance(base, tuple(_COMPRESSED_LORA)):
             _check_not_nested(lora_config, base, kwargs.get("target_name"))
-            if not (mapped and isinstance(base, mapped)):
+            if not isinstance(base, mapped):
                 lora_config._register_custom_module({k: v for k, v in _COMPRESSED_LORA.items() if k not in mapped})
         return create(lora_config, adapter_name, target, **kwargs)
 

@@ -336,10 +336,9 @@ def mark_codebooks_trainable(model: nn.Module, scales: bool = True, norms: bool 
     """Freeze everything but codebooks (+ scales/offsets, LayerNorm/RMSNorm weights, biases); indices are buffers
     and stay fixed. On a ``PeftModel`` (call it after ``get_peft_model``, which freezes the base model), PEFT's
     adapter weights and ``modules_to_save`` copies keep their ``requires_grad``, so codebooks and adapters train
-    together. The fp16 codebooks/scales/offsets are cast to ``master_dtype``
-    (fp32 master weights: Adam on fp16 parameters underflows its second moment and turns them into NaN); call
-    :func:`freeze_codebooks` after training to return them to fp16 storage. Returns the trainable parameter names
-    (adapters not included)."""
+    together. The fp16 codebooks/scales/offsets are cast to ``master_dtype`` (fp32 master weights: Adam on fp16
+    parameters underflows its second moment and turns them into NaN); call :func:`freeze_codebooks` after training
+    to return them to fp16 storage. Returns the trainable parameter names (adapters not included)."""
     names = []
     peft_owned = _peft_owned_parameters(model)
     for name, p in model.named_parameters():
