@@ -1,6 +1,7 @@
 """JLCM suite: quality vs bits for round-to-nearest, plain k-means, GPTQ and JLCM codebooks, one run per model.
 
-``python -m benchmarks suite jlcm [--schedule smollm2-135m:3,2 minilm-l6:3] [--budget quick] [--block-size 192]``
+``python -m benchmarks suite jlcm [--schedule smollm2-135m:3,2 minilm-l6:3] [--budget quick] [--block-size 192]
+[--vector-dim 2]``
 
 Every compressed setting quantizes *all* linear layers of the transformer blocks (embeddings and the tied LM head
 stay dense) with the same storage layout for the three methods (``CodebookConfig.layout``: balanced row groups of
@@ -126,6 +127,7 @@ def run_model(name: str, bits: list[float], methods: list[str], args: argparse.N
         for method, sequential in runs:
             cfg = CodebookConfig(bits_per_weight=bpw, method=method, steps=args.steps, kmeans_iters=args.kmeans_iters,
                                  block_size=args.block_size or None, group_size=args.group_size,
+                                 vector_dim=args.vector_dim,
                                  error_feedback=args.error_feedback, sequential=sequential)
             label = f"{method}-seq" if sequential else method
             print(f"[jlcm] {name}: {label} {bpw} bits/weight", flush=True)
@@ -260,6 +262,9 @@ def main(argv: list[str]) -> int:
                         "on the already compressed blocks before it (CodebookConfig(sequential=True), rows "
                         "'<method>-seq'); both: one row of each")
     parser.add_argument("--group-size", type=int, default=32, help="rows per codebook (neuron group)")
+    parser.add_argument("--vector-dim", type=int, default=1,
+                        help="weights per codeword (1: scalar codebooks; 2 at 3 bits/weight: 6-bit indices into "
+                             "64 two-dimensional codewords)")
     parser.add_argument("--wer-utterances", type=int, default=None,
                         help="override the budget's test utterances per voice for Whisper")
     parser.add_argument("--voices", nargs="+", default=None, help="Whisper test voices (default: all)")
@@ -297,7 +302,8 @@ def main(argv: list[str]) -> int:
         f"JLCM vs RTN vs k-means codebooks vs GPTQ (error feedback onto the RTN grid) on all block linear layers; "
         f"steps={args.steps}, error_feedback={args.error_feedback}, kmeans_iters={args.kmeans_iters}, "
         f"calibration {args.calib_samples}x{args.calib_len} (news text / speech train split); "
-        f"codebook per {args.group_size} similar rows, fp16 scale+offset per (row, {args.block_size} input columns)"
+        f"codebook per {args.group_size} similar rows, {args.vector_dim} weight(s) per codeword, "
+        f"fp16 scale+offset per (row, {args.block_size} input columns)"
         " (rtn = asymmetric round-to-nearest with that group). SmolLM2 weights are dequantized Q4_1 (4-bit grid "
         f"per 32-input block); a {args.block_size}-column block spans several Q4_1 blocks, so 4 bits is not "
         "lossless. bits_per_weight counts index bits; extra.bpw_effective adds fp16 codebooks, scales, offsets and "
