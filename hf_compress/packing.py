@@ -43,8 +43,14 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
             f"hf_compress: pack_bits: values must lie in [0, {1 << bits}) for {bits} bits; got range "
             f"[{int(flat.min())}, {int(flat.max())}]."
         )
-    if flat.numel() > _CHUNK:  # bounded memory: whole chunks of 8·k values pack to whole bytes, concatenated
-        return torch.cat([pack_bits(flat[i:i + _CHUNK], bits) for i in range(0, flat.numel(), _CHUNK)])
+    if flat.numel() <= _CHUNK:
+        return _pack(flat, bits)
+    # bounded memory: whole chunks of 8·k values pack to whole bytes, concatenated
+    return torch.cat([_pack(flat[i:i + _CHUNK], bits) for i in range(0, flat.numel(), _CHUNK)])
+
+
+def _pack(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer ``[n]`` values, already checked, → ``uint8 [ceil(n·bits/8)]``."""
     flat = flat.to(torch.int32)
     shifts = torch.arange(bits, dtype=torch.int32, device=flat.device)
     stream = ((flat[:, None] >> shifts) & 1).reshape(-1).to(torch.uint8)  # [n·bits] bits, LSB first
@@ -65,10 +71,15 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype = to
         raise ValueError(
             f"hf_compress: unpack_bits: {n} values of {bits} bits need {need} bytes, got {packed.numel()}."
         )
-    if n > _CHUNK:  # bounded memory: chunk i's values start at byte i·bits/8 (chunks are multiples of 8 values)
-        return torch.cat([unpack_bits(packed[i * bits // 8:], bits, min(_CHUNK, n - i), dtype)
-                          for i in range(0, n, _CHUNK)])
+    if n <= _CHUNK:
+        return _unpack(packed, bits, n, dtype)
+    # bounded memory: chunk i's values start at byte i·bits/8 (chunks are multiples of 8 values), concatenated
+    return torch.cat([_unpack(packed[i * bits // 8:], bits, min(_CHUNK, n - i), dtype) for i in range(0, n, _CHUNK)])
+
+
+def _unpack(packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first ``n`` values of ``packed`` (``uint8``, already checked to hold them) → ``[n]`` ``dtype``."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    stream = ((packed[:need, None] >> shifts) & 1).reshape(-1)[: n * bits]  # [n·bits]
+    stream = ((packed[:packed_nbytes(n, bits), None] >> shifts) & 1).reshape(-1)[: n * bits]  # [n·bits]
     weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device))
     return (stream.reshape(n, bits).to(torch.int32) * weights).sum(1).to(dtype)
